@@ -23,8 +23,6 @@ for _path in _dependency_paths():
     if _path not in sys.path:
         sys.path.insert(1, _path)
 
-import orthanc  # noqa: E402
-
 from orthanc_kheops import shell  # noqa: E402
 
-shell.install(orthanc)
+shell.install()
