@@ -23,6 +23,6 @@ for _path in _dependency_paths():
     if _path not in sys.path:
         sys.path.insert(1, _path)
 
-from orthanc_kheops import shell  # noqa: E402
+from orthanc_kheops import shell
 
 shell.install()

@@ -1,0 +1,102 @@
+"""The "Kheops" section of Orthanc's configuration, validated once at load.
+
+After `load_config` the plugin only holds the frozen `KheopsConfig`, never
+raw dictionaries; an invalid section raises `ConfigError`, whose message
+names the field and the problem, and Orthanc refuses to start.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .masking import Secret
+from .schemas import SchemaError, validate
+
+SECTION = "Kheops"
+_MEGABYTE = 1024 * 1024
+
+
+class ConfigError(ValueError):
+    """The "Kheops" section is invalid; the message says where and why."""
+
+
+@dataclass(frozen=True)
+class KheopsConfig:
+    url: str
+    token: Secret
+    state_directory: Path
+    orthanc_url: str
+    enabled: bool = True
+    workers: int = 4
+    batch_max_instances: int = 50
+    batch_max_bytes: int = 64 * _MEGABYTE
+    batch_linger: float = 0.05
+    connect_timeout: float = 10.0
+    request_timeout: float = 130.0
+    retry_initial: float = 2.0
+    retry_maximum: float = 300.0
+    maximum_age: float | None = None
+    token_recheck: float = 30.0
+    reconcile_interval: float = 60.0
+    verify_tls: bool | str = True
+    log_level: str = "info"
+    switching_albums: tuple[Mapping[str, Any], ...] = ()
+
+
+def load_config(
+    orthanc_configuration: Mapping[str, Any], *, config_directory: Path
+) -> KheopsConfig:
+    """Build the plugin's configuration from Orthanc's whole configuration document."""
+    section = orthanc_configuration.get(SECTION)
+    if section is None:
+        raise ConfigError(f"{SECTION}: the section is missing from the configuration")
+    try:
+        validate(section, "kheops.schema.json", root=SECTION)
+    except SchemaError as exc:
+        raise ConfigError(str(exc)) from None
+    return KheopsConfig(
+        url=str(section["Url"]).rstrip("/"),
+        token=Secret(section["Token"]),
+        state_directory=_state_directory(section, orthanc_configuration, config_directory),
+        orthanc_url=_orthanc_url(section, orthanc_configuration),
+        enabled=section.get("Enabled", True),
+        workers=section.get("Workers", 4),
+        batch_max_instances=section.get("BatchMaxInstances", 50),
+        batch_max_bytes=int(section.get("BatchMaxMegabytes", 64) * _MEGABYTE),
+        batch_linger=section.get("BatchLingerMilliseconds", 50) / 1000,
+        connect_timeout=float(section.get("ConnectTimeoutSeconds", 10)),
+        request_timeout=float(section.get("RequestTimeoutSeconds", 130)),
+        retry_initial=float(section.get("RetryInitialSeconds", 2)),
+        retry_maximum=float(section.get("RetryMaximumSeconds", 300)),
+        maximum_age=(section.get("MaximumAgeHours", 0) * 3600) or None,
+        token_recheck=float(section.get("TokenRecheckSeconds", 30)),
+        reconcile_interval=float(section.get("ReconcileSeconds", 60)),
+        verify_tls=section.get("VerifyTls", True),
+        log_level=section.get("LogLevel", "info"),
+        switching_albums=tuple(section.get("SwitchingAlbums", ())),
+    )
+
+
+def _state_directory(
+    section: Mapping[str, Any], orthanc: Mapping[str, Any], config_directory: Path
+) -> Path:
+    explicit = section.get("StateDirectory")
+    if explicit:
+        return _resolve(Path(explicit), config_directory)
+    storage = Path(orthanc.get("StorageDirectory", "OrthancStorage"))
+    return _resolve(storage, config_directory) / "kheops"
+
+
+def _resolve(path: Path, base: Path) -> Path:
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+def _orthanc_url(section: Mapping[str, Any], orthanc: Mapping[str, Any]) -> str:
+    explicit = section.get("OrthancUrl")
+    if explicit:
+        return str(explicit).rstrip("/")
+    scheme = "https" if orthanc.get("SslEnabled") else "http"
+    return f"{scheme}://127.0.0.1:{orthanc.get('HttpPort', 8042)}"

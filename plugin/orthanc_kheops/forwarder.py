@@ -1,0 +1,425 @@
+"""Worker threads that drain the outbox into the main KHEOPS album.
+
+Each worker claims a batch, reads the files from Orthanc over loopback REST,
+posts them in one STOW-RS request and records a verdict per instance. Every
+batch is wrapped: whatever goes wrong becomes a recorded outcome (retry,
+failed with a reason, pause) and never kills the thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from io import BytesIO
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from .backoff import next_delay
+from .config import KheopsConfig
+from .health import Health, State, Turn
+from .kheops import (
+    Introspection,
+    KheopsApi,
+    KheopsError,
+    KheopsRejected,
+    KheopsUnauthorized,
+    KheopsUnavailable,
+)
+from .orthanc_rest import OrthancError, OrthancNotFound, OrthancRest
+from .outbox import Outbox, QueuedInstance, Retry
+from .stow import Judgement, Verdict, judge
+
+log = logging.getLogger(__name__)
+
+_THROUGHPUT_WINDOW = 60.0
+_IDLE_POLL = 1.0
+
+
+@dataclass(frozen=True)
+class SentInstance:
+    """An instance KHEOPS confirmed it stored, with the header the rules read."""
+
+    orthanc_id: str
+    sop_uid: str
+    study_uid: str
+    series_uid: str
+    dataset: pydicom.Dataset
+
+
+AfterStore = Callable[[Sequence[SentInstance]], None]
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    item: QueuedInstance
+    data: bytes
+    dataset: pydicom.Dataset
+    sop_uid: str
+
+
+class Forwarder:
+    def __init__(
+        self,
+        config: KheopsConfig,
+        *,
+        outbox: Outbox,
+        orthanc: OrthancRest,
+        kheops: KheopsApi,
+        after_store: AfterStore | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._config = config
+        self._outbox = outbox
+        self._orthanc = orthanc
+        self._kheops = kheops
+        self._after_store = after_store
+        self._clock = clock
+        self.health = Health(now=clock())
+        self.introspection: Introspection | None = None
+        self._stopping = threading.Event()
+        self._wake = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._inflight = 0
+        self._sent_log: collections.deque[tuple[float, int, int]] = collections.deque()
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def start(self) -> None:
+        recovered = self._outbox.recover_interrupted()
+        if recovered:
+            log.info("%d instances were in flight when Orthanc stopped; queued again", recovered)
+        for index in range(self._config.workers):
+            self._spawn(self._work, f"kheops-sender-{index + 1}")
+        self._spawn(self._supervise, "kheops-supervisor")
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Workers finish their current request; what they had not sent stays queued."""
+        self._stopping.set()
+        self._wake.set()
+        self.health.wake_all()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self._threads.clear()
+
+    def notify(self) -> None:
+        """New instances were queued: wake an idle worker."""
+        self._wake.set()
+
+    def _spawn(self, target: Callable[[], None], name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    # -- what the status shows -----------------------------------------------
+
+    @property
+    def inflight(self) -> int:
+        with self._lock:
+            return self._inflight
+
+    def throughput(self) -> tuple[float, float]:
+        """Instances and bytes per second over the last minute."""
+        now = self._clock()
+        with self._lock:
+            self._forget_old(now)
+            instances = sum(n for _, n, _ in self._sent_log)
+            size = sum(b for _, _, b in self._sent_log)
+        return instances / _THROUGHPUT_WINDOW, size / _THROUGHPUT_WINDOW
+
+    def _forget_old(self, now: float) -> None:
+        while self._sent_log and self._sent_log[0][0] < now - _THROUGHPUT_WINDOW:
+            self._sent_log.popleft()
+
+    # -- workers -----------------------------------------------------------
+
+    def _work(self) -> None:
+        while (turn := self.health.wait_for_turn(self._clock, self._stopping)) is not None:
+            try:
+                self._take_turn(turn)
+            except Exception:
+                log.exception("sender step failed; trying again")
+                self._stopping.wait(_IDLE_POLL)
+            finally:
+                if turn is Turn.PROBE:
+                    self.health.end_probe()
+
+    def _take_turn(self, turn: Turn) -> None:
+        # A probe sends the oldest waiting instances even before their backoff ends.
+        batch = self._outbox.claim(
+            now=float("inf") if turn is Turn.PROBE else self._clock(),
+            max_count=self._config.batch_max_instances,
+            max_bytes=self._config.batch_max_bytes,
+        )
+        if not batch:
+            if turn is Turn.PROBE:
+                self._probe_with_introspection()
+            else:
+                self._idle()
+            return
+        try:
+            self._send(batch)
+        except Exception as exc:
+            log.exception("unexpected error while sending %d instances", len(batch))
+            self._retry_all(batch, f"internal error: {type(exc).__name__}: {exc}")
+
+    def _probe_with_introspection(self) -> None:
+        """Nothing to send: ask KHEOPS something cheap to learn whether the outage is over."""
+        try:
+            self._kheops.introspect(self._config.token)
+        except KheopsError as exc:
+            self.health.record_unavailable(str(exc), self._clock())
+        else:
+            self._recovered(self._clock())
+
+    def _recovered(self, now: float) -> None:
+        if self.health.record_success(now):
+            woken = self._outbox.make_due(now=now)
+            log.warning("KHEOPS is reachable again; %d waiting instances are due now", woken)
+            self._wake.set()
+
+    def _idle(self) -> None:
+        """Wait for new instances or the next due retry, then linger to let a batch fill."""
+        due = self._outbox.next_due()
+        wait = _IDLE_POLL if due is None else min(_IDLE_POLL, max(0.0, due - self._clock()))
+        if self._wake.wait(wait):
+            self._wake.clear()
+            self._stopping.wait(self._config.batch_linger)
+
+    def _send(self, batch: Sequence[QueuedInstance]) -> None:
+        with self._lock:
+            self._inflight += len(batch)
+        try:
+            loaded = self._load(batch)
+            if loaded:
+                self._post(loaded)
+        finally:
+            with self._lock:
+                self._inflight -= len(batch)
+
+    def _load(self, batch: Sequence[QueuedInstance]) -> list[_Loaded]:
+        loaded: list[_Loaded] = []
+        failed: dict[str, str] = {}
+        later: list[Retry] = []
+        for item in batch:
+            try:
+                data = self._orthanc.read_file(item.orthanc_id)
+            except OrthancNotFound:
+                failed[item.orthanc_id] = "deleted from Orthanc before it could be sent"
+                continue
+            except OrthancError as exc:
+                later.append(Retry(item.orthanc_id, 1.0, str(exc), counts_as_attempt=False))
+                continue
+            try:
+                dataset = pydicom.dcmread(BytesIO(data), stop_before_pixels=True)
+                sop_uid = str(dataset.SOPInstanceUID)
+            except (InvalidDicomError, AttributeError, ValueError, EOFError) as exc:
+                failed[item.orthanc_id] = f"Orthanc's file cannot be read as DICOM: {exc}"
+                continue
+            loaded.append(_Loaded(item=item, data=data, dataset=dataset, sop_uid=sop_uid))
+        now = self._clock()
+        if failed:
+            for orthanc_id, reason in failed.items():
+                log.warning("instance %s failed: %s", orthanc_id, reason)
+            self._outbox.mark_failed(failed, now=now)
+        if later:
+            self._outbox.reschedule(later, now=now)
+        unknown = {x.item.orthanc_id: x.sop_uid for x in loaded if x.item.sop_uid != x.sop_uid}
+        if unknown:
+            self._outbox.set_sop_uids(unknown)
+        return loaded
+
+    def _post(self, loaded: Sequence[_Loaded]) -> None:
+        items = [x.item for x in loaded]
+        try:
+            answer = self._kheops.stow(self._config.token, [x.data for x in loaded])
+        except KheopsUnauthorized as exc:
+            self._outbox.release([item.orthanc_id for item in items])
+            if self.health.record_refused(str(exc), self._clock()):
+                log.error("KHEOPS refuses the token; sending is paused, nothing is lost: %s", exc)
+            return
+        except KheopsUnavailable as exc:
+            self.health.record_unavailable(str(exc), self._clock())
+            self._retry_all(items, str(exc))
+            return
+        except KheopsRejected as exc:
+            self._rejected(items, str(exc))
+            return
+        except KheopsError as exc:
+            self._retry_all(items, str(exc))
+            return
+        now = self._clock()
+        self._recovered(now)
+        self._record_verdicts(loaded, judge([x.sop_uid for x in loaded], answer), now)
+
+    def _record_verdicts(
+        self, loaded: Sequence[_Loaded], verdicts: Mapping[str, Judgement], now: float
+    ) -> None:
+        sent: list[_Loaded] = []
+        failed: dict[str, str] = {}
+        retries: list[QueuedInstance] = []
+        reasons: dict[str, str] = {}
+        for x in loaded:
+            judgement = verdicts[x.sop_uid]
+            if judgement.verdict is Verdict.SENT:
+                sent.append(x)
+            elif judgement.verdict is Verdict.FAILED:
+                failed[x.item.orthanc_id] = judgement.reason
+            else:
+                retries.append(x.item)
+                reasons[x.item.orthanc_id] = judgement.reason
+        if sent:
+            self._outbox.mark_sent([x.item.orthanc_id for x in sent], now=now)
+            with self._lock:
+                self._sent_log.append((now, len(sent), sum(len(x.data) for x in sent)))
+                self._forget_old(now)
+        if failed:
+            for orthanc_id, reason in failed.items():
+                log.warning("KHEOPS refused instance %s: %s", orthanc_id, reason)
+            self._outbox.mark_failed(failed, now=now)
+            self.health.record_error(next(iter(failed.values())), now)
+        for item in retries:
+            self._retry_all([item], reasons[item.orthanc_id])
+        if sent and self._after_store is not None:
+            self._after_store(
+                [
+                    SentInstance(
+                        orthanc_id=x.item.orthanc_id,
+                        sop_uid=x.sop_uid,
+                        study_uid=str(x.dataset.get("StudyInstanceUID", "")),
+                        series_uid=str(x.dataset.get("SeriesInstanceUID", "")),
+                        dataset=x.dataset,
+                    )
+                    for x in sent
+                ]
+            )
+
+    def _rejected(self, items: Sequence[QueuedInstance], error: str) -> None:
+        """A 400 names no instance: send each one alone to find the one KHEOPS cannot read."""
+        now = self._clock()
+        if len(items) > 1:
+            self._outbox.reschedule(
+                [
+                    Retry(i.orthanc_id, 0.0, error, alone=True, counts_as_attempt=False)
+                    for i in items
+                ],
+                now=now,
+            )
+            return
+        log.warning("KHEOPS refused instance %s: %s", items[0].orthanc_id, error)
+        self._outbox.mark_failed({items[0].orthanc_id: error}, now=now)
+        self.health.record_error(error, now)
+
+    def _retry_all(self, items: Sequence[QueuedInstance], error: str) -> None:
+        now = self._clock()
+        retries: list[Retry] = []
+        gave_up: dict[str, str] = {}
+        for item in items:
+            attempts = item.attempts + 1
+            age = now - item.queued_at
+            if self._config.maximum_age is not None and age >= self._config.maximum_age:
+                gave_up[item.orthanc_id] = (
+                    f"gave up after {attempts} attempts over {age / 3600:.1f} h: {error}"
+                )
+                continue
+            delay = next_delay(
+                attempts, initial=self._config.retry_initial, maximum=self._config.retry_maximum
+            )
+            retries.append(Retry(item.orthanc_id, delay, error, alone=item.alone))
+        if retries:
+            self._outbox.reschedule(retries, now=now)
+        if gave_up:
+            for orthanc_id, reason in gave_up.items():
+                log.warning("instance %s failed: %s", orthanc_id, reason)
+            self._outbox.mark_failed(gave_up, now=now)
+
+    # -- supervisor: token checks and reconciliation -----------------------------
+
+    def _supervise(self) -> None:
+        self._check_token(first=True)
+        next_check = self._clock() + self._config.token_recheck
+        next_reconcile = self._clock()
+        while not self._stopping.is_set():
+            now = self._clock()
+            try:
+                if now >= next_reconcile:
+                    self.reconcile()
+                    next_reconcile = now + self._config.reconcile_interval
+                if now >= next_check:
+                    if self.health.state is State.PAUSED:
+                        self._check_token(first=False)
+                    next_check = now + self._config.token_recheck
+            except Exception:
+                log.exception("supervisor step failed; trying again")
+            self._stopping.wait(min(1.0, max(0.05, min(next_check, next_reconcile) - now)))
+
+    def _check_token(self, *, first: bool) -> None:
+        try:
+            introspection = self._kheops.introspect(self._config.token)
+        except KheopsError as exc:
+            if first:
+                log.warning("cannot check the token at start-up; queuing anyway: %s", exc)
+            return
+        self.introspection = introspection
+        if first:
+            log.warning(
+                "KHEOPS %s, token %s: %s",
+                self._config.url,
+                self._config.token.masked,
+                introspection.describe(),
+            )
+        problem = token_problem(introspection)
+        now = self._clock()
+        if problem:
+            if self.health.record_refused(f"introspection: {problem}", now):
+                log.error("sending is paused, nothing is lost: the token %s", problem)
+        elif self.health.resume(now):
+            log.warning("KHEOPS accepts the token again; sending resumes")
+            self._outbox.make_due(now=now)
+            self._wake.set()
+
+    def check_token_now(self) -> None:
+        """An administrator asked to retry: check a paused token without waiting."""
+        if self.health.state is State.PAUSED:
+            self._check_token(first=False)
+
+    def reconcile(self) -> int:
+        """Queue instances that Orthanc's change log has and the outbox lacks."""
+        since = self._outbox.get_meta("last_change")
+        last = self._orthanc.last_change()
+        if not isinstance(since, int) or since > last:
+            self._outbox.set_meta("last_change", last)
+            return 0
+        queued = 0
+        while since < last and not self._stopping.is_set():
+            page = self._orthanc.changes(since)
+            new = [(c.resource_id, 0) for c in page.changes if c.change_type == "NewInstance"]
+            if new:
+                queued += self._outbox.enqueue(new, now=self._clock(), requeue=False)
+            if page.last <= since:
+                break
+            since = page.last
+            self._outbox.set_meta("last_change", since)
+            if page.done:
+                break
+        if queued:
+            log.warning("found %d stored instances missing from the queue; queued them", queued)
+            self._wake.set()
+        return queued
+
+
+def token_problem(introspection: Introspection) -> str | None:
+    """Why a token cannot feed the main album, or None when it can."""
+    if not introspection.active:
+        return "is not active (expired, revoked or unknown)"
+    if introspection.album_id is None:
+        return "is a user token, not an album token"
+    if "write" not in introspection.scopes:
+        return "lacks the write permission"
+    return None

@@ -1,0 +1,214 @@
+"""The KHEOPS API, as the plugin uses it: introspection, STOW-RS and sharing.
+
+`KheopsApi` is the contract; `KheopsClient` implements it over one pooled
+`requests.Session`. Every failure leaves this module as a `KheopsError`
+subclass that says whether retrying can help, with the token masked.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from .masking import Secret
+from .stow import MalformedAnswer, StowAnswer, encode_multipart, parse_answer
+
+_RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+class KheopsError(Exception):
+    """Base of every error raised by the KHEOPS client."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class KheopsUnavailable(KheopsError):
+    """KHEOPS could not be reached or answered 5xx: retry later, nothing was lost."""
+
+
+class KheopsRejected(KheopsError):
+    """KHEOPS refused the request for a reason that retrying the same request cannot fix."""
+
+
+class KheopsUnauthorized(KheopsRejected):
+    """401 or 403: the token is wrong, expired or lacks a permission."""
+
+
+class KheopsNotFound(KheopsRejected):
+    """404: for a share, the series is not (yet) in the source album, or the source lacks send."""
+
+
+@dataclass(frozen=True)
+class Introspection:
+    active: bool
+    scopes: frozenset[str]
+    album_id: str | None
+
+    @property
+    def is_album_token(self) -> bool:
+        return self.active and self.album_id is not None
+
+    def can(self, *permissions: str) -> bool:
+        return self.active and all(p in self.scopes for p in permissions)
+
+    def describe(self) -> str:
+        if not self.active:
+            return "inactive (expired, revoked or unknown)"
+        kind = f"album {self.album_id}" if self.album_id else "user token (no album)"
+        scopes = " ".join(sorted(self.scopes)) or "no permission"
+        return f"{kind}, {scopes}"
+
+
+class KheopsApi(Protocol):
+    def introspect(self, token: Secret) -> Introspection: ...
+
+    def stow(self, token: Secret, parts: Sequence[bytes]) -> StowAnswer: ...
+
+    def share_series(
+        self, *, destination: Secret, source: Secret, study_uid: str, series_uid: str
+    ) -> None: ...
+
+
+def make_session(*, pool_size: int, verify: bool | str) -> requests.Session:
+    """The one pooled session, sized so that no worker waits for a connection."""
+    session = requests.Session()
+    adapter = HTTPAdapter(pool_connections=2, pool_maxsize=max(pool_size, 1), max_retries=0)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    session.verify = verify
+    session.headers["User-Agent"] = "orthanc-kheops"
+    return session
+
+
+class KheopsClient:
+    """KheopsApi over HTTP/1.1 (requests never speaks HTTP/2, which KHEOPS's nginx cuts off)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        session: requests.Session,
+        connect_timeout: float,
+        read_timeout: float,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self._api = f"{self.url}/api"
+        self._session = session
+        self._timeout = (connect_timeout, read_timeout)
+
+    def introspect(self, token: Secret) -> Introspection:
+        response = self._send(
+            "POST", "/token/introspect", data={"token": token.reveal()}, what="token introspection"
+        )
+        if response.status_code != 200:
+            raise _error_for(response, "token introspection")
+        try:
+            document = response.json()
+        except ValueError as exc:
+            raise KheopsUnavailable(
+                "token introspection answered something that is not JSON", status=200
+            ) from exc
+        if not isinstance(document, dict):
+            raise KheopsUnavailable("token introspection answered an unexpected document")
+        scope = document.get("scope")
+        album = document.get("album_id")
+        return Introspection(
+            active=document.get("active") is True,
+            scopes=frozenset(scope.split()) if isinstance(scope, str) else frozenset(),
+            album_id=album if isinstance(album, str) and album else None,
+        )
+
+    def stow(self, token: Secret, parts: Sequence[bytes]) -> StowAnswer:
+        body = encode_multipart(parts)
+        response = self._send(
+            "POST",
+            "/studies",
+            data=body.body,
+            headers={
+                "Authorization": f"Bearer {token.reveal()}",
+                "Content-Type": body.content_type,
+                "Accept": "application/dicom+json",
+            },
+            what="STOW-RS",
+        )
+        if response.status_code not in (200, 202, 409):
+            raise _error_for(response, "STOW-RS")
+        try:
+            return parse_answer(response.status_code, response.content)
+        except MalformedAnswer as exc:
+            if response.status_code == 200:
+                return StowAnswer(status=200, stored=frozenset(), failed={}, other_failures=())
+            raise KheopsUnavailable(
+                f"STOW-RS answered {response.status_code} with an unreadable body: {exc}",
+                status=response.status_code,
+            ) from exc
+
+    def share_series(
+        self, *, destination: Secret, source: Secret, study_uid: str, series_uid: str
+    ) -> None:
+        response = self._send(
+            "PUT",
+            f"/studies/{study_uid}/series/{series_uid}",
+            headers={
+                "Authorization": f"Bearer {destination.reveal()}",
+                "X-Authorization-Source": f"Bearer {source.reveal()}",
+            },
+            what="share",
+        )
+        if response.status_code not in (200, 201, 204):
+            raise _error_for(response, "share")
+
+    def _send(self, method: str, path: str, *, what: str, **kwargs: object) -> requests.Response:
+        try:
+            return self._session.request(
+                method,
+                f"{self._api}{path}",
+                timeout=self._timeout,
+                **kwargs,  # type: ignore[arg-type]
+            )
+        except requests.Timeout as exc:
+            raise KheopsUnavailable(f"{what}: KHEOPS did not answer in time") from exc
+        except requests.ConnectionError as exc:
+            raise KheopsUnavailable(f"{what}: cannot reach KHEOPS ({_root_cause(exc)})") from exc
+        except requests.RequestException as exc:
+            raise KheopsUnavailable(f"{what}: request failed ({type(exc).__name__})") from exc
+
+
+def _root_cause(exc: BaseException) -> str:
+    """A short, token-free description of a connection failure."""
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return type(exc).__name__
+
+
+def _detail(response: requests.Response) -> str:
+    text = response.text.strip()
+    try:
+        document = json.loads(text)
+    except ValueError:
+        return text[:200]
+    if isinstance(document, dict):
+        parts = [str(document[k]) for k in ("message", "detail") if document.get(k)]
+        if parts:
+            return ": ".join(parts)[:200]
+    return text[:200]
+
+
+def _error_for(response: requests.Response, what: str) -> KheopsError:
+    status = response.status_code
+    detail = _detail(response)
+    message = f"{what}: KHEOPS answered {status}" + (f" ({detail})" if detail else "")
+    if status in _RETRYABLE_STATUSES or status >= 500:
+        return KheopsUnavailable(message, status=status)
+    if status in (401, 403):
+        return KheopsUnauthorized(message, status=status)
+    if status == 404:
+        return KheopsNotFound(message, status=status)
+    return KheopsRejected(message, status=status)

@@ -1,0 +1,362 @@
+"""The durable queue of instances to send: one SQLite database in WAL mode.
+
+Every instance Orthanc stores gets a row here before the store callback
+returns. A row moves pending → inflight → sent, or to failed with a reason;
+inflight rows found at start-up were interrupted by a crash and go back to
+pending. Sent rows stay, so that the forwarding status of a study can be
+shown and a re-stored instance can be told from a new one.
+
+`Outbox` is the interface the workers and the REST routes use, so that a
+PostgreSQL implementation can take over when several Orthanc nodes share one
+index.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+    orthanc_id   TEXT PRIMARY KEY,
+    state        TEXT NOT NULL CHECK (state IN ('pending', 'inflight', 'sent', 'failed')),
+    size         INTEGER NOT NULL DEFAULT 0,
+    sop_uid      TEXT,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    queued_at    REAL NOT NULL,
+    next_attempt REAL NOT NULL,
+    alone        INTEGER NOT NULL DEFAULT 0,
+    last_error   TEXT,
+    done_at      REAL
+);
+CREATE INDEX IF NOT EXISTS instances_due ON instances (state, next_attempt);
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"""
+
+STATES = ("pending", "inflight", "sent", "failed")
+
+
+@dataclass(frozen=True)
+class QueuedInstance:
+    orthanc_id: str
+    state: str
+    size: int
+    sop_uid: str | None
+    attempts: int
+    queued_at: float
+    next_attempt: float
+    alone: bool
+    last_error: str | None
+    done_at: float | None
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "ID": self.orthanc_id,
+            "SOPInstanceUID": self.sop_uid,
+            "State": self.state,
+            "Attempts": self.attempts,
+            "QueuedAt": self.queued_at,
+            "NextAttempt": self.next_attempt if self.state == "pending" else None,
+            "LastError": self.last_error,
+            "DoneAt": self.done_at,
+        }
+
+
+@dataclass(frozen=True)
+class Retry:
+    orthanc_id: str
+    delay: float
+    error: str
+    alone: bool = False
+    counts_as_attempt: bool = True
+
+
+class Outbox(Protocol):
+    def enqueue(self, items: Iterable[tuple[str, int]], *, now: float, requeue: bool) -> int: ...
+
+    def claim(self, *, now: float, max_count: int, max_bytes: int) -> list[QueuedInstance]: ...
+
+    def mark_sent(self, orthanc_ids: Sequence[str], *, now: float) -> None: ...
+
+    def mark_failed(self, reasons: Mapping[str, str], *, now: float) -> None: ...
+
+    def reschedule(self, retries: Sequence[Retry], *, now: float) -> None: ...
+
+    def release(self, orthanc_ids: Sequence[str]) -> None: ...
+
+    def set_sop_uids(self, uids: Mapping[str, str]) -> None: ...
+
+    def recover_interrupted(self) -> int: ...
+
+    def make_due(self, *, now: float) -> int: ...
+
+    def retry_failed(self, orthanc_ids: Sequence[str] | None, *, now: float) -> int: ...
+
+    def counts(self) -> dict[str, int]: ...
+
+    def next_due(self) -> float | None: ...
+
+    def entries(self, state: str, *, limit: int, offset: int = 0) -> list[QueuedInstance]: ...
+
+    def lookup(self, orthanc_ids: Sequence[str]) -> dict[str, QueuedInstance]: ...
+
+    def get_meta(self, key: str) -> object | None: ...
+
+    def set_meta(self, key: str, value: object) -> None: ...
+
+    def add_to_counter(self, key: str, amount: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class SqliteOutbox:
+    """Outbox in a local SQLite file; one connection shared under a lock.
+
+    synchronous=NORMAL in WAL mode survives a crash or kill -9 of Orthanc
+    (the OS keeps what was written); what a power cut could take from the
+    last moments is found again in Orthanc's change log by the reconciler.
+    """
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA busy_timeout=10000")
+        self._db.executescript(_SCHEMA)
+        version = self.get_meta("schema_version")
+        if version is None:
+            self.set_meta("schema_version", SCHEMA_VERSION)
+        elif version != SCHEMA_VERSION:
+            raise RuntimeError(
+                f"outbox {path} has schema version {version}; this plugin reads {SCHEMA_VERSION}"
+            )
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def enqueue(self, items: Iterable[tuple[str, int]], *, now: float, requeue: bool) -> int:
+        """Queue instances; `requeue` also resets rows already sent or failed (a re-stored file)."""
+        rows = [(orthanc_id, size, now, now) for orthanc_id, size in items]
+        if requeue:
+            sql = (
+                "INSERT INTO instances (orthanc_id, state, size, queued_at, next_attempt)"
+                " VALUES (?, 'pending', ?, ?, ?)"
+                " ON CONFLICT (orthanc_id) DO UPDATE SET state = 'pending', size = excluded.size,"
+                " attempts = 0, queued_at = excluded.queued_at,"
+                " next_attempt = excluded.next_attempt, alone = 0, last_error = NULL,"
+                " done_at = NULL WHERE state != 'inflight'"
+            )
+        else:
+            sql = (
+                "INSERT OR IGNORE INTO instances (orthanc_id, state, size, queued_at, next_attempt)"
+                " VALUES (?, 'pending', ?, ?, ?)"
+            )
+        with self._transaction() as db:
+            before = db.total_changes
+            db.executemany(sql, rows)
+            return db.total_changes - before
+
+    def claim(self, *, now: float, max_count: int, max_bytes: int) -> list[QueuedInstance]:
+        """Take due instances for one request: at most `max_count`, and `max_bytes` unless alone."""
+        with self._transaction() as db:
+            candidates = db.execute(
+                "SELECT * FROM instances WHERE state = 'pending' AND next_attempt <= ?"
+                " ORDER BY next_attempt LIMIT ?",
+                (now, max_count),
+            ).fetchall()
+            chosen: list[sqlite3.Row] = []
+            total = 0
+            for row in candidates:
+                if row["alone"]:
+                    if not chosen:
+                        chosen.append(row)
+                    break
+                if chosen and total + row["size"] > max_bytes:
+                    break
+                chosen.append(row)
+                total += row["size"]
+            db.executemany(
+                "UPDATE instances SET state = 'inflight' WHERE orthanc_id = ?",
+                [(row["orthanc_id"],) for row in chosen],
+            )
+        return [_instance(row, state="inflight") for row in chosen]
+
+    def mark_sent(self, orthanc_ids: Sequence[str], *, now: float) -> None:
+        with self._transaction() as db:
+            db.executemany(
+                "UPDATE instances SET state = 'sent', done_at = ?, last_error = NULL,"
+                " attempts = attempts + 1 WHERE orthanc_id = ?",
+                [(now, orthanc_id) for orthanc_id in orthanc_ids],
+            )
+
+    def mark_failed(self, reasons: Mapping[str, str], *, now: float) -> None:
+        with self._transaction() as db:
+            db.executemany(
+                "UPDATE instances SET state = 'failed', done_at = ?, last_error = ?,"
+                " attempts = attempts + 1 WHERE orthanc_id = ?",
+                [(now, reason, orthanc_id) for orthanc_id, reason in reasons.items()],
+            )
+
+    def reschedule(self, retries: Sequence[Retry], *, now: float) -> None:
+        with self._transaction() as db:
+            db.executemany(
+                "UPDATE instances SET state = 'pending', next_attempt = ?, last_error = ?,"
+                " alone = ?, attempts = attempts + ? WHERE orthanc_id = ?",
+                [
+                    (now + r.delay, r.error, int(r.alone), int(r.counts_as_attempt), r.orthanc_id)
+                    for r in retries
+                ],
+            )
+            attempts = sum(1 for r in retries if r.counts_as_attempt)
+            if attempts:
+                self._add(db, "retries", attempts)
+
+    def release(self, orthanc_ids: Sequence[str]) -> None:
+        """Put claimed instances back untouched (shutdown, paused token)."""
+        with self._transaction() as db:
+            db.executemany(
+                "UPDATE instances SET state = 'pending' WHERE orthanc_id = ? AND state = 'inflight'",
+                [(orthanc_id,) for orthanc_id in orthanc_ids],
+            )
+
+    def set_sop_uids(self, uids: Mapping[str, str]) -> None:
+        with self._transaction() as db:
+            db.executemany(
+                "UPDATE instances SET sop_uid = ? WHERE orthanc_id = ?",
+                [(uid, orthanc_id) for orthanc_id, uid in uids.items()],
+            )
+
+    def recover_interrupted(self) -> int:
+        """At start-up: what was in flight when the process died is pending again."""
+        with self._transaction() as db:
+            return db.execute(
+                "UPDATE instances SET state = 'pending' WHERE state = 'inflight'"
+            ).rowcount
+
+    def make_due(self, *, now: float) -> int:
+        """KHEOPS is back: every waiting instance is tried now rather than after its backoff."""
+        with self._transaction() as db:
+            return db.execute(
+                "UPDATE instances SET next_attempt = ? WHERE state = 'pending' AND next_attempt > ?",
+                (now, now),
+            ).rowcount
+
+    def retry_failed(self, orthanc_ids: Sequence[str] | None, *, now: float) -> int:
+        with self._transaction() as db:
+            if orthanc_ids is None:
+                return db.execute(
+                    "UPDATE instances SET state = 'pending', next_attempt = ?, attempts = 0,"
+                    " queued_at = ?, alone = 0, done_at = NULL WHERE state = 'failed'",
+                    (now, now),
+                ).rowcount
+            before = db.total_changes
+            db.executemany(
+                "UPDATE instances SET state = 'pending', next_attempt = ?, attempts = 0,"
+                " queued_at = ?, alone = 0, done_at = NULL"
+                " WHERE state = 'failed' AND orthanc_id = ?",
+                [(now, now, orthanc_id) for orthanc_id in orthanc_ids],
+            )
+            return db.total_changes - before
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT state, COUNT(*) AS n FROM instances GROUP BY state"
+            ).fetchall()
+        counts = dict.fromkeys(STATES, 0)
+        counts.update({row["state"]: row["n"] for row in rows})
+        return counts
+
+    def next_due(self) -> float | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT MIN(next_attempt) AS due FROM instances WHERE state = 'pending'"
+            ).fetchone()
+        return None if row["due"] is None else float(row["due"])
+
+    def entries(self, state: str, *, limit: int, offset: int = 0) -> list[QueuedInstance]:
+        order = "next_attempt" if state == "pending" else "done_at DESC"
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT * FROM instances WHERE state = ? ORDER BY {order} LIMIT ? OFFSET ?",
+                (state, limit, offset),
+            ).fetchall()
+        return [_instance(row) for row in rows]
+
+    def lookup(self, orthanc_ids: Sequence[str]) -> dict[str, QueuedInstance]:
+        found: dict[str, QueuedInstance] = {}
+        with self._lock:
+            for start in range(0, len(orthanc_ids), 500):
+                chunk = list(orthanc_ids[start : start + 500])
+                marks = ",".join("?" * len(chunk))
+                for row in self._db.execute(
+                    f"SELECT * FROM instances WHERE orthanc_id IN ({marks})", chunk
+                ):
+                    found[row["orthanc_id"]] = _instance(row)
+        return found
+
+    def get_meta(self, key: str) -> object | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else json.loads(row["value"])
+
+    def set_meta(self, key: str, value: object) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, json.dumps(value)),
+            )
+
+    def add_to_counter(self, key: str, amount: int) -> None:
+        with self._transaction() as db:
+            self._add(db, key, amount)
+
+    @staticmethod
+    def _add(db: sqlite3.Connection, key: str, amount: int) -> None:
+        db.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = CAST(value AS INTEGER) + ?",
+            (key, json.dumps(amount), amount),
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def _instance(row: sqlite3.Row, *, state: str | None = None) -> QueuedInstance:
+    return QueuedInstance(
+        orthanc_id=row["orthanc_id"],
+        state=state or row["state"],
+        size=row["size"],
+        sop_uid=row["sop_uid"],
+        attempts=row["attempts"],
+        queued_at=row["queued_at"],
+        next_attempt=row["next_attempt"],
+        alone=bool(row["alone"]),
+        last_error=row["last_error"],
+        done_at=row["done_at"],
+    )

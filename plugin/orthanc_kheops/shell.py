@@ -1,0 +1,166 @@
+"""The only module that touches the Orthanc SDK.
+
+It reads the configuration, wires the pure core together, and bridges
+Orthanc's callbacks to it: the store callback only writes to the outbox,
+the workers start once Orthanc has started, and REST calls go to the router.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import orthanc
+
+from .api import ForwardingApi
+from .config import SECTION, ConfigError, KheopsConfig, load_config
+from .forwarder import Forwarder
+from .kheops import KheopsClient, make_session
+from .masking import Redactor, Secret
+from .orthanc_rest import OrthancRest
+from .outbox import SqliteOutbox
+from .routing import Request, Response, Router
+
+log = logging.getLogger("orthanc_kheops")
+
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+
+class _OrthancLogHandler(logging.Handler):
+    """Sends the core's log records to Orthanc's log, with every token masked."""
+
+    def __init__(self, redactor: Redactor) -> None:
+        super().__init__()
+        self._redactor = redactor
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = self._redactor.redact(f"KHEOPS: {self.format(record)}")
+        except Exception:  # noqa: BLE001 -- logging must never raise into the caller
+            self.handleError(record)
+            return
+        if record.levelno >= logging.ERROR:
+            orthanc.LogError(text)
+        elif record.levelno >= logging.WARNING:
+            orthanc.LogWarning(text)
+        else:
+            orthanc.LogInfo(text)
+
+
+class _Plugin:
+    def __init__(self, config: KheopsConfig, redactor: Redactor) -> None:
+        self.config = config
+        self.redactor = redactor
+        self.outbox = SqliteOutbox(config.state_directory / "outbox.sqlite3")
+        session = make_session(pool_size=config.workers + 4, verify=config.verify_tls)
+        self.kheops = KheopsClient(
+            config.url,
+            session=session,
+            connect_timeout=config.connect_timeout,
+            read_timeout=config.request_timeout,
+        )
+        self.orthanc = OrthancRest(
+            config.orthanc_url,
+            authorization=Secret(orthanc.GenerateRestApiAuthorizationToken()),
+            session=make_session(pool_size=config.workers + 4, verify=False),
+        )
+        self.forwarder = Forwarder(
+            config, outbox=self.outbox, orthanc=self.orthanc, kheops=self.kheops
+        )
+        self.router = Router()
+        ForwardingApi(
+            config, outbox=self.outbox, forwarder=self.forwarder, orthanc=self.orthanc
+        ).register(self.router)
+
+    def on_stored_instance(self, dicom: Any, instance_id: str) -> None:
+        """Runs under Orthanc's lock: record the instance and return."""
+        try:
+            self.outbox.enqueue(
+                [(instance_id, dicom.GetInstanceSize())], now=time.time(), requeue=True
+            )
+        except Exception:
+            # The change log still has it: the reconciler will queue it.
+            log.exception("could not queue instance %s now; it will be found later", instance_id)
+            return
+        self.forwarder.notify()
+
+    def on_change(self, change_type: int, level: int, resource_id: str) -> None:
+        if change_type == orthanc.ChangeType.ORTHANC_STARTED:
+            if self.config.enabled:
+                self.forwarder.start()
+                log.warning(
+                    "forwarding to %s started with %d workers", self.config.url, self.config.workers
+                )
+            else:
+                log.warning(
+                    "forwarding is disabled (Kheops.Enabled is false); instances are queued"
+                )
+        elif change_type == orthanc.ChangeType.ORTHANC_STOPPED:
+            self.forwarder.stop(timeout=10)
+            log.warning("forwarding stopped; unsent instances stay queued")
+
+    def on_rest(self, output: Any, uri: str, **request: Any) -> None:
+        try:
+            response = self.router.handle(
+                Request(
+                    method=request["method"],
+                    path=request["groups"][0],
+                    query=dict(request.get("get") or {}),
+                    body=request.get("body") or b"",
+                )
+            )
+        except Exception as exc:
+            log.exception("REST %s failed", uri)
+            response = Response(500, {"HttpStatus": 500, "Message": self.redactor.redact(str(exc))})
+        _answer(output, response)
+
+
+def _answer(output: Any, response: Response) -> None:
+    if response.status == 405:
+        output.SendMethodNotAllowed(",".join(response.allowed))
+        return
+    body = response.encoded()
+    if response.status == 200:
+        output.AnswerBuffer(body, "application/json")
+        return
+    # The SDK wants the body as text and its length in bytes.
+    output.SetHttpHeader("Content-Type", "application/json")
+    output.SendHttpStatus(response.status, body.decode("utf-8"), len(body))
+
+
+def install() -> None:
+    """Called by the entry script when Orthanc loads it."""
+    configuration = json.loads(orthanc.GetConfiguration())
+    if SECTION not in configuration:
+        orthanc.LogWarning(f'KHEOPS: no "{SECTION}" section in the configuration; plugin inactive')
+        return
+    try:
+        config = load_config(configuration, config_directory=_config_directory())
+    except ConfigError as exc:
+        orthanc.LogError(f"KHEOPS: invalid configuration: {exc}")
+        raise
+    redactor = Redactor([config.token])
+    handler = _OrthancLogHandler(redactor)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(_LEVELS[config.log_level])
+    log.propagate = False
+    plugin = _Plugin(config, redactor)
+    orthanc.RegisterOnStoredInstanceCallback(plugin.on_stored_instance)
+    orthanc.RegisterOnChangeCallback(plugin.on_change)
+    orthanc.RegisterRestCallback("/kheops/(.*)", plugin.on_rest)
+    log.warning("plugin loaded; state in %s", config.state_directory)
+
+
+def _config_directory() -> Path:
+    """Orthanc resolves relative paths in its configuration against the configuration's folder."""
+    path = Path(orthanc.GetConfigurationPath())
+    return path if path.is_dir() else path.parent
