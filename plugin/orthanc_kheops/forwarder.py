@@ -79,7 +79,7 @@ class Forwarder:
         self._kheops = kheops
         self._after_store = after_store
         self._clock = clock
-        self.health = Health(now=clock())
+        self.health = Health(now=clock(), probe_maximum=min(config.retry_maximum, 30.0))
         self.introspection: Introspection | None = None
         self._stopping = threading.Event()
         self._wake = threading.Event()

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from .backoff import next_delay
 
 _PROBE_INITIAL = 1.0
-_PROBE_MAXIMUM = 30.0
 
 
 class Turn(enum.Enum):
@@ -41,7 +40,7 @@ class Snapshot:
 
 
 class Health:
-    def __init__(self, *, now: float, probe_maximum: float = _PROBE_MAXIMUM) -> None:
+    def __init__(self, *, now: float, probe_maximum: float) -> None:
         self._condition = threading.Condition()
         self._state = State.SENDING
         self._since = now
@@ -117,7 +116,9 @@ class Health:
             if self._state is not State.UNREACHABLE:
                 self._set(State.UNREACHABLE, now, f"KHEOPS unreachable, retrying: {error}")
             self._probe_at = now + next_delay(
-                self._failures, initial=_PROBE_INITIAL, maximum=self._probe_maximum
+                self._failures,
+                initial=min(_PROBE_INITIAL, self._probe_maximum),
+                maximum=self._probe_maximum,
             )
 
     def record_refused(self, error: str, now: float) -> bool:
