@@ -1,0 +1,69 @@
+"""Fixtures shared by all tests, grouped by what they provide."""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.orthanc_process import OrthancError, OrthancFactory, OrthancProcess, stop_all
+
+# --- Work directories ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tmp_workdir(tmp_path: Path) -> Path:
+    """A fresh, empty directory for this test."""
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    return workdir
+
+
+# --- Orthanc processes -----------------------------------------------------------------------
+
+_ORTHANCS = pytest.StashKey[list[OrthancProcess]]()
+
+
+@pytest.fixture
+def orthanc_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[OrthancFactory]:
+    """Make (and by default start) OrthancProcess instances; stop them all after the test.
+
+    Teardown fails the test if an Orthanc crashed (exited without `stop` or `kill`), needed
+    SIGKILL to stop, or exited non-zero. A failing test's report ends with each log tail.
+    """
+    created: list[OrthancProcess] = []
+    request.node.stash[_ORTHANCS] = created
+
+    def factory(
+        workdir: Path | None = None, *, start: bool = True, **kwargs: Any
+    ) -> OrthancProcess:
+        orthanc = OrthancProcess(workdir or tmp_path / f"orthanc-{len(created)}", **kwargs)
+        created.append(orthanc)
+        if start:
+            orthanc.start()
+        return orthanc
+
+    yield factory
+
+    crashed = [orthanc for orthanc in created if orthanc.exited_unexpectedly]
+    try:
+        stop_all(created)
+    finally:
+        for orthanc in created:
+            orthanc.session.close()
+    if crashed:
+        details = "\n".join(f"{o!r} exited with code {o.returncode}" for o in crashed)
+        raise OrthancError(f"Orthanc exited during the test:\n{details}")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if report.failed:
+        for orthanc in item.stash.get(_ORTHANCS, []):
+            report.sections.append((f"Orthanc log tail ({orthanc.url})", orthanc.log_tail()))
+    return report
