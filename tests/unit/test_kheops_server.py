@@ -708,12 +708,13 @@ def test_drop_next_resets_the_connection_without_answering(kheops: Kheops) -> No
 
 def test_latency_delays_every_api_answer(kheops: Kheops) -> None:
     _album, token = kheops.album()
-    kheops.server.set_latency(0.3)
+    kheops.server.set_latency(2)
 
-    started = time.monotonic()
-    kheops.introspect(token)
-
-    assert time.monotonic() - started >= 0.3
+    # A client that waits for less than the added latency gives up.
+    with pytest.raises(requests.ReadTimeout):
+        kheops.http.post(kheops.api + "/token/introspect", data={"token": token}, timeout=0.2)
+    kheops.server.set_latency(0)
+    assert kheops.introspect(token).status_code == 200
 
 
 def test_down_answers_503_to_every_api_request_until_lifted(kheops: Kheops, study: str) -> None:
@@ -796,7 +797,7 @@ def test_stop_cuts_open_keep_alive_connections(kheops: Kheops) -> None:
 
 
 @pytest.mark.slow
-def test_the_server_sinks_hundreds_of_half_megabyte_instances_in_seconds(
+def test_the_server_sinks_hundreds_of_half_megabyte_instances_in_batches(
     kheops: Kheops, study: str
 ) -> None:
     album, token = kheops.album()
@@ -805,15 +806,13 @@ def test_the_server_sinks_hundreds_of_half_megabyte_instances_in_seconds(
         dicom_file(study, series, generate_uid(), pixel_bytes=512 * 1024) for _ in range(count)
     ]
 
-    started = time.monotonic()
     statuses = {
         kheops.stow(token, *files[i : i + batch]).status_code for i in range(0, count, batch)
     }
-    elapsed = time.monotonic() - started
 
+    # How fast is for the benchmarks to measure; a test only pins that it all lands.
     assert statuses == {200}
     assert len(kheops.server.album_instances(album)) == count
-    assert elapsed < 5, f"{count} instances took {elapsed:.1f} s"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -870,10 +869,10 @@ def test_control_api_scripts_faults(kheops: Kheops) -> None:
         kheops.introspect(token)
     kheops.control("PUT", "/faults/down", {"down": True})
     assert kheops.introspect(token).status_code == 503
-    kheops.control("PUT", "/faults/latency", {"seconds": 0.2})
-    started = time.monotonic()
-    kheops.introspect(token)
-    assert time.monotonic() - started >= 0.2
+    kheops.control("PUT", "/faults/down", {"down": False})
+    kheops.control("PUT", "/faults/latency", {"seconds": 2})
+    with pytest.raises(requests.ReadTimeout):
+        kheops.http.post(kheops.api + "/token/introspect", data={"token": token}, timeout=0.2)
     assert kheops.control("POST", "/faults/reset").status_code == 204
     assert kheops.introspect(token).status_code == 200
 
