@@ -1,0 +1,1 @@
+"""The `make demo` sandbox: Orthanc with the plugin against a local KHEOPS test server."""

@@ -1,0 +1,134 @@
+"""`make demo`: Orthanc with the plugin, feeding a local KHEOPS sandbox, with one switching rule.
+
+The sandbox is the KHEOPS test server the integration tests use. It holds two albums: the main
+album, which receives everything, and a research album, into which a switching rule shares the
+series of the studies described "RESEARCH PROTOCOL R42". A few generated studies are sent to
+Orthanc with storescu; the demo prints where to watch them arrive, then keeps running until
+Ctrl-C (or exits at once with --no-wait).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import signal
+import socket
+import sys
+import threading
+from pathlib import Path
+
+from tests.corpus import generate_corpus, plan_corpus
+from tests.kheops_server import KheopsTestServer
+from tests.orthanc_process import OrthancProcess, free_ports
+from tests.waiting import wait_until
+
+STATE = Path(__file__).resolve().parent.parent / "demo-state"
+MAIN_ALBUM = "MainAlbum01"
+RESEARCH_ALBUM = "ResearchR42"
+# Sandbox-only tokens: they open nothing outside this demo.
+MAIN_TOKEN = "DemoMainAlbumToken0001"
+RESEARCH_TOKEN = "DemoResearchToken00042"
+RESEARCH_CONDITION = "tagValueIsPresent(#Tag.StudyDescription, 'RESEARCH PROTOCOL R42')"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="make demo", description=__doc__)
+    parser.add_argument("--no-wait", action="store_true", help="exit once the studies arrived")
+    parser.add_argument("--studies", type=int, default=5)
+    args = parser.parse_args(argv)
+
+    shutil.rmtree(STATE, ignore_errors=True)
+    STATE.mkdir(parents=True)
+    sandbox = KheopsTestServer(port=_preferred_port(8099))
+    sandbox.start()
+    sandbox.add_album(MAIN_ALBUM)
+    sandbox.add_album(RESEARCH_ALBUM)
+    sandbox.add_token(album_id=MAIN_ALBUM, token=MAIN_TOKEN, scope=("read", "write", "send"))
+    sandbox.add_token(album_id=RESEARCH_ALBUM, token=RESEARCH_TOKEN, scope=("read", "write"))
+
+    orthanc = OrthancProcess(
+        STATE / "orthanc",
+        kheops={
+            "Url": sandbox.url,
+            "Token": MAIN_TOKEN,
+            "SwitchingAlbums": [
+                {
+                    "Name": "research-r42",
+                    "DestinationToken": RESEARCH_TOKEN,
+                    "Condition": RESEARCH_CONDITION,
+                }
+            ],
+        },
+        verbose=False,
+    )
+    (STATE / "orthanc").mkdir()
+    try:
+        orthanc.start()
+        plan = plan_corpus(
+            STATE / "corpus", studies=args.studies, series_per_study=2, instances_per_series=5
+        )
+        generate_corpus(
+            STATE / "corpus", studies=args.studies, series_per_study=2, instances_per_series=5
+        )
+        print(f"Sending {len(plan)} instances of {args.studies} studies to Orthanc by C-STORE...")
+        orthanc.storescu([item.path for item in plan])
+        wait_until(
+            lambda: len(sandbox.album_instances(MAIN_ALBUM)) == len(plan),
+            timeout=120,
+            message="every instance in the main album",
+        )
+        research = {(i.study_uid, i.series_uid) for i in plan if "R42" in str(i.attributes)}
+        wait_until(
+            lambda: sandbox.album_series(RESEARCH_ALBUM) == research,
+            timeout=60,
+            message="the research series shared into the research album",
+        )
+        _report(orthanc, sandbox, len(plan), len(research))
+        if not args.no_wait:
+            _wait_for_interrupt()
+    finally:
+        orthanc.stop()
+        sandbox.stop()
+    return 0
+
+
+def _report(orthanc: OrthancProcess, sandbox: KheopsTestServer, sent: int, shared: int) -> None:
+    print(
+        f"""
+All {sent} instances are in the main album; {shared} series matched the rule and were shared.
+
+  Orthanc Explorer      {orthanc.url}/app/explorer.html
+  Forwarding status     {orthanc.url}/kheops/status
+  Queue (sent)          {orthanc.url}/kheops/queue?state=sent
+  Switching rules       {orthanc.url}/kheops/rules
+  Main album (sandbox)  {sandbox.url}/_test/albums/{MAIN_ALBUM}/series
+  Research album        {sandbox.url}/_test/albums/{RESEARCH_ALBUM}/series
+  Orthanc DICOM port    {orthanc.dicom_port} (AET {orthanc.aet}): storescu more studies there
+
+Orthanc's log: {orthanc.log_path}
+"""
+    )
+
+
+def _wait_for_interrupt() -> None:
+    print("Press Ctrl-C to stop the demo.")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+
+
+def _preferred_port(port: int) -> int:
+    """The sandbox's usual port when it is free, so that its URLs stay the same."""
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return free_ports(1)[0]
+    return port
+
+
+if __name__ == "__main__":
+    sys.exit(main())
