@@ -10,6 +10,7 @@ Ctrl-C (or exits at once with --no-wait).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import signal
 import socket
@@ -114,10 +115,8 @@ def _wait_for_interrupt() -> None:
     print("Press Ctrl-C to stop the demo.")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         stop.wait()
-    except KeyboardInterrupt:
-        pass
 
 
 def _preferred_port(port: int) -> int:
