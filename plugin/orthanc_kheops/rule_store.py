@@ -1,0 +1,449 @@
+"""Durable switching state: rules and share jobs, in their own SQLite file (WAL).
+
+`rules` holds every rule, from orthanc.json (origin 'config', written again at each start)
+and from REST (origin 'api'), as its JSON document, tokens in clear: the file is made
+readable by its owner only. `shares` holds one row per (rule, series), whatever happens to
+it; that row is the dedupe, so a series is shared into a rule's album once:
+
+    pending --201--> shared
+    pending --404 a few times, or another 4xx--> failed      (POST .../retry: pending again)
+    pending --401/403--> pending, and the rule is marked failing: its jobs wait
+
+Deleting a rule deletes its rows (ON DELETE CASCADE). Counters are derived from the rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Collection, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+SHARE_STATES = ("pending", "shared", "failed")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS rules (
+    name              TEXT PRIMARY KEY,
+    origin            TEXT NOT NULL CHECK (origin IN ('config', 'api')),
+    document          TEXT NOT NULL,
+    destination_album TEXT,
+    source_album      TEXT,
+    failing           TEXT,
+    failing_since     REAL,
+    last_error        TEXT,
+    last_error_at     REAL,
+    created_at        REAL NOT NULL,
+    updated_at        REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS shares (
+    rule         TEXT NOT NULL REFERENCES rules (name) ON DELETE CASCADE,
+    study_uid    TEXT NOT NULL,
+    series_uid   TEXT NOT NULL,
+    state        TEXT NOT NULL CHECK (state IN ('pending', 'shared', 'failed')),
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    not_found    INTEGER NOT NULL DEFAULT 0,
+    queued_at    REAL NOT NULL,
+    next_attempt REAL NOT NULL,
+    last_error   TEXT,
+    done_at      REAL,
+    PRIMARY KEY (rule, series_uid)
+);
+CREATE INDEX IF NOT EXISTS shares_due ON shares (state, next_attempt);
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class StoredRule:
+    name: str
+    origin: str
+    document: Mapping[str, Any]
+    destination_album: str | None
+    source_album: str | None
+    failing: str | None
+    failing_since: float | None
+    last_error: str | None
+    last_error_at: float | None
+    created_at: float
+    updated_at: float
+
+    def __repr__(self) -> str:  # the document holds tokens in clear
+        return f"StoredRule({self.name!r}, origin={self.origin!r})"
+
+
+@dataclass(frozen=True)
+class ShareKey:
+    rule: str
+    study_uid: str
+    series_uid: str
+
+
+@dataclass(frozen=True)
+class ShareJob:
+    key: ShareKey
+    state: str
+    attempts: int
+    not_found: int
+    queued_at: float
+    next_attempt: float
+    last_error: str | None
+
+
+@dataclass(frozen=True)
+class ShareCounts:
+    pending: int = 0
+    shared: int = 0
+    failed: int = 0
+
+    @property
+    def matched(self) -> int:
+        return self.pending + self.shared + self.failed
+
+
+class RuleStore:
+    """One connection shared under a lock, like the outbox (WAL, synchronous=NORMAL)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600, exist_ok=True)
+        os.chmod(path, 0o600)  # tokens in clear: owner only (SQLite gives -wal/-shm the same)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA busy_timeout=10000")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(_SCHEMA)
+        version = self.get_meta("schema_version")
+        if version is None:
+            self.set_meta("schema_version", SCHEMA_VERSION)
+        elif version != SCHEMA_VERSION:
+            raise RuntimeError(
+                f"{path} has schema version {version}; this plugin reads {SCHEMA_VERSION}"
+            )
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # -- rules ---------------------------------------------------------------------------
+
+    def rules(self) -> list[StoredRule]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM rules ORDER BY name").fetchall()
+        return [_rule(row) for row in rows]
+
+    def rule(self, name: str) -> StoredRule | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM rules WHERE name = ?", (name,)).fetchone()
+        return None if row is None else _rule(row)
+
+    def save_rule(
+        self,
+        name: str,
+        *,
+        origin: str,
+        document: Mapping[str, Any],
+        albums: tuple[str, str] | None,
+        now: float,
+    ) -> None:
+        """Create or replace a rule; it is no longer failing (its tokens were just checked).
+
+        When the destination token changes, the rule's finished shares are forgotten, so that
+        the series they were about are shared into the new album when they next grow.
+        """
+        with self._transaction() as db:
+            self._save(db, name, origin=origin, document=document, albums=albums, now=now)
+
+    def _save(
+        self,
+        db: sqlite3.Connection,
+        name: str,
+        *,
+        origin: str,
+        document: Mapping[str, Any],
+        albums: tuple[str, str] | None,
+        now: float,
+    ) -> None:
+        old = db.execute("SELECT * FROM rules WHERE name = ?", (name,)).fetchone()
+        previous = json.loads(old["document"]) if old is not None else {}
+        if old is not None and previous.get("DestinationToken") != document.get("DestinationToken"):
+            db.execute("DELETE FROM shares WHERE rule = ? AND state != 'pending'", (name,))
+        if albums is None and old is not None and _tokens(previous) == _tokens(document):
+            albums = (old["destination_album"], old["source_album"])
+        destination, source = albums if albums is not None else (None, None)
+        db.execute(
+            "INSERT INTO rules (name, origin, document, destination_album, source_album,"
+            " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (name) DO UPDATE SET origin = excluded.origin,"
+            " document = excluded.document, destination_album = excluded.destination_album,"
+            " source_album = excluded.source_album, failing = NULL, failing_since = NULL,"
+            " updated_at = excluded.updated_at",
+            (name, origin, json.dumps(document), destination, source, now, now),
+        )
+
+    def delete_rule(self, name: str) -> bool:
+        """Delete a rule and every share row of it, pending ones included."""
+        with self._transaction() as db:
+            return db.execute("DELETE FROM rules WHERE name = ?", (name,)).rowcount > 0
+
+    def sync_config(self, documents: Mapping[str, Mapping[str, Any]], *, now: float) -> list[str]:
+        """Make the config rules those of orthanc.json; returns the REST rules they replaced.
+
+        A config rule left unchanged keeps its state; a changed one is saved again; one no longer
+        in the configuration is deleted with its shares.
+        """
+        replaced: list[str] = []
+        with self._transaction() as db:
+            existing = {
+                row["name"]: row
+                for row in db.execute("SELECT name, origin, document FROM rules").fetchall()
+            }
+            for name, row in existing.items():
+                if row["origin"] == "config" and name not in documents:
+                    db.execute("DELETE FROM rules WHERE name = ?", (name,))
+            for name, document in documents.items():
+                row = existing.get(name)
+                if row is not None and row["origin"] == "api":
+                    replaced.append(name)
+                    db.execute("DELETE FROM rules WHERE name = ?", (name,))
+                    row = None
+                if row is not None and json.loads(row["document"]) == dict(document):
+                    continue
+                self._save(db, name, origin="config", document=document, albums=None, now=now)
+        return replaced
+
+    def set_albums(self, name: str, albums: tuple[str, str]) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE rules SET destination_album = ?, source_album = ? WHERE name = ?",
+                (*albums, name),
+            )
+
+    def set_failing(self, name: str, reason: str | None, *, now: float) -> None:
+        """Mark a rule failing (its shares wait) with the reason, or clear it with None."""
+        with self._transaction() as db:
+            if reason is None:
+                db.execute(
+                    "UPDATE rules SET failing = NULL, failing_since = NULL WHERE name = ?", (name,)
+                )
+            else:
+                db.execute(
+                    "UPDATE rules SET failing = ?, failing_since = COALESCE(failing_since, ?),"
+                    " last_error = ?, last_error_at = ? WHERE name = ?",
+                    (reason, now, reason, now, name),
+                )
+
+    def note_error(self, name: str, error: str, *, now: float) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE rules SET last_error = ?, last_error_at = ? WHERE name = ?",
+                (error, now, name),
+            )
+
+    # -- shares --------------------------------------------------------------------------
+
+    def add_shares(
+        self, keys: Iterable[ShareKey], *, now: float, watermark: float | None = None
+    ) -> int:
+        """Queue shares not seen before (the dedupe); returns how many are new.
+
+        `watermark`, when given, is saved as meta "evaluated_through" in the same transaction.
+        """
+        rows = [(k.rule, k.study_uid, k.series_uid, now, now) for k in keys]
+        with self._transaction() as db:
+            if watermark is not None:
+                db.execute(
+                    "INSERT INTO meta (key, value) VALUES ('evaluated_through', ?)"
+                    " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (json.dumps(watermark),),
+                )
+            before = db.total_changes
+            db.executemany(
+                "INSERT OR IGNORE INTO shares (rule, study_uid, series_uid, state, queued_at,"
+                " next_attempt) SELECT ?, ?, ?, 'pending', ?, ? WHERE EXISTS"
+                " (SELECT 1 FROM rules WHERE name = ?1)",
+                rows,
+            )
+            return db.total_changes - before
+
+    def requeue_shares(self, keys: Iterable[ShareKey], *, now: float) -> int:
+        """Queue shares now whatever their past (an administrator asked): returns how many."""
+        rows = [(k.rule, k.study_uid, k.series_uid, now, now) for k in keys]
+        with self._transaction() as db:
+            before = db.total_changes
+            db.executemany(
+                "INSERT INTO shares (rule, study_uid, series_uid, state, queued_at, next_attempt)"
+                " VALUES (?, ?, ?, 'pending', ?, ?) ON CONFLICT (rule, series_uid) DO UPDATE SET"
+                " state = 'pending', attempts = 0, not_found = 0, queued_at = excluded.queued_at,"
+                " next_attempt = excluded.next_attempt, last_error = NULL, done_at = NULL",
+                rows,
+            )
+            return db.total_changes - before
+
+    def due_shares(self, rules: Collection[str], *, now: float, limit: int) -> list[ShareJob]:
+        """Pending shares of the given rules whose time has come, oldest first."""
+        if not rules:
+            return []
+        marks = ",".join("?" * len(rules))
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM shares WHERE state = 'pending' AND next_attempt <= ?"
+                f" AND rule IN ({marks}) ORDER BY next_attempt LIMIT ?",
+                (now, *rules, limit),
+            ).fetchall()
+        return [_job(row) for row in rows]
+
+    def next_due(self, rules: Collection[str]) -> float | None:
+        if not rules:
+            return None
+        marks = ",".join("?" * len(rules))
+        with self._lock:
+            row = self._db.execute(
+                "SELECT MIN(next_attempt) AS due FROM shares WHERE state = 'pending'"
+                f" AND rule IN ({marks})",
+                tuple(rules),
+            ).fetchone()
+        return None if row["due"] is None else float(row["due"])
+
+    def mark_shared(self, key: ShareKey, *, now: float) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE shares SET state = 'shared', attempts = attempts + 1, done_at = ?,"
+                " last_error = NULL WHERE rule = ? AND series_uid = ?",
+                (now, key.rule, key.series_uid),
+            )
+
+    def reschedule(
+        self, key: ShareKey, *, delay: float, error: str, not_found: bool, now: float
+    ) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE shares SET attempts = attempts + 1, not_found = not_found + ?,"
+                " next_attempt = ?, last_error = ? WHERE rule = ? AND series_uid = ?",
+                (int(not_found), now + delay, error, key.rule, key.series_uid),
+            )
+
+    def mark_failed(self, key: ShareKey, *, reason: str, now: float) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE shares SET state = 'failed', attempts = attempts + 1, done_at = ?,"
+                " last_error = ? WHERE rule = ? AND series_uid = ?",
+                (now, reason, key.rule, key.series_uid),
+            )
+            db.execute(
+                "UPDATE rules SET last_error = ?, last_error_at = ? WHERE name = ?",
+                (reason, now, key.rule),
+            )
+
+    def retry(self, name: str, *, now: float) -> int:
+        """The rule is no longer failing; its failed and waiting shares are due now."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE rules SET failing = NULL, failing_since = NULL WHERE name = ?", (name,)
+            )
+            return db.execute(
+                "UPDATE shares SET state = 'pending', next_attempt = ?, not_found = 0,"
+                " done_at = NULL WHERE rule = ? AND state IN ('pending', 'failed')",
+                (now, name),
+            ).rowcount
+
+    def make_due(self, *, now: float) -> int:
+        """KHEOPS is back: every waiting share is tried now rather than after its backoff."""
+        with self._transaction() as db:
+            return db.execute(
+                "UPDATE shares SET next_attempt = ? WHERE state = 'pending' AND next_attempt > ?",
+                (now, now),
+            ).rowcount
+
+    def shares(self, name: str, *, state: str, limit: int, offset: int = 0) -> list[ShareJob]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM shares WHERE rule = ? AND state = ?"
+                " ORDER BY queued_at LIMIT ? OFFSET ?",
+                (name, state, limit, offset),
+            ).fetchall()
+        return [_job(row) for row in rows]
+
+    def counts(self) -> dict[str, ShareCounts]:
+        """Share counts per rule name."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT rule, state, COUNT(*) AS n FROM shares GROUP BY rule, state"
+            ).fetchall()
+        grouped: dict[str, dict[str, int]] = {}
+        for row in rows:
+            grouped.setdefault(row["rule"], {})[row["state"]] = row["n"]
+        return {name: ShareCounts(**states) for name, states in grouped.items()}
+
+    # -- meta ----------------------------------------------------------------------------
+
+    def get_meta(self, key: str) -> object | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else json.loads(row["value"])
+
+    def set_meta(self, key: str, value: object) -> None:
+        """Set a value; None deletes the key."""
+        with self._transaction() as db:
+            if value is None:
+                db.execute("DELETE FROM meta WHERE key = ?", (key,))
+            else:
+                db.execute(
+                    "INSERT INTO meta (key, value) VALUES (?, ?)"
+                    " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (key, json.dumps(value)),
+                )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def _rule(row: sqlite3.Row) -> StoredRule:
+    return StoredRule(
+        name=row["name"],
+        origin=row["origin"],
+        document=json.loads(row["document"]),
+        destination_album=row["destination_album"],
+        source_album=row["source_album"],
+        failing=row["failing"],
+        failing_since=row["failing_since"],
+        last_error=row["last_error"],
+        last_error_at=row["last_error_at"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+def _tokens(document: Mapping[str, Any]) -> tuple[object, object]:
+    return document.get("DestinationToken"), document.get("SourceToken")
+
+
+def _job(row: sqlite3.Row) -> ShareJob:
+    return ShareJob(
+        key=ShareKey(row["rule"], row["study_uid"], row["series_uid"]),
+        state=row["state"],
+        attempts=row["attempts"],
+        not_found=row["not_found"],
+        queued_at=row["queued_at"],
+        next_attempt=row["next_attempt"],
+        last_error=row["last_error"],
+    )
