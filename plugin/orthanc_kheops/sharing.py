@@ -1,0 +1,542 @@
+"""From stored instances to shared series: the rules in force, share jobs and their worker.
+
+The forwarder calls `Sharer.after_store` with the instances KHEOPS confirmed (00081199). It
+evaluates the enabled rules on each instance's own header and records one share job per
+(rule, series) it has not seen before, then wakes the share worker; nothing there touches the
+network. The worker shares each due series with `PUT /api/studies/{S}/series/{Se}` and
+records the outcome:
+
+- 201: shared.
+- 5xx, timeouts, resets: retried with backoff; the worker pauses so an outage costs one
+  request per pause, and every waiting share is due again once KHEOPS answers.
+- 404 (the series may not have landed yet): retried a few times with delay, then failed.
+- 401/403: the rule is marked failing with the reason introspection finds; its shares wait.
+  Its tokens are checked again every Kheops.TokenRecheckSeconds; once they look valid the
+  rule resumes, and the next share decides.
+- other 4xx: failed with KHEOPS's reason.
+
+Crash window: the forwarder marks instances sent before it calls `after_store`, so a crash
+between the two would lose their shares. `after_store` therefore saves a watermark (the time
+it last ran) with the jobs, and at start-up the worker evaluates again the instances the
+outbox marked sent since that watermark, minus `CRASH_MARGIN` for senders that were running
+concurrently (see `_replay`). Jobs are deduplicated, so evaluating twice is harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from io import BytesIO
+from typing import cast
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from .backoff import next_delay
+from .conditions import Condition
+from .config import KheopsConfig
+from .forwarder import SentInstance
+from .kheops import (
+    KheopsApi,
+    KheopsError,
+    KheopsNotFound,
+    KheopsRejected,
+    KheopsUnauthorized,
+)
+from .masking import Secret
+from .orthanc_rest import OrthancNotFound, OrthancRest
+from .outbox import Outbox
+from .rule_store import RuleStore, ShareJob, ShareKey
+from .rules import Origin, Rule, RuleError, check_tokens, parse_rule
+
+log = logging.getLogger(__name__)
+
+NOT_FOUND_ATTEMPTS = 5
+"""404 answers before a share is failed: the series should be in the main album by then."""
+CRASH_MARGIN = 60.0
+"""Seconds replayed before the watermark: longer than a sender takes between the two steps."""
+WATERMARK = "evaluated_through"
+REPLAY_FROM = "replay_from"
+_WATERMARK_EVERY = 1.0
+_BATCH = 20
+_REPLAY_PAGE = 200
+_IDLE_POLL = 1.0
+
+
+def matching_shares(
+    rules: Iterable[Rule], instances: Iterable[SentInstance]
+) -> tuple[set[ShareKey], list[tuple[Rule, SentInstance, Exception]]]:
+    """The (rule, series) pairs an instance matches, and the evaluations that raised.
+
+    A rule is not evaluated again on further instances of a series it already matched.
+    """
+    rules = list(rules)
+    found: set[ShareKey] = set()
+    matched: set[tuple[str, str]] = set()
+    errors: list[tuple[Rule, SentInstance, Exception]] = []
+    for instance in instances:
+        if not instance.series_uid or not instance.study_uid:
+            continue
+        for rule in rules:
+            if (rule.name, instance.series_uid) in matched:
+                continue
+            try:
+                hit = rule.condition.matches(instance.dataset)
+            except Exception as exc:  # noqa: BLE001 -- a bad header must not stop the others
+                errors.append((rule, instance, exc))
+                continue
+            if hit:
+                matched.add((rule.name, instance.series_uid))
+                found.add(ShareKey(rule.name, instance.study_uid, instance.series_uid))
+    return found, errors
+
+
+class Sharer:
+    """Keeps the rules in force, turns stored instances into share jobs and runs them."""
+
+    def __init__(
+        self,
+        config: KheopsConfig,
+        *,
+        store: RuleStore,
+        kheops: KheopsApi,
+        orthanc: OrthancRest,
+        outbox: Outbox,
+        remember_secret: Callable[[Secret], None] = lambda secret: None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._config = config
+        self.store = store
+        self._kheops = kheops
+        self._orthanc = orthanc
+        self._outbox = outbox
+        self._remember = remember_secret
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._rules: Mapping[str, Rule] = {}
+        self._failing: dict[str, str] = {}
+        self._unrecorded: list[tuple[float, list[SentInstance]]] = []
+        self._watermark_written = 0.0
+        self._pause_until = 0.0
+        self._outages = 0
+        self._stopping = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- the rules in force ------------------------------------------------------------
+
+    def install_config_rules(self, rules: Sequence[Rule]) -> None:
+        """Make Kheops.SwitchingAlbums the config rules in the store, then load every rule."""
+        replaced = self.store.sync_config(
+            {rule.name: rule.document() for rule in rules}, now=self._clock()
+        )
+        for name in replaced:
+            log.warning(
+                "rule %r created through REST is replaced by the rule of the same name in"
+                " Kheops.SwitchingAlbums; its pending shares are dropped",
+                name,
+            )
+        self.reload()
+
+    def reload(self) -> None:
+        """Read the rules from the store again (after any change)."""
+        rules: dict[str, Rule] = {}
+        failing: dict[str, str] = {}
+        for stored in self.store.rules():
+            try:
+                rule = parse_rule(stored.document, self._config, origin=cast(Origin, stored.origin))
+            except RuleError as exc:
+                log.error(
+                    "rule %r in the saved state cannot be used, it is ignored: %s", stored.name, exc
+                )
+                continue
+            for secret in rule.secrets():
+                self._remember(secret)
+            rules[rule.name] = rule
+            if stored.failing:
+                failing[rule.name] = stored.failing
+        with self._lock:
+            self._rules = rules
+            self._failing = failing
+
+    @property
+    def rules(self) -> Mapping[str, Rule]:
+        with self._lock:
+            return self._rules
+
+    def failing(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self._failing)
+
+    # -- from stored instances to jobs (sender threads) ----------------------------------
+
+    def after_store(self, instances: Sequence[SentInstance]) -> None:
+        """Called by a sender right after a STOW: evaluate, queue, wake; never raises."""
+        try:
+            self._record(instances)
+        except Exception:
+            log.exception(
+                "could not queue the shares of %d stored instances; trying again", len(instances)
+            )
+            with self._lock:
+                self._unrecorded.append((self._clock(), list(instances)))
+            self._wake.set()
+
+    def _record(self, instances: Sequence[SentInstance]) -> int:
+        enabled = [rule for rule in self.rules.values() if rule.enabled]
+        keys, errors = matching_shares(enabled, instances)
+        for rule, instance, exc in errors:
+            log.warning(
+                "rule %r: cannot evaluate the condition on instance %s, taken as no match: %s",
+                rule.name,
+                instance.orthanc_id,
+                exc,
+            )
+        now = self._clock()
+        with self._lock:
+            oldest = min((at for at, _ in self._unrecorded), default=now)
+            due = bool(keys) or oldest < now or now - self._watermark_written >= _WATERMARK_EVERY
+            if due:
+                self._watermark_written = now
+        if not due:
+            return 0
+        new = self.store.add_shares(keys, now=now, watermark=oldest)
+        if new:
+            log.info("%d series to share into switching albums", new)
+            self._wake.set()
+        return new
+
+    def _record_unrecorded(self) -> None:
+        with self._lock:
+            waiting, self._unrecorded = self._unrecorded, []
+        for index, (_at, instances) in enumerate(waiting):
+            try:
+                self._record(instances)
+            except Exception:
+                with self._lock:
+                    self._unrecorded[:0] = waiting[index:]
+                raise
+
+    # -- the worker ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._run, name="kheops-sharer", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """The worker finishes its current share; what it had not done stays queued."""
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def notify(self) -> None:
+        self._wake.set()
+
+    def _run(self) -> None:
+        for step, what in (
+            (self._replay, "evaluating the instances sent just before the last stop"),
+            (self._check_all_tokens, "checking the tokens of the rules"),
+        ):
+            try:
+                step()
+            except Exception:
+                log.exception("switching albums: %s failed", what)
+        next_check = self._clock() + self._config.token_recheck
+        while not self._stopping.is_set():
+            self._wake.clear()
+            worked = False
+            try:
+                self._record_unrecorded()
+                if self._clock() >= next_check:
+                    self._recheck_failing()
+                    next_check = self._clock() + self._config.token_recheck
+                worked = self._share_due()
+            except Exception:
+                log.exception("share step failed; trying again")
+            if not worked:
+                self._idle(next_check)
+
+    def _idle(self, next_check: float) -> None:
+        now = self._clock()
+        wake_at = min(next_check, now + _IDLE_POLL)
+        if self._pause_until > now:
+            wake_at = min(wake_at, self._pause_until)
+        else:
+            due = self.store.next_due(self._eligible())
+            if due is not None:
+                wake_at = min(wake_at, due)
+        self._wake.wait(max(0.0, wake_at - now))
+
+    def _eligible(self) -> list[str]:
+        with self._lock:
+            return [n for n, r in self._rules.items() if r.enabled and n not in self._failing]
+
+    def _share_due(self) -> bool:
+        now = self._clock()
+        if now < self._pause_until:
+            return False
+        jobs = self.store.due_shares(self._eligible(), now=now, limit=_BATCH)
+        for job in jobs:
+            if self._stopping.is_set() or self._clock() < self._pause_until:
+                break
+            self._share(job)
+        return bool(jobs)
+
+    def _share(self, job: ShareJob) -> None:
+        with self._lock:
+            rule = self._rules.get(job.key.rule)
+            held = rule is None or not rule.enabled or job.key.rule in self._failing
+        if rule is None or held:
+            return  # changed since the jobs were read
+        key = job.key
+        try:
+            self._kheops.share_series(
+                destination=rule.destination,
+                source=rule.source,
+                study_uid=key.study_uid,
+                series_uid=key.series_uid,
+            )
+        except KheopsUnauthorized as exc:
+            self._refused(rule, str(exc))
+        except KheopsNotFound as exc:
+            self._reachable()
+            self._not_found(job, str(exc))
+        except KheopsRejected as exc:
+            self._reachable()
+            log.warning(
+                "rule %r: KHEOPS refused to share series %s: %s", rule.name, key.series_uid, exc
+            )
+            self.store.mark_failed(key, reason=str(exc), now=self._clock())
+        except KheopsError as exc:
+            self._unreachable(job, str(exc))
+        else:
+            self._reachable()
+            self.store.mark_shared(key, now=self._clock())
+            log.info("rule %r: shared series %s into its album", rule.name, key.series_uid)
+
+    def _not_found(self, job: ShareJob, error: str) -> None:
+        now = self._clock()
+        if job.not_found + 1 >= NOT_FOUND_ATTEMPTS:
+            reason = (
+                f"the main album still lacks the series after {NOT_FOUND_ATTEMPTS} tries: {error}"
+            )
+            log.warning("rule %r: series %s failed: %s", job.key.rule, job.key.series_uid, reason)
+            self.store.mark_failed(job.key, reason=reason, now=now)
+            return
+        delay = next_delay(
+            job.not_found + 1,
+            initial=self._config.retry_initial,
+            maximum=self._config.retry_maximum,
+        )
+        self.store.reschedule(job.key, delay=delay, error=error, not_found=True, now=now)
+
+    def _unreachable(self, job: ShareJob, error: str) -> None:
+        now = self._clock()
+        age = now - job.queued_at
+        if self._config.maximum_age is not None and age >= self._config.maximum_age:
+            reason = f"gave up after {job.attempts + 1} attempts over {age / 3600:.1f} h: {error}"
+            self.store.mark_failed(job.key, reason=reason, now=now)
+        else:
+            delay = next_delay(
+                job.attempts + 1,
+                initial=self._config.retry_initial,
+                maximum=self._config.retry_maximum,
+            )
+            self.store.reschedule(job.key, delay=delay, error=error, not_found=False, now=now)
+        self._outages += 1
+        if self._outages == 1:
+            log.warning("sharing waits: KHEOPS is unavailable (%s)", error)
+        self._pause_until = now + next_delay(
+            self._outages, initial=self._config.retry_initial, maximum=self._config.retry_maximum
+        )
+
+    def _reachable(self) -> None:
+        if self._outages:
+            self._outages = 0
+            woken = self.store.make_due(now=self._clock())
+            log.warning("KHEOPS answers again; %d waiting shares are due now", woken)
+
+    def _refused(self, rule: Rule, error: str) -> None:
+        """401/403: find out which token is wrong, and hold the rule's shares until it is fixed."""
+        self._reachable()
+        try:
+            check_tokens(rule, self._kheops, self._config)
+        except RuleError as exc:
+            reason = f"{exc}; its shares wait until the rule is fixed"
+        except KheopsError:
+            reason = f"KHEOPS refused a share ({error}); its shares wait"
+        else:
+            reason = (
+                f"KHEOPS refused a share although both tokens look valid ({error}); has the"
+                " tokens' creator lost the album's admin rights? Its shares wait"
+            )
+        self._mark_failing(rule.name, reason)
+
+    def _mark_failing(self, name: str, reason: str) -> None:
+        with self._lock:
+            previous = self._failing.get(name)
+            self._failing[name] = reason
+        self.store.set_failing(name, reason, now=self._clock())
+        if previous != reason:
+            log.error("rule %r is failing: %s", name, reason)
+
+    def _check_all_tokens(self) -> None:
+        """At start: the album ids for the status, and which rules cannot share at all."""
+        for rule in list(self.rules.values()):
+            if self._stopping.is_set() or not self._check(rule):
+                return
+
+    def _recheck_failing(self) -> None:
+        """Failing rules whose tokens look valid again resume; the next share decides."""
+        for name in list(self.failing()):
+            rule = self.rules.get(name)
+            if rule is not None and rule.enabled and not self._check(rule):
+                return
+
+    def _check(self, rule: Rule) -> bool:
+        """Introspect a rule's tokens and record the verdict; False when KHEOPS is unreachable."""
+        try:
+            albums = check_tokens(rule, self._kheops, self._config)
+        except RuleError as exc:
+            self._mark_failing(rule.name, f"{exc}; its shares wait until the rule is fixed")
+            return True
+        except KheopsError as exc:
+            log.warning("cannot check the tokens of rule %r now: %s", rule.name, exc)
+            return False
+        self.store.set_albums(rule.name, (albums.destination, albums.source))
+        with self._lock:
+            was_failing = self._failing.pop(rule.name, None) is not None
+        if was_failing:
+            self.store.set_failing(rule.name, None, now=self._clock())
+            log.warning("rule %r: its tokens look valid again; sharing resumes", rule.name)
+            self._wake.set()
+        return True
+
+    # -- crash window ----------------------------------------------------------------------
+
+    def _replay(self) -> None:
+        """Evaluate again the instances marked sent since the watermark (see the module doc).
+
+        The start of the window is saved first and cleared at the end, so that a replay cut
+        short by another stop is done again at the next start.
+        """
+        now = self._clock()
+        watermark = self.store.get_meta(WATERMARK)
+        pending = self.store.get_meta(REPLAY_FROM)
+        starts = [float(v) for v in (pending,) if isinstance(v, int | float)]
+        if isinstance(watermark, int | float):
+            starts.append(float(watermark) - CRASH_MARGIN)
+        if not starts:
+            self.store.set_meta(WATERMARK, now)
+            return
+        since = min(starts)
+        self.store.set_meta(REPLAY_FROM, since)
+        evaluated = 0
+        if any(rule.enabled for rule in self.rules.values()):
+            offset = 0
+            while not self._stopping.is_set():
+                page = self._outbox.entries("sent", limit=_REPLAY_PAGE, offset=offset)
+                recent = [e for e in page if e.done_at is not None and e.done_at >= since]
+                loaded = [read_instance(self._orthanc, e.orthanc_id) for e in recent]
+                instances = [instance for instance in loaded if instance is not None]
+                self._record(instances)
+                evaluated += len(instances)
+                if len(recent) < _REPLAY_PAGE:
+                    break
+                offset += _REPLAY_PAGE
+        if self._stopping.is_set():
+            return
+        self.store.set_meta(REPLAY_FROM, None)
+        if evaluated:
+            log.info(
+                "evaluated the rules again on %d instances sent before the last stop", evaluated
+            )
+
+
+# -- reading instances back from Orthanc (replay, dry run, apply) ------------------------------
+
+
+@dataclass(frozen=True)
+class OrthancSeries:
+    orthanc_id: str
+    instances: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SeriesVerdict:
+    """Whether a series matches a condition, decided by `instance` (first match, else first)."""
+
+    series: OrthancSeries
+    matches: bool
+    instance: SentInstance | None
+    read: int
+    error: str | None = None
+
+
+def read_instance(orthanc: OrthancRest, orthanc_id: str) -> SentInstance | None:
+    """An instance's header as the forwarder reads it; None when deleted or unreadable."""
+    try:
+        data = orthanc.read_file(orthanc_id)
+    except OrthancNotFound:
+        return None
+    try:
+        dataset = pydicom.dcmread(BytesIO(data), stop_before_pixels=True)
+    except (InvalidDicomError, ValueError, EOFError) as exc:
+        log.warning("instance %s cannot be read as DICOM: %s", orthanc_id, exc)
+        return None
+    return SentInstance(
+        orthanc_id=orthanc_id,
+        sop_uid=str(dataset.get("SOPInstanceUID", "")),
+        study_uid=str(dataset.get("StudyInstanceUID", "")),
+        series_uid=str(dataset.get("SeriesInstanceUID", "")),
+        dataset=dataset,
+    )
+
+
+def series_of(orthanc: OrthancRest, resources: Sequence[str]) -> list[OrthancSeries]:
+    """The series of Orthanc resources of any level, each once, in the order given."""
+    found: dict[str, OrthancSeries] = {}
+    for orthanc_id in resources:
+        level = orthanc.resource_level(orthanc_id)
+        if level == "instances":
+            parent = cast(dict[str, object], orthanc.get_json(f"/instances/{orthanc_id}"))
+            documents = [orthanc.get_json(f"/series/{parent['ParentSeries']}")]
+        elif level == "series":
+            documents = [orthanc.get_json(f"/series/{orthanc_id}")]
+        else:
+            documents = cast(list[object], orthanc.get_json(f"/{level}/{orthanc_id}/series"))
+        for document in documents:
+            if isinstance(document, dict) and document["ID"] not in found:
+                instances = tuple(str(i) for i in document.get("Instances", ()))
+                found[document["ID"]] = OrthancSeries(str(document["ID"]), instances)
+    return list(found.values())
+
+
+def evaluate_series(
+    condition: Condition,
+    series: OrthancSeries,
+    load: Callable[[str], SentInstance | None],
+) -> SeriesVerdict:
+    """A series matches when one of its instances does; reading stops at the first match."""
+    first: SentInstance | None = None
+    read = 0
+    for orthanc_id in series.instances:
+        instance = load(orthanc_id)
+        if instance is None:
+            continue
+        read += 1
+        first = first or instance
+        try:
+            if condition.matches(instance.dataset):
+                return SeriesVerdict(series, True, instance, read)
+        except Exception as exc:  # noqa: BLE001 -- reported with the series, not a 500
+            return SeriesVerdict(
+                series, False, instance, read, error=f"{type(exc).__name__}: {exc}"
+            )
+    return SeriesVerdict(series, False, first, read)
