@@ -31,9 +31,11 @@ class ForwardingApi:
         outbox: Outbox,
         forwarder: Forwarder,
         orthanc: OrthancRest,
+        rules_summary: Callable[[], object] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._config = config
+        self._rules_summary = rules_summary
         self._outbox = outbox
         self._forwarder = forwarder
         self._orthanc = orthanc
@@ -53,7 +55,7 @@ class ForwardingApi:
         counts = self._outbox.counts()
         introspection = self._forwarder.introspection
         per_second, bytes_per_second = self._forwarder.throughput()
-        return {
+        document: dict[str, object] = {
             "Url": self._config.url,
             "Token": self._config.token.masked,
             "Enabled": self._config.enabled,
@@ -79,6 +81,9 @@ class ForwardingApi:
                 "WindowSeconds": 60,
             },
         }
+        if self._rules_summary is not None:
+            document["SwitchingAlbums"] = self._rules_summary()
+        return document
 
     def queue(self, request: Request, _: Sequence[str]) -> Response:
         state = request.query.get("state", "pending")

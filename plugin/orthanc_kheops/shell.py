@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,10 @@ from .masking import Redactor, Secret
 from .orthanc_rest import OrthancRest
 from .outbox import SqliteOutbox
 from .routing import Request, Response, Router
+from .rule_store import RuleStore
+from .rules import Rule, config_rules
+from .rules_api import RulesApi
+from .sharing import Sharer
 
 log = logging.getLogger("orthanc_kheops")
 
@@ -56,7 +61,7 @@ class _OrthancLogHandler(logging.Handler):
 
 
 class _Plugin:
-    def __init__(self, config: KheopsConfig, redactor: Redactor) -> None:
+    def __init__(self, config: KheopsConfig, redactor: Redactor, rules: Sequence[Rule]) -> None:
         self.config = config
         self.redactor = redactor
         self.outbox = SqliteOutbox(config.state_directory / "outbox.sqlite3")
@@ -72,12 +77,38 @@ class _Plugin:
             authorization=Secret(orthanc.GenerateRestApiAuthorizationToken()),
             session=make_session(pool_size=config.workers + 4, verify=False),
         )
+        self.sharer = Sharer(
+            config,
+            store=RuleStore(config.state_directory / "switching.sqlite3"),
+            kheops=self.kheops,
+            orthanc=self.orthanc,
+            outbox=self.outbox,
+            remember_secret=redactor.add,
+        )
+        self.sharer.install_config_rules(rules)
         self.forwarder = Forwarder(
-            config, outbox=self.outbox, orthanc=self.orthanc, kheops=self.kheops
+            config,
+            outbox=self.outbox,
+            orthanc=self.orthanc,
+            kheops=self.kheops,
+            after_store=self.sharer.after_store,
         )
         self.router = Router()
+        rules_api = RulesApi(
+            config,
+            sharer=self.sharer,
+            kheops=self.kheops,
+            orthanc=self.orthanc,
+            outbox=self.outbox,
+            remember_secret=redactor.add,
+        )
+        rules_api.register(self.router)
         ForwardingApi(
-            config, outbox=self.outbox, forwarder=self.forwarder, orthanc=self.orthanc
+            config,
+            outbox=self.outbox,
+            forwarder=self.forwarder,
+            orthanc=self.orthanc,
+            rules_summary=rules_api.summary,
         ).register(self.router)
 
     def on_stored_instance(self, dicom: Any, instance_id: str) -> None:
@@ -95,6 +126,7 @@ class _Plugin:
     def on_change(self, change_type: int, level: int, resource_id: str) -> None:
         if change_type == orthanc.ChangeType.ORTHANC_STARTED:
             if self.config.enabled:
+                self.sharer.start()
                 self.forwarder.start()
                 log.warning(
                     "forwarding to %s started with %d workers", self.config.url, self.config.workers
@@ -105,6 +137,7 @@ class _Plugin:
                 )
         elif change_type == orthanc.ChangeType.ORTHANC_STOPPED:
             self.forwarder.stop(timeout=10)
+            self.sharer.stop(timeout=10)
             log.warning("forwarding stopped; unsent instances stay queued")
 
     def on_rest(self, output: Any, uri: str, **request: Any) -> None:
@@ -144,6 +177,7 @@ def install() -> None:
         return
     try:
         config = load_config(configuration, config_directory=_config_directory())
+        rules = config_rules(config)
     except ConfigError as exc:
         orthanc.LogError(f"KHEOPS: invalid configuration: {exc}")
         raise
@@ -153,7 +187,7 @@ def install() -> None:
     log.addHandler(handler)
     log.setLevel(_LEVELS[config.log_level])
     log.propagate = False
-    plugin = _Plugin(config, redactor)
+    plugin = _Plugin(config, redactor, rules)
     orthanc.RegisterOnStoredInstanceCallback(plugin.on_stored_instance)
     orthanc.RegisterOnChangeCallback(plugin.on_change)
     orthanc.RegisterRestCallback("/kheops/(.*)", plugin.on_rest)
