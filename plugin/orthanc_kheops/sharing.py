@@ -118,10 +118,12 @@ class Sharer:
         self._lock = threading.Lock()
         self._rules: Mapping[str, Rule] = {}
         self._failing: dict[str, str] = {}
+        self._reported: dict[str, str] = {}  # failures logged, until a share works again
         self._unrecorded: list[tuple[float, list[SentInstance]]] = []
         self._watermark_written = 0.0
         self._pause_until = 0.0
         self._outages = 0
+        self._next_check = 0.0
         self._stopping = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -239,32 +241,43 @@ class Sharer:
         self._wake.set()
 
     def _run(self) -> None:
-        for step, what in (
-            (self._replay, "evaluating the instances sent just before the last stop"),
-            (self._check_all_tokens, "checking the tokens of the rules"),
-        ):
-            try:
-                step()
-            except Exception:
-                log.exception("switching albums: %s failed", what)
-        next_check = self._clock() + self._config.token_recheck
+        self.prepare()
         while not self._stopping.is_set():
             self._wake.clear()
             worked = False
             try:
-                self._record_unrecorded()
-                if self._clock() >= next_check:
-                    self._recheck_failing()
-                    next_check = self._clock() + self._config.token_recheck
-                worked = self._share_due()
+                worked = self.step()
             except Exception:
                 log.exception("share step failed; trying again")
             if not worked:
-                self._idle(next_check)
+                self._idle()
 
-    def _idle(self, next_check: float) -> None:
+    def prepare(self) -> None:
+        """What the worker does once at start; each part failing is logged, not fatal."""
+        for part, what in (
+            (self._replay, "evaluating the instances sent just before the last stop"),
+            (self._check_all_tokens, "checking the tokens of the rules"),
+        ):
+            try:
+                part()
+            except Exception:
+                log.exception("switching albums: %s failed", what)
+        self._next_check = self._clock() + self._config.token_recheck
+
+    def step(self) -> bool:
+        """One pass of the worker: late jobs, token rechecks when due, due shares.
+
+        Returns whether it shared anything (if not, the worker waits).
+        """
+        self._record_unrecorded()
+        if self._clock() >= self._next_check:
+            self._recheck_failing()
+            self._next_check = self._clock() + self._config.token_recheck
+        return self._share_due()
+
+    def _idle(self) -> None:
         now = self._clock()
-        wake_at = min(next_check, now + _IDLE_POLL)
+        wake_at = min(self._next_check, now + _IDLE_POLL)
         if self._pause_until > now:
             wake_at = min(wake_at, self._pause_until)
         else:
@@ -319,6 +332,10 @@ class Sharer:
             self._reachable()
             self.store.mark_shared(key, now=self._clock())
             log.info("rule %r: shared series %s into its album", rule.name, key.series_uid)
+            with self._lock:
+                recovered = self._reported.pop(rule.name, None) is not None
+            if recovered:
+                log.warning("rule %r: sharing works again", rule.name)
 
     def _not_found(self, job: ShareJob, error: str) -> None:
         now = self._clock()
@@ -380,10 +397,11 @@ class Sharer:
 
     def _mark_failing(self, name: str, reason: str) -> None:
         with self._lock:
-            previous = self._failing.get(name)
             self._failing[name] = reason
+            logged = self._reported.get(name) == reason
+            self._reported[name] = reason
         self.store.set_failing(name, reason, now=self._clock())
-        if previous != reason:
+        if not logged:
             log.error("rule %r is failing: %s", name, reason)
 
     def _check_all_tokens(self) -> None:
@@ -414,7 +432,7 @@ class Sharer:
             was_failing = self._failing.pop(rule.name, None) is not None
         if was_failing:
             self.store.set_failing(rule.name, None, now=self._clock())
-            log.warning("rule %r: its tokens look valid again; sharing resumes", rule.name)
+            log.info("rule %r: its tokens look valid; trying its shares again", rule.name)
             self._wake.set()
         return True
 
