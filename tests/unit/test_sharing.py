@@ -1,0 +1,713 @@
+"""Share jobs from stored instances, and the share worker's outcomes, driven step by step."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.tag import BaseTag
+
+from orthanc_kheops.conditions import Condition
+from orthanc_kheops.config import KheopsConfig, load_config
+from orthanc_kheops.forwarder import SentInstance
+from orthanc_kheops.kheops import (
+    Introspection,
+    KheopsError,
+    KheopsNotFound,
+    KheopsRejected,
+    KheopsUnauthorized,
+    KheopsUnavailable,
+)
+from orthanc_kheops.masking import Secret
+from orthanc_kheops.orthanc_rest import OrthancNotFound, OrthancRest
+from orthanc_kheops.outbox import SqliteOutbox
+from orthanc_kheops.rule_store import RuleStore, ShareCounts, ShareKey, StoredRule
+from orthanc_kheops.rules import Rule, parse_rule
+from orthanc_kheops.sharing import (
+    CRASH_MARGIN,
+    NOT_FOUND_ATTEMPTS,
+    REPLAY_FROM,
+    WATERMARK,
+    OrthancSeries,
+    Sharer,
+    evaluate_series,
+    matching_shares,
+    read_instance,
+    series_of,
+)
+from orthanc_kheops.stow import StowAnswer
+from tests.corpus import make_dataset, to_bytes
+from tests.waiting import wait_until
+
+T0 = 1_000_000.0
+URL = "https://kheops.example.org"
+MAIN = "MainToken0123456789abcd"
+DESTINATION = "DestToken0123456789abcd"
+CT = "tagValueIsPresent(#Tag.Modality, 'CT')"
+MR = "tagValueIsPresent(#Tag.Modality, 'MR')"
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass(frozen=True)
+class _Share:
+    destination: str
+    source: str
+    study_uid: str
+    series_uid: str
+
+
+class _Kheops:
+    """KheopsApi with scripted introspection and share answers; STOW is not expected."""
+
+    def __init__(self) -> None:
+        self.tokens: dict[str, Introspection] = {
+            DESTINATION: Introspection(True, frozenset({"write"}), "DEST"),
+            MAIN: Introspection(True, frozenset({"read", "write", "send"}), "MAIN"),
+        }
+        self.answers: list[KheopsError] = []
+        self.shares: list[_Share] = []
+        self.reachable = True
+
+    def introspect(self, token: Secret) -> Introspection:
+        if not self.reachable:
+            raise KheopsUnavailable("token introspection: cannot reach KHEOPS")
+        return self.tokens.get(token.reveal(), Introspection(False, frozenset(), None))
+
+    def stow(self, token: Secret, parts: Sequence[bytes]) -> StowAnswer:
+        raise NotImplementedError
+
+    def share_series(
+        self, *, destination: Secret, source: Secret, study_uid: str, series_uid: str
+    ) -> None:
+        self.shares.append(_Share(destination.reveal(), source.reveal(), study_uid, series_uid))
+        if self.answers:
+            raise self.answers.pop(0)
+
+
+class _Orthanc(OrthancRest):
+    """Orthanc's REST API from dictionaries; any other call is not expected."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        self.documents: dict[str, object] = {}
+        self.levels: dict[str, str] = {}
+        self.reads: list[str] = []
+
+    def read_file(self, orthanc_id: str) -> bytes:
+        self.reads.append(orthanc_id)
+        if orthanc_id not in self.files:
+            raise OrthancNotFound(orthanc_id)
+        return self.files[orthanc_id]
+
+    def get_json(self, path: str) -> object:
+        return self.documents[path]
+
+    def resource_level(self, orthanc_id: str) -> str:
+        if orthanc_id not in self.levels:
+            raise OrthancNotFound(f"no resource {orthanc_id!r}")
+        return self.levels[orthanc_id]
+
+    def _get(self, path: str, params: dict[str, object] | None = None) -> Any:
+        raise NotImplementedError(path)
+
+
+def _config(**fields: Any) -> KheopsConfig:
+    section = {
+        "Url": URL,
+        "Token": MAIN,
+        "RetryInitialSeconds": 2,
+        "RetryMaximumSeconds": 300,
+        "TokenRecheckSeconds": 30,
+        **fields,
+    }
+    return load_config({"Kheops": section}, config_directory=Path("/"))
+
+
+@dataclass
+class _World:
+    sharer: Sharer
+    store: RuleStore
+    outbox: SqliteOutbox
+    kheops: _Kheops
+    orthanc: _Orthanc
+    clock: _Clock
+    config: KheopsConfig
+
+    def add_rule(self, name: str, condition: str = "", **fields: Any) -> Rule:
+        document = {"Name": name, "DestinationToken": DESTINATION, "Condition": condition}
+        rule = parse_rule({**document, **fields}, self.config, origin="api")
+        self.store.save_rule(
+            name, origin="api", document=rule.document(), albums=("DEST", "MAIN"), now=T0
+        )
+        self.sharer.reload()
+        return rule
+
+    def stored(self, name: str) -> StoredRule:
+        rule = self.store.rule(name)
+        assert rule is not None, f"no rule {name!r}"
+        return rule
+
+    def counts(self, name: str) -> ShareCounts:
+        return self.store.counts().get(name, ShareCounts())
+
+
+def _make_world(directory: Path, **config_fields: Any) -> _World:
+    config = _config(**config_fields)
+    store = RuleStore(directory / "switching.sqlite3")
+    outbox = SqliteOutbox(directory / "outbox.sqlite3")
+    kheops, orthanc, clock = _Kheops(), _Orthanc(), _Clock()
+    sharer = Sharer(config, store=store, kheops=kheops, orthanc=orthanc, outbox=outbox, clock=clock)
+    return _World(sharer, store, outbox, kheops, orthanc, clock, config)
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[_World]:
+    made = _make_world(tmp_path)
+    yield made
+    made.sharer.stop(timeout=5)
+    made.store.close()
+    made.outbox.close()
+
+
+def _instance(
+    series: str, modality: str = "CT", *, study: str = "1.2.3", n: int = 1
+) -> SentInstance:
+    dataset = Dataset()  # the uids travel in SentInstance, as the forwarder gives them
+    dataset.Modality = modality
+    return SentInstance(f"{series}-{n}", f"{series}.{n}", study, series, dataset)
+
+
+def _rule(name: str, condition: str) -> Rule:
+    document = {"Name": name, "DestinationToken": DESTINATION, "Condition": condition}
+    return parse_rule(document, _config(), origin="api")
+
+
+# --- matching_shares ----------------------------------------------------------------------------
+
+
+def test_each_rule_queues_the_series_its_condition_matches() -> None:
+    instances = [_instance("ct1"), _instance("mr1", "MR"), _instance("ct2")]
+
+    found, errors = matching_shares([_rule("ct", CT), _rule("mr", MR)], instances)
+
+    assert found == {
+        ShareKey("ct", "1.2.3", "ct1"),
+        ShareKey("ct", "1.2.3", "ct2"),
+        ShareKey("mr", "1.2.3", "mr1"),
+    }
+    assert errors == []
+
+
+def test_a_series_matches_when_any_of_its_instances_does() -> None:
+    instances = [_instance("s", "MR", n=1), _instance("s", "CT", n=2)]
+
+    found, _ = matching_shares([_rule("ct", CT)], instances)
+
+    assert found == {ShareKey("ct", "1.2.3", "s")}
+
+
+def test_instances_without_series_or_study_uid_are_skipped() -> None:
+    found, _ = matching_shares([_rule("all", "")], [_instance(""), _instance("s", study="")])
+
+    assert found == set()
+
+
+class _Boom:
+    def evaluate(self, dataset: Dataset) -> bool:
+        raise ValueError("cannot decode")
+
+    def tags(self) -> Iterator[BaseTag]:
+        return iter(())
+
+
+def test_a_condition_that_raises_is_reported_and_does_not_stop_the_other_rules() -> None:
+    broken = Rule(
+        name="broken",
+        destination=Secret(DESTINATION),
+        source=Secret(MAIN),
+        source_given=False,
+        condition=Condition("x", (), _Boom()),
+        enabled=True,
+        url=None,
+        origin="api",
+    )
+
+    found, errors = matching_shares([broken, _rule("all", "")], [_instance("s")])
+
+    assert found == {ShareKey("all", "1.2.3", "s")}
+    assert [(rule.name, instance.series_uid) for rule, instance, _ in errors] == [("broken", "s")]
+
+
+# --- after_store --------------------------------------------------------------------------------
+
+
+def test_stored_instances_become_one_pending_share_per_rule_and_series(world: _World) -> None:
+    world.add_rule("ct", CT)
+    world.add_rule("all")
+
+    world.sharer.after_store([_instance("a", n=1), _instance("a", n=2), _instance("b", "MR")])
+    world.sharer.after_store([_instance("a", n=3)])
+
+    assert world.counts("ct") == ShareCounts(pending=1)
+    assert world.counts("all") == ShareCounts(pending=2)
+
+
+def test_a_disabled_rule_queues_nothing(world: _World) -> None:
+    world.add_rule("off", Enabled=False)
+
+    world.sharer.after_store([_instance("a")])
+
+    assert world.counts("off") == ShareCounts()
+
+
+def test_the_watermark_is_saved_with_the_shares(world: _World) -> None:
+    world.add_rule("all")
+
+    world.sharer.after_store([_instance("a")])
+
+    assert world.store.get_meta(WATERMARK) == T0
+
+
+def test_after_store_never_raises_and_its_shares_are_queued_later(
+    world: _World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    world.add_rule("all")
+    queue = world.store.add_shares
+
+    def failing(*args: Any, **kwargs: Any) -> int:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(world.store, "add_shares", failing)
+    world.sharer.after_store([_instance("a")])
+    monkeypatch.setattr(world.store, "add_shares", queue)
+
+    assert world.counts("all") == ShareCounts()
+    world.sharer.step()
+    assert world.counts("all") == ShareCounts(shared=1)
+
+
+def test_the_watermark_stays_at_the_oldest_instances_not_yet_queued(
+    world: _World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    world.add_rule("all")
+    queue = world.store.add_shares
+    calls = iter([OSError("disk full")])
+
+    def failing_once(*args: Any, **kwargs: Any) -> int:
+        error = next(calls, None)
+        if error is not None:
+            raise error
+        return queue(*args, **kwargs)
+
+    monkeypatch.setattr(world.store, "add_shares", failing_once)
+    world.sharer.after_store([_instance("a")])
+    world.clock.now = T0 + 50
+    world.sharer.after_store([_instance("b")])
+
+    assert world.store.get_meta(WATERMARK) == T0
+
+
+# --- the worker: outcomes -----------------------------------------------------------------------
+
+
+def test_a_due_share_is_made_with_the_destination_and_source_tokens(world: _World) -> None:
+    world.add_rule("all")
+    world.sharer.after_store([_instance("a", study="9.8")])
+
+    assert world.sharer.step()
+
+    assert world.kheops.shares == [_Share(DESTINATION, MAIN, "9.8", "a")]
+    assert world.counts("all") == ShareCounts(shared=1)
+    assert not world.sharer.step()
+
+
+def test_an_unavailable_kheops_delays_the_share_and_pauses_the_worker(world: _World) -> None:
+    world.add_rule("all")
+    world.sharer.after_store([_instance("a"), _instance("b")])
+    world.kheops.answers = [KheopsUnavailable("share: KHEOPS answered 503")]
+
+    world.sharer.step()
+
+    assert len(world.kheops.shares) == 1  # the pause starts at once: b is not tried
+    assert world.counts("all") == ShareCounts(pending=2)
+    assert not world.sharer.step()
+
+    world.clock.now = T0 + 2
+    world.sharer.step()
+    assert world.counts("all") == ShareCounts(shared=2)
+
+
+def test_shares_waiting_for_their_backoff_are_due_once_kheops_answers_again(
+    world: _World,
+) -> None:
+    world.add_rule("all")
+    world.sharer.after_store([_instance("waiting")])
+    world.store.reschedule(
+        ShareKey("all", "1.2.3", "waiting"), delay=250, error="503", not_found=False, now=T0
+    )
+    world.sharer.after_store([_instance("new")])
+    world.kheops.answers = [KheopsUnavailable("503")]
+    world.sharer.step()
+
+    world.clock.now = T0 + 2
+    world.sharer.step()  # "new" goes through: KHEOPS is back
+    world.sharer.step()
+
+    assert world.counts("all") == ShareCounts(shared=2)
+
+
+def test_a_series_not_found_is_tried_a_few_times_then_failed_with_the_reason(
+    world: _World,
+) -> None:
+    world.add_rule("all")
+    world.sharer.after_store([_instance("a")])
+    world.kheops.answers = [KheopsNotFound("share: KHEOPS answered 404 (Series Not Found)")] * 10
+
+    for _ in range(NOT_FOUND_ATTEMPTS):
+        world.sharer.step()
+        world.clock.now += 300
+
+    assert len(world.kheops.shares) == NOT_FOUND_ATTEMPTS
+    assert world.counts("all") == ShareCounts(failed=1)
+    rule = world.store.rule("all")
+    assert rule is not None and rule.last_error is not None
+    assert "Series Not Found" in rule.last_error
+    assert f"after {NOT_FOUND_ATTEMPTS} tries" in rule.last_error
+
+
+def test_a_series_not_found_then_found_is_shared(world: _World) -> None:
+    world.add_rule("all")
+    world.sharer.after_store([_instance("a")])
+    world.kheops.answers = [KheopsNotFound("404")]
+
+    world.sharer.step()
+    assert world.counts("all") == ShareCounts(pending=1)
+    world.clock.now += 2
+    world.sharer.step()
+
+    assert world.counts("all") == ShareCounts(shared=1)
+
+
+def test_a_refused_share_marks_the_rule_failing_with_what_introspection_says(
+    world: _World,
+) -> None:
+    world.add_rule("all")
+    world.sharer.after_store([_instance("a"), _instance("b")])
+    world.kheops.tokens[DESTINATION] = Introspection(True, frozenset({"read"}), "DEST")
+    world.kheops.answers = [KheopsUnauthorized("share: KHEOPS answered 403")]
+
+    world.sharer.step()
+
+    assert len(world.kheops.shares) == 1
+    assert world.counts("all") == ShareCounts(pending=2)
+    reason = world.sharer.failing()["all"]
+    assert "DestinationToken: lacks the write permission" in reason
+    assert world.stored("all").failing == reason
+    world.clock.now += 10
+    assert not world.sharer.step()
+
+
+def test_a_failing_rule_resumes_once_its_tokens_look_valid_again(world: _World) -> None:
+    world.add_rule("all")
+    world.sharer.prepare()
+    world.sharer.after_store([_instance("a")])
+    world.kheops.tokens[DESTINATION] = Introspection(True, frozenset({"read"}), "DEST")
+    world.kheops.answers = [KheopsUnauthorized("403")]
+    world.sharer.step()
+
+    world.kheops.tokens[DESTINATION] = Introspection(True, frozenset({"write"}), "DEST")
+    world.clock.now += 10
+    world.sharer.step()
+    assert world.counts("all") == ShareCounts(pending=1)  # not before the recheck
+
+    world.clock.now += 30
+    world.sharer.step()
+
+    assert world.counts("all") == ShareCounts(shared=1)
+    assert world.sharer.failing() == {}
+    assert world.stored("all").failing is None
+
+
+def test_a_refusal_with_valid_looking_tokens_points_at_admin_rights(world: _World) -> None:
+    world.add_rule("all")
+    world.sharer.after_store([_instance("a")])
+    world.kheops.answers = [KheopsUnauthorized("share: KHEOPS answered 403")]
+
+    world.sharer.step()
+
+    assert "admin rights" in world.sharer.failing()["all"]
+
+
+def test_another_refusal_fails_the_share_at_once(world: _World) -> None:
+    world.add_rule("all")
+    world.sharer.after_store([_instance("a")])
+    world.kheops.answers = [KheopsRejected("share: KHEOPS answered 400")]
+
+    world.sharer.step()
+
+    assert world.counts("all") == ShareCounts(failed=1)
+
+
+def test_a_share_older_than_the_maximum_age_fails_instead_of_waiting(tmp_path: Path) -> None:
+    world = _make_world(tmp_path, MaximumAgeHours=1)
+    world.add_rule("all")
+    world.sharer.after_store([_instance("a")])
+    world.kheops.answers = [KheopsUnavailable("503")]
+    world.clock.now += 3600
+
+    world.sharer.step()
+
+    assert world.counts("all") == ShareCounts(failed=1)
+    world.store.close()
+    world.outbox.close()
+
+
+def test_the_shares_of_a_disabled_rule_wait_until_it_is_enabled(world: _World) -> None:
+    world.add_rule("r")
+    world.sharer.after_store([_instance("a")])
+    world.add_rule("r", Enabled=False)
+
+    assert not world.sharer.step()
+    assert world.counts("r") == ShareCounts(pending=1)
+
+    world.add_rule("r", Enabled=True)
+    world.sharer.step()
+    assert world.counts("r") == ShareCounts(shared=1)
+
+
+def test_the_shares_of_a_deleted_rule_are_never_made(world: _World) -> None:
+    world.add_rule("r")
+    world.sharer.after_store([_instance("a")])
+    world.store.delete_rule("r")
+    world.sharer.reload()
+
+    world.sharer.step()
+
+    assert world.kheops.shares == []
+
+
+def test_the_worker_thread_shares_what_after_store_queues(world: _World) -> None:
+    world.add_rule("all")
+    world.sharer.start()
+
+    world.sharer.after_store([_instance("a")])
+
+    wait_until(lambda: world.counts("all").shared == 1, timeout=10)
+    world.sharer.stop(timeout=5)
+
+
+# --- start-up -----------------------------------------------------------------------------------
+
+
+def test_start_up_records_the_albums_and_marks_rules_whose_tokens_cannot_share(
+    world: _World,
+) -> None:
+    world.add_rule("good")
+    world.add_rule("bad", SourceToken="Revoked0123456789abcdef")
+    world.store.set_albums("good", ("?", "?"))
+
+    world.sharer.prepare()
+
+    good = world.store.rule("good")
+    assert good is not None
+    assert (good.destination_album, good.source_album, good.failing) == ("DEST", "MAIN", None)
+    assert "SourceToken: is not active" in world.sharer.failing()["bad"]
+
+
+def test_start_up_leaves_rules_unchecked_while_kheops_is_unreachable(world: _World) -> None:
+    world.add_rule("r", SourceToken="Revoked0123456789abcdef")
+    world.kheops.reachable = False
+
+    world.sharer.prepare()
+
+    assert world.sharer.failing() == {}
+
+
+def test_config_rules_replace_rest_rules_of_the_same_name(world: _World) -> None:
+    world.add_rule("shared-name")
+    world.sharer.after_store([_instance("a")])
+
+    world.sharer.install_config_rules(
+        [
+            parse_rule(
+                {"Name": "shared-name", "DestinationToken": DESTINATION, "Condition": MR},
+                world.config,
+                origin="config",
+            )
+        ]
+    )
+
+    rule = world.sharer.rules["shared-name"]
+    assert (rule.origin, rule.condition.text) == ("config", MR)
+    assert world.counts("shared-name") == ShareCounts()
+
+
+# --- the crash window ---------------------------------------------------------------------------
+
+
+def _series_uid(name: str) -> str:
+    return "1.2.3." + str(int.from_bytes(name.encode(), "big"))
+
+
+def _sent(world: _World, orthanc_id: str, *, at: float, modality: str = "CT") -> None:
+    """An instance the outbox marked sent at `at`, whose file Orthanc has."""
+    dataset = make_dataset(
+        patient_id="P",
+        patient_name="DOE^JANE",
+        study_uid="1.2.3",
+        series_uid=_series_uid(orthanc_id),
+        modality=modality,
+    )
+    world.orthanc.files[orthanc_id] = to_bytes(dataset)
+    world.outbox.enqueue([(orthanc_id, 1)], now=at, requeue=True)
+    world.outbox.claim(now=at, max_count=100, max_bytes=1 << 30)
+    world.outbox.mark_sent([orthanc_id], now=at)
+
+
+def test_instances_sent_just_before_a_crash_are_evaluated_at_start_up(world: _World) -> None:
+    world.add_rule("ct", CT)
+    world.store.set_meta(WATERMARK, T0)
+    _sent(world, "old", at=T0 - CRASH_MARGIN - 1)
+    _sent(world, "margin", at=T0 - CRASH_MARGIN + 1)
+    _sent(world, "lost", at=T0 + 5)
+    _sent(world, "mr", at=T0 + 6, modality="MR")
+    world.clock.now = T0 + 100
+
+    world.sharer.prepare()
+
+    pending = {job.key.series_uid for job in world.store.shares("ct", state="pending", limit=10)}
+    assert pending == {_series_uid("margin"), _series_uid("lost")}
+    assert "old" not in world.orthanc.reads
+    assert world.store.get_meta(REPLAY_FROM) is None
+
+
+def test_a_first_start_sets_the_watermark_and_evaluates_nothing_again(world: _World) -> None:
+    world.add_rule("all")
+    _sent(world, "before", at=T0 - 1)
+
+    world.sharer.prepare()
+
+    assert world.store.get_meta(WATERMARK) == T0
+    assert world.counts("all") == ShareCounts()
+
+
+def test_a_replay_cut_short_is_done_again_from_where_it_started(world: _World) -> None:
+    world.add_rule("all")
+    world.store.set_meta(REPLAY_FROM, T0 - 500)
+    world.store.set_meta(WATERMARK, T0)
+    _sent(world, "early", at=T0 - 400)
+
+    world.sharer.prepare()
+
+    assert world.counts("all") == ShareCounts(pending=1)
+
+
+def test_an_instance_deleted_since_it_was_sent_is_skipped_by_the_replay(world: _World) -> None:
+    world.add_rule("all")
+    world.store.set_meta(WATERMARK, T0)
+    _sent(world, "gone", at=T0)
+    del world.orthanc.files["gone"]
+
+    world.sharer.prepare()
+
+    assert world.counts("all") == ShareCounts()
+    assert world.store.get_meta(REPLAY_FROM) is None
+
+
+# --- reading series back from Orthanc -----------------------------------------------------------
+
+
+class _Loader:
+    """Gives the instances by Orthanc id and remembers which were read."""
+
+    def __init__(self, instances: dict[str, SentInstance | None]) -> None:
+        self.instances = instances
+        self.read: list[str] = []
+
+    def __call__(self, orthanc_id: str) -> SentInstance | None:
+        self.read.append(orthanc_id)
+        return self.instances[orthanc_id]
+
+
+def test_a_series_matches_at_its_first_matching_instance() -> None:
+    load = _Loader(
+        {"1": _instance("s", "MR"), "2": _instance("s", "CT", n=2), "3": _instance("s", n=3)}
+    )
+
+    verdict = evaluate_series(_rule("ct", CT).condition, OrthancSeries("S", ("1", "2", "3")), load)
+
+    assert verdict.matches
+    assert verdict.instance is not None and verdict.instance.orthanc_id == "s-2"
+    assert verdict.read == 2
+    assert load.read == ["1", "2"]
+
+
+def test_a_series_without_a_match_is_described_by_its_first_instance() -> None:
+    load = _Loader({"1": None, "2": _instance("s", "MR", n=2), "3": _instance("s", "MR", n=3)})
+
+    verdict = evaluate_series(_rule("ct", CT).condition, OrthancSeries("S", ("1", "2", "3")), load)
+
+    assert not verdict.matches
+    assert verdict.instance is not None and verdict.instance.orthanc_id == "s-2"
+    assert verdict.read == 2
+
+
+def test_a_series_with_no_instance_to_read_does_not_match() -> None:
+    verdict = evaluate_series(_rule("all", "").condition, OrthancSeries("S", ()), _Loader({}))
+
+    assert (verdict.matches, verdict.instance, verdict.read) == (False, None, 0)
+
+
+def test_resources_of_every_level_give_their_series_once_each() -> None:
+    orthanc = _Orthanc()
+    orthanc.levels = {"P": "patients", "St": "studies", "Se": "series", "I": "instances"}
+    one = {"ID": "s1", "Instances": ["i1", "i2"]}
+    two = {"ID": "s2", "Instances": ["i3"]}
+    orthanc.documents = {
+        "/patients/P/series": [one, two],
+        "/studies/St/series": [two],
+        "/series/Se": one,
+        "/series/s2": two,
+        "/instances/I": {"ParentSeries": "s2"},
+    }
+
+    found = series_of(orthanc, ["St", "I", "P", "Se"])
+
+    assert found == [OrthancSeries("s2", ("i3",)), OrthancSeries("s1", ("i1", "i2"))]
+
+
+def test_an_unknown_resource_is_reported() -> None:
+    with pytest.raises(OrthancNotFound):
+        series_of(_Orthanc(), ["nope"])
+
+
+def test_an_instance_is_read_with_its_uids() -> None:
+    orthanc = _Orthanc()
+    orthanc.files["i"] = to_bytes(
+        make_dataset(patient_id="P", patient_name="A^B", study_uid="1.2", series_uid="1.2.3")
+    )
+
+    instance = read_instance(orthanc, "i")
+
+    assert instance is not None
+    assert (instance.study_uid, instance.series_uid) == ("1.2", "1.2.3")
+    assert instance.dataset.Modality == "CT"
+
+
+def test_a_deleted_or_unreadable_instance_reads_as_none() -> None:
+    orthanc = _Orthanc()
+    orthanc.files["junk"] = b"not dicom"
+
+    assert read_instance(orthanc, "deleted") is None
+    assert read_instance(orthanc, "junk") is None
