@@ -29,17 +29,20 @@ RESEARCH_ALBUM = "ResearchR42"
 # Sandbox-only tokens: they open nothing outside this demo.
 MAIN_TOKEN = "DemoMainAlbumToken0001"
 RESEARCH_TOKEN = "DemoResearchToken00042"
-RESEARCH_CONDITION = "tagValueIsPresent(#Tag.StudyDescription, 'RESEARCH PROTOCOL R42')"
+RESEARCH_DESCRIPTION = "RESEARCH PROTOCOL R42"
+RESEARCH_CONDITION = f"tagValueIsPresent(#Tag.StudyDescription, '{RESEARCH_DESCRIPTION}')"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="make demo", description=__doc__)
     parser.add_argument("--no-wait", action="store_true", help="exit once the studies arrived")
     parser.add_argument("--studies", type=int, default=5)
+    parser.add_argument("--state", type=Path, default=STATE, help="work folder, emptied first")
     args = parser.parse_args(argv)
+    state: Path = args.state
 
-    shutil.rmtree(STATE, ignore_errors=True)
-    STATE.mkdir(parents=True)
+    shutil.rmtree(state, ignore_errors=True)
+    state.mkdir(parents=True)
     sandbox = KheopsTestServer(port=_preferred_port(8099))
     sandbox.start()
     sandbox.add_album(MAIN_ALBUM)
@@ -48,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     sandbox.add_token(album_id=RESEARCH_ALBUM, token=RESEARCH_TOKEN, scope=("read", "write"))
 
     orthanc = OrthancProcess(
-        STATE / "orthanc",
+        state / "orthanc",
         kheops={
             "Url": sandbox.url,
             "Token": MAIN_TOKEN,
@@ -62,14 +65,14 @@ def main(argv: list[str] | None = None) -> int:
         },
         verbose=False,
     )
-    (STATE / "orthanc").mkdir()
+    (state / "orthanc").mkdir()
     try:
         orthanc.start()
         plan = plan_corpus(
-            STATE / "corpus", studies=args.studies, series_per_study=2, instances_per_series=5
+            state / "corpus", studies=args.studies, series_per_study=2, instances_per_series=5
         )
         generate_corpus(
-            STATE / "corpus", studies=args.studies, series_per_study=2, instances_per_series=5
+            state / "corpus", studies=args.studies, series_per_study=2, instances_per_series=5
         )
         print(f"Sending {len(plan)} instances of {args.studies} studies to Orthanc by C-STORE...")
         orthanc.storescu([item.path for item in plan])
@@ -78,7 +81,11 @@ def main(argv: list[str] | None = None) -> int:
             timeout=120,
             message="every instance in the main album",
         )
-        research = {(i.study_uid, i.series_uid) for i in plan if "R42" in str(i.attributes)}
+        research = {
+            (i.study_uid, i.series_uid)
+            for i in plan
+            if i.attributes["study_description"] == RESEARCH_DESCRIPTION
+        }
         wait_until(
             lambda: sandbox.album_series(RESEARCH_ALBUM) == research,
             timeout=60,
