@@ -87,7 +87,10 @@ def _describe(error: ValidationError, root: str) -> tuple[str, str]:
         return field_path(root, path), "; ".join(texts)
     message = schema.get("x-message")
     if isinstance(message, str) and error.validator in ("pattern", "format"):
-        return field_path(root, path), message.format(value=error.instance)
+        # Not str.format: a message may hold other braces ("${...}"), and a secret's value
+        # must not be substituted.
+        shown = "(hidden)" if secret else repr(error.instance)
+        return field_path(root, path), message.replace("{value!r}", shown)
     if secret:
         return field_path(root, path), _secret_safe(error)
     return field_path(root, path), _plain(error)
@@ -114,13 +117,22 @@ def _secret_safe(error: ValidationError) -> str:
     return f"is invalid ({error.validator})"
 
 
+def _article(noun: str) -> str:
+    return f"{'an' if noun[:1] in 'aeiou' else 'a'} {noun}"
+
+
 def _plain(error: ValidationError) -> str:
     value = error.instance
     match error.validator:
         case "type":
             expected = error.validator_value
             names = [str(n) for n in expected] if isinstance(expected, list) else [str(expected)]
-            return f"{value!r} is not a {' or '.join(names)}"
+            wanted = _article(" or ".join(names))
+            if isinstance(value, Mapping | list):
+                # An object or array may hold tokens (a rule's DestinationToken): never repeat it.
+                found = "object" if isinstance(value, Mapping) else "array"
+                return f"must be {wanted}, not {_article(found)}"
+            return f"{value!r} is not {wanted}"
         case "enum":
             choices = error.validator_value if isinstance(error.validator_value, list) else []
             return f"{value!r} is not one of {', '.join(map(repr, choices))}"
