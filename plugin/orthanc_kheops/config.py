@@ -8,7 +8,7 @@ names the field and the problem, and Orthanc refuses to start.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,8 @@ class KheopsConfig:
     reconcile_interval: float = 60.0
     verify_tls: bool | str = True
     log_level: str = "info"
-    switching_albums: tuple[Mapping[str, Any], ...] = ()
+    # Raw rules hold DestinationToken/SourceToken in clear: keep them out of repr().
+    switching_albums: tuple[Mapping[str, Any], ...] = field(default=(), repr=False)
 
 
 def load_config(
@@ -74,7 +75,7 @@ def load_config(
         maximum_age=(section.get("MaximumAgeHours", 0) * 3600) or None,
         token_recheck=float(section.get("TokenRecheckSeconds", 30)),
         reconcile_interval=float(section.get("ReconcileSeconds", 60)),
-        verify_tls=section.get("VerifyTls", True),
+        verify_tls=_verify_tls(section.get("VerifyTls", True), config_directory),
         log_level=section.get("LogLevel", "info"),
         switching_albums=tuple(section.get("SwitchingAlbums", ())),
     )
@@ -88,6 +89,13 @@ def _state_directory(
         return _resolve(Path(explicit), config_directory)
     storage = Path(orthanc.get("StorageDirectory", "OrthancStorage"))
     return _resolve(storage, config_directory) / "kheops"
+
+
+def _verify_tls(value: bool | str, config_directory: Path) -> bool | str:
+    """A CA bundle path is relative to the configuration folder, like Orthanc's own paths."""
+    if isinstance(value, bool):
+        return value
+    return str(_resolve(Path(value), config_directory))
 
 
 def _resolve(path: Path, base: Path) -> Path:
