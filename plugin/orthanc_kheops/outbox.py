@@ -220,16 +220,18 @@ class SqliteOutbox:
             )
 
     def reschedule(self, retries: Sequence[Retry], *, now: float) -> None:
+        """Put claimed instances back to wait; rows no longer in flight keep their outcome."""
         with self._transaction() as db:
-            db.executemany(
-                "UPDATE instances SET state = 'pending', next_attempt = ?, last_error = ?,"
-                " alone = ?, attempts = attempts + ? WHERE orthanc_id = ?",
-                [
-                    (now + r.delay, r.error, int(r.alone), int(r.counts_as_attempt), r.orthanc_id)
-                    for r in retries
-                ],
-            )
-            attempts = sum(1 for r in retries if r.counts_as_attempt)
+            attempts = 0
+            for r in retries:
+                moved = db.execute(
+                    "UPDATE instances SET state = 'pending', next_attempt = ?, last_error = ?,"
+                    " alone = ?, attempts = attempts + ?"
+                    " WHERE orthanc_id = ? AND state = 'inflight'",
+                    (now + r.delay, r.error, int(r.alone), int(r.counts_as_attempt), r.orthanc_id),
+                ).rowcount
+                if moved and r.counts_as_attempt:
+                    attempts += 1
             if attempts:
                 self._add(db, "retries", attempts)
 
