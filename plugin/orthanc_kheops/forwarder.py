@@ -32,7 +32,8 @@ from .kheops import (
 )
 from .orthanc_rest import OrthancError, OrthancNotFound, OrthancRest
 from .outbox import Outbox, QueuedInstance, Retry
-from .stow import Judgement, Verdict, judge
+from .stats import TransferStats
+from .stow import Judgement, StowAnswer, Verdict, judge
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ class Forwarder:
         self._clock = clock
         self.health = Health(now=clock(), probe_maximum=min(config.retry_maximum, 30.0))
         self.introspection: Introspection | None = None
+        self.stats = TransferStats(now=clock())
         self._stopping = threading.Event()
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -228,6 +230,7 @@ class Forwarder:
             for orthanc_id, reason in failed.items():
                 log.warning("instance %s failed: %s", orthanc_id, reason)
             self._outbox.mark_failed(failed, now=now)
+            self.stats.record_failed(len(failed))
         if later:
             self._outbox.reschedule(later, now=now)
         unknown = {x.item.orthanc_id: x.sop_uid for x in loaded if x.item.sop_uid != x.sop_uid}
@@ -238,7 +241,7 @@ class Forwarder:
     def _post(self, loaded: Sequence[_Loaded]) -> None:
         items = [x.item for x in loaded]
         try:
-            answer = self._kheops.stow(self._config.token, [x.data for x in loaded])
+            answer = self._stow([x.data for x in loaded])
         except KheopsUnauthorized as exc:
             self._outbox.release([item.orthanc_id for item in items])
             if self.health.record_refused(str(exc), self._clock()):
@@ -258,6 +261,22 @@ class Forwarder:
         self._recovered(now)
         self._record_verdicts(loaded, judge([x.sop_uid for x in loaded], answer), now)
 
+    def _stow(self, parts: Sequence[bytes]) -> StowAnswer:
+        """One STOW-RS request, counted in `stats` whatever its outcome."""
+        started = time.monotonic()
+        status: int | None = None
+        try:
+            answer = self._kheops.stow(self._config.token, parts)
+            status = answer.status
+            return answer
+        except KheopsError as exc:
+            status = exc.status
+            raise
+        finally:
+            self.stats.record_stow(
+                status=status, seconds=time.monotonic() - started, size=sum(map(len, parts))
+            )
+
     def _record_verdicts(
         self, loaded: Sequence[_Loaded], verdicts: Mapping[str, Judgement], now: float
     ) -> None:
@@ -276,6 +295,7 @@ class Forwarder:
                 reasons[x.item.orthanc_id] = judgement.reason
         if sent:
             self._outbox.mark_sent([x.item.orthanc_id for x in sent], now=now)
+            self.stats.record_sent(len(sent), now=now)
             with self._lock:
                 self._sent_log.append((now, len(sent), sum(len(x.data) for x in sent)))
                 self._forget_old(now)
@@ -283,6 +303,7 @@ class Forwarder:
             for orthanc_id, reason in failed.items():
                 log.warning("KHEOPS refused instance %s: %s", orthanc_id, reason)
             self._outbox.mark_failed(failed, now=now)
+            self.stats.record_failed(len(failed))
             self.health.record_error(next(iter(failed.values())), now)
         for item in retries:
             self._retry_all([item], reasons[item.orthanc_id])
@@ -314,6 +335,7 @@ class Forwarder:
             return
         log.warning("KHEOPS refused instance %s: %s", items[0].orthanc_id, error)
         self._outbox.mark_failed({items[0].orthanc_id: error}, now=now)
+        self.stats.record_failed(1)
         self.health.record_error(error, now)
 
     def _retry_all(self, items: Sequence[QueuedInstance], error: str) -> None:
@@ -338,6 +360,7 @@ class Forwarder:
             for orthanc_id, reason in gave_up.items():
                 log.warning("instance %s failed: %s", orthanc_id, reason)
             self._outbox.mark_failed(gave_up, now=now)
+            self.stats.record_failed(len(gave_up))
 
     # -- supervisor: token checks and reconciliation -----------------------------
 
