@@ -365,22 +365,28 @@ class Forwarder:
     # -- supervisor: token checks and reconciliation -----------------------------
 
     def _supervise(self) -> None:
-        self._check_token(first=True)
+        self._guarded(lambda: self._check_token(first=True), "start-up token check")
         next_check = self._clock() + self._config.token_recheck
         next_reconcile = self._clock()
         while not self._stopping.is_set():
             now = self._clock()
-            try:
-                if now >= next_reconcile:
-                    self.reconcile()
-                    next_reconcile = now + self._config.reconcile_interval
-                if now >= next_check:
-                    if self.health.state is State.PAUSED:
-                        self._check_token(first=False)
-                    next_check = now + self._config.token_recheck
-            except Exception:
-                log.exception("supervisor step failed; trying again")
+            # Each step is scheduled before it runs, so that one that fails waits its interval
+            # rather than being retried on every loop, and cannot hold up the other step.
+            if now >= next_reconcile:
+                next_reconcile = now + self._config.reconcile_interval
+                self._guarded(self.reconcile, "reconciliation")
+            if now >= next_check:
+                next_check = now + self._config.token_recheck
+                if self.health.state is State.PAUSED:
+                    self._guarded(lambda: self._check_token(first=False), "token check")
             self._stopping.wait(min(1.0, max(0.05, min(next_check, next_reconcile) - now)))
+
+    @staticmethod
+    def _guarded(step: Callable[[], object], what: str) -> None:
+        try:
+            step()
+        except Exception:
+            log.exception("%s failed; trying again later", what)
 
     def _check_token(self, *, first: bool) -> None:
         try:
