@@ -108,7 +108,7 @@ class KheopsClient:
             "POST", "/token/introspect", data={"token": token.reveal()}, what="token introspection"
         )
         if response.status_code != 200:
-            raise _error_for(response, "token introspection")
+            raise _error_for(response, "token introspection", token)
         try:
             document = response.json()
         except ValueError as exc:
@@ -139,7 +139,7 @@ class KheopsClient:
             what="STOW-RS",
         )
         if response.status_code not in (200, 202, 409):
-            raise _error_for(response, "STOW-RS")
+            raise _error_for(response, "STOW-RS", token)
         try:
             return parse_answer(response.status_code, response.content)
         except MalformedAnswer as exc:
@@ -163,7 +163,7 @@ class KheopsClient:
             what="share",
         )
         if response.status_code not in (200, 201, 204):
-            raise _error_for(response, "share")
+            raise _error_for(response, "share", destination, source)
 
     def _send(self, method: str, path: str, *, what: str, **kwargs: object) -> requests.Response:
         try:
@@ -188,8 +188,11 @@ def _root_cause(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-def _detail(response: requests.Response) -> str:
+def _detail(response: requests.Response, secrets: Sequence[Secret]) -> str:
     text = response.text.strip()
+    # A server or proxy may echo the credentials it refuses; mask them before cutting the text.
+    for secret in secrets:
+        text = text.replace(secret.reveal(), secret.masked)
     try:
         document = json.loads(text)
     except ValueError:
@@ -201,9 +204,9 @@ def _detail(response: requests.Response) -> str:
     return text[:200]
 
 
-def _error_for(response: requests.Response, what: str) -> KheopsError:
+def _error_for(response: requests.Response, what: str, *secrets: Secret) -> KheopsError:
     status = response.status_code
-    detail = _detail(response)
+    detail = _detail(response, secrets)
     message = f"{what}: KHEOPS answered {status}" + (f" ({detail})" if detail else "")
     if status in _RETRYABLE_STATUSES or status >= 500:
         return KheopsUnavailable(message, status=status)
