@@ -1,0 +1,81 @@
+"""Tokens are masked wherever they could be printed."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from orthanc_kheops.masking import Redactor, Secret, mask
+
+TOKEN = "KbSVRVsa0rTCh6D5l9JnAb"
+OTHER = "See1fW5f2ZhxS6Q2nv0Xyz"
+
+
+@pytest.mark.parametrize(
+    ("token", "masked"),
+    [
+        (TOKEN, "KbSV…Ab"),
+        ("abcdefghijk", "abcd…jk"),
+        ("abcdefghij", "………"),
+        ("abc", "………"),
+        ("ab", "……"),
+        ("", ""),
+    ],
+    ids=["album-token", "eleven", "ten", "three", "two", "empty"],
+)
+def test_mask_shows_the_head_and_tail_of_long_tokens_only(token: str, masked: str) -> None:
+    assert mask(token) == masked
+
+
+def test_masked_form_never_holds_enough_to_use_the_token() -> None:
+    for length in range(1, 70):
+        token = "".join(chr(ord("a") + n % 26) for n in range(length))
+        shown = mask(token).replace("…", "")
+        assert len(shown) <= 6
+        assert len(shown) < length or length == 0
+
+
+def test_secret_printable_forms_are_masked() -> None:
+    secret = Secret(TOKEN)
+
+    shown = [repr(secret), str(secret), f"{secret}", f"{secret!r}", "{}".format(secret)]  # noqa: UP032
+    shown.append(str([secret]))
+    for text in shown:
+        assert TOKEN not in text
+    assert repr(secret) == "Secret('KbSV…Ab')"
+    assert str(secret) == "KbSV…Ab"
+    assert secret.masked == "KbSV…Ab"
+
+
+def test_only_reveal_gives_the_clear_token() -> None:
+    assert Secret(TOKEN).reveal() == TOKEN
+
+
+def test_a_secret_in_a_log_record_is_masked(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO):
+        logging.getLogger("test").info("token is %s (%r)", Secret(TOKEN), Secret(TOKEN))
+
+    assert TOKEN not in caplog.text
+    assert "KbSV…Ab" in caplog.text
+
+
+def test_secrets_compare_by_value() -> None:
+    assert Secret(TOKEN) == Secret(TOKEN)
+    assert Secret(TOKEN) != Secret(OTHER)
+    assert Secret(TOKEN) != TOKEN
+    assert len({Secret(TOKEN), Secret(TOKEN), Secret(OTHER)}) == 2
+
+
+def test_redactor_replaces_every_known_token_in_a_text() -> None:
+    redactor = Redactor([Secret(TOKEN)])
+    redactor.add(Secret(OTHER))
+
+    text = redactor.redact(f"Bearer {TOKEN} then {OTHER}, again {TOKEN}.")
+
+    assert text == "Bearer KbSV…Ab then See1…yz, again KbSV…Ab."
+
+
+def test_redactor_leaves_other_text_alone() -> None:
+    assert Redactor([Secret(TOKEN)]).redact("nothing to hide") == "nothing to hide"
+    assert Redactor().redact(TOKEN) == TOKEN

@@ -1,0 +1,505 @@
+"""The durable queue: a real SqliteOutbox in a temporary folder."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from orthanc_kheops.outbox import SCHEMA_VERSION, Retry, SqliteOutbox
+
+T0 = 1_000_000.0
+MB = 1024 * 1024
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "outbox.sqlite3"
+
+
+@pytest.fixture
+def outbox(path: Path) -> Iterator[SqliteOutbox]:
+    box = SqliteOutbox(path)
+    yield box
+    box.close()
+
+
+def _claim(
+    outbox: SqliteOutbox, *, now: float = T0, count: int = 50, size: int = 64 * MB
+) -> list[str]:
+    return [i.orthanc_id for i in outbox.claim(now=now, max_count=count, max_bytes=size)]
+
+
+def _state(outbox: SqliteOutbox, orthanc_id: str) -> str:
+    return outbox.lookup([orthanc_id])[orthanc_id].state
+
+
+# --- enqueue and claim ---------------------------------------------------------------------------
+
+
+def test_enqueued_instances_are_pending_and_due_at_once(outbox: SqliteOutbox) -> None:
+    added = outbox.enqueue([("a", 10), ("b", 20)], now=T0, requeue=True)
+
+    assert added == 2
+    assert outbox.counts() == {"pending": 2, "inflight": 0, "sent": 0, "failed": 0}
+    row = outbox.lookup(["a"])["a"]
+    assert (row.state, row.size, row.attempts, row.queued_at, row.next_attempt) == (
+        "pending",
+        10,
+        0,
+        T0,
+        T0,
+    )
+    assert outbox.next_due() == T0
+
+
+def test_claim_takes_at_most_the_maximum_count(outbox: SqliteOutbox) -> None:
+    outbox.enqueue([(f"i{n}", 1) for n in range(7)], now=T0, requeue=True)
+
+    assert len(_claim(outbox, count=3)) == 3
+    assert len(_claim(outbox, count=3)) == 3
+    assert len(_claim(outbox, count=3)) == 1
+    assert _claim(outbox, count=3) == []
+
+
+def test_claim_stops_before_the_byte_limit(outbox: SqliteOutbox) -> None:
+    outbox.enqueue([("a", 40), ("b", 40), ("c", 40)], now=T0, requeue=True)
+
+    assert sorted(_claim(outbox, size=100)) == ["a", "b"]
+    assert _claim(outbox, size=100) == ["c"]
+
+
+def test_an_instance_larger_than_the_byte_limit_still_goes_alone(outbox: SqliteOutbox) -> None:
+    outbox.enqueue([("huge", 500)], now=T0, requeue=True)
+    outbox.enqueue([("small", 1)], now=T0 + 1, requeue=True)
+
+    assert _claim(outbox, now=T0 + 1, size=100) == ["huge"]
+    assert _claim(outbox, now=T0 + 1, size=100) == ["small"]
+
+
+def test_claim_takes_only_instances_that_are_due(outbox: SqliteOutbox) -> None:
+    outbox.enqueue([("now", 1)], now=T0, requeue=True)
+    outbox.enqueue([("later", 1)], now=T0 + 60, requeue=True)
+
+    assert _claim(outbox, now=T0 + 30) == ["now"]
+    assert _claim(outbox, now=T0 + 30) == []
+    assert _claim(outbox, now=T0 + 60) == ["later"]
+
+
+def test_claim_takes_the_longest_waiting_first(outbox: SqliteOutbox) -> None:
+    outbox.enqueue([("third", 1)], now=T0 + 2, requeue=True)
+    outbox.enqueue([("first", 1)], now=T0, requeue=True)
+    outbox.enqueue([("second", 1)], now=T0 + 1, requeue=True)
+
+    assert _claim(outbox, now=T0 + 5, count=2) == ["first", "second"]
+
+
+def test_claimed_instances_are_inflight_and_not_claimed_again(outbox: SqliteOutbox) -> None:
+    outbox.enqueue([("a", 1), ("b", 1)], now=T0, requeue=True)
+
+    claimed = outbox.claim(now=T0, max_count=50, max_bytes=MB)
+
+    assert {i.state for i in claimed} == {"inflight"}
+    assert {_state(outbox, i.orthanc_id) for i in claimed} == {"inflight"}
+    assert outbox.counts()["inflight"] == 2
+    assert _claim(outbox) == []
+    assert outbox.next_due() is None
+
+
+def test_instances_marked_to_go_alone_are_claimed_one_per_request(outbox: SqliteOutbox) -> None:
+    outbox.enqueue([("a", 1), ("b", 1), ("c", 1)], now=T0, requeue=True)
+    _claim(outbox)
+    outbox.reschedule(
+        [Retry(x, 0.0, "400", alone=True, counts_as_attempt=False) for x in ("a", "b", "c")],
+        now=T0,
+    )
+
+    batches = [_claim(outbox), _claim(outbox), _claim(outbox)]
+
+    assert sorted(b[0] for b in batches) == ["a", "b", "c"]
+    assert all(len(b) == 1 for b in batches)
+
+
+def test_an_alone_instance_ends_a_batch_that_already_has_others(outbox: SqliteOutbox) -> None:
+    outbox.enqueue([("alone", 1)], now=T0, requeue=True)
+    _claim(outbox)
+    outbox.reschedule([Retry("alone", 1.0, "400", alone=True)], now=T0)
+    outbox.enqueue([("before", 1)], now=T0, requeue=True)
+    outbox.enqueue([("after", 1)], now=T0 + 2, requeue=True)
+
+    assert _claim(outbox, now=T0 + 2) == ["before"]
+    assert _claim(outbox, now=T0 + 2) == ["alone"]
+    assert _claim(outbox, now=T0 + 2) == ["after"]
+
+
+# --- outcomes ------------------------------------------------------------------------------------
+
+
+def test_sent_instances_count_their_attempt_and_clear_the_error(outbox: SqliteOutbox) -> None:
+    outbox.enqueue([("a", 1)], now=T0, requeue=True)
+    _claim(outbox)
+    outbox.reschedule([Retry("a", 5.0, "503")], now=T0)
+    _claim(outbox, now=T0 + 5)
+
+    outbox.mark_sent(["a"], now=T0 + 6)
+
+    row = outbox.lookup(["a"])["a"]
+    assert (row.state, row.attempts, row.last_error, row.done_at) == ("sent", 2, None, T0 + 6)
+
+
+def test_failed_instances_keep_their_reason(outbox: SqliteOutbox) -> None:
+    outbox.enqueue([("a", 1), ("b", 1)], now=T0, requeue=True)
+    _claim(outbox)
+
+    outbox.mark_failed({"a": "not authorized (292)"}, now=T0 + 1)
+
+    row = outbox.lookup(["a"])["a"]
+    assert (row.state, row.attempts, row.last_error, row.done_at) == (
+        "failed",
+        1,
+        "not authorized (292)",
+        T0 + 1,
+    )
+    assert _state(outbox, "b") == "inflight"
+
+
+def test_rescheduled_instances_wait_their_delay_and_count_an_attempt(
+    outbox: SqliteOutbox,
+) -> None:
+    outbox.enqueue([("a", 1), ("b", 1)], now=T0, requeue=True)
+    _claim(outbox)
+
+    outbox.reschedule(
+        [Retry("a", 10.0, "503"), Retry("b", 1.0, "orthanc busy", counts_as_attempt=False)],
+        now=T0,
+    )
+
+    a, b = outbox.lookup(["a"])["a"], outbox.lookup(["b"])["b"]
+    assert (a.state, a.attempts, a.next_attempt, a.last_error) == ("pending", 1, T0 + 10, "503")
+    assert (b.state, b.attempts, b.next_attempt) == ("pending", 0, T0 + 1)
+    assert outbox.get_meta("retries") == 1
+    assert _claim(outbox, now=T0 + 5) == ["b"]
+    assert _claim(outbox, now=T0 + 10) == ["a"]
+
+
+def test_released_instances_are_pending_again_with_their_attempts_unchanged(
+    outbox: SqliteOutbox,
+) -> None:
+    outbox.enqueue([("a", 1)], now=T0, requeue=True)
+    _claim(outbox)
+    outbox.reschedule([Retry("a", 0.0, "503")], now=T0)
+    _claim(outbox)
+
+    outbox.release(["a"])
+
+    row = outbox.lookup(["a"])["a"]
+    assert (row.state, row.attempts) == ("pending", 1)
+    assert _claim(outbox) == ["a"]
+
+
+def test_release_leaves_instances_that_are_not_inflight_alone(outbox: SqliteOutbox) -> None:
+    outbox.enqueue([("a", 1)], now=T0, requeue=True)
+    _claim(outbox)
+    outbox.mark_sent(["a"], now=T0)
+
+    outbox.release(["a"])
+
+    assert _state(outbox, "a") == "sent"
+
+
+def test_a_late_retry_does_not_send_again_an_instance_already_sent(outbox: SqliteOutbox) -> None:
+    outbox.enqueue([("a", 1), ("b", 1)], now=T0, requeue=True)
+    _claim(outbox)
+    outbox.mark_sent(["a"], now=T0)
+    outbox.mark_failed({"b": "262"}, now=T0)
+
+    outbox.reschedule(
+        [Retry("a", 1.0, "internal error"), Retry("b", 1.0, "internal error")], now=T0
+    )
+
+    assert _state(outbox, "a") == "sent"
+    assert _state(outbox, "b") == "failed"
+    assert outbox.get_meta("retries") is None
+
+
+def test_sop_uids_are_recorded(outbox: SqliteOutbox) -> None:
+    outbox.enqueue([("a", 1)], now=T0, requeue=True)
+
+    outbox.set_sop_uids({"a": "1.2.3"})
+
+    assert outbox.lookup(["a"])["a"].sop_uid == "1.2.3"
+
+
+# --- requeue -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("finished", ["sent", "failed"])
+def test_a_re_stored_instance_goes_back_to_pending(outbox: SqliteOutbox, finished: str) -> None:
+    outbox.enqueue([("a", 1)], now=T0, requeue=True)
+    _claim(outbox)
+    outbox.reschedule([Retry("a", 0.0, "503", alone=True)], now=T0)
+    _claim(outbox)
+    if finished == "sent":
+        outbox.mark_sent(["a"], now=T0 + 1)
+    else:
+        outbox.mark_failed({"a": "262"}, now=T0 + 1)
+
+    changed = outbox.enqueue([("a", 99)], now=T0 + 100, requeue=True)
+
+    row = outbox.lookup(["a"])["a"]
+    assert changed == 1
+    assert (row.state, row.size, row.attempts, row.queued_at, row.next_attempt) == (
+        "pending",
+        99,
+        0,
+        T0 + 100,
+        T0 + 100,
+    )
+    assert (row.alone, row.last_error, row.done_at) == (False, None, None)
+
+
+def test_requeue_leaves_an_inflight_instance_to_its_worker(outbox: SqliteOutbox) -> None:
+    outbox.enqueue([("a", 1)], now=T0, requeue=True)
+    _claim(outbox)
+
+    changed = outbox.enqueue([("a", 1)], now=T0 + 1, requeue=True)
+
+    assert changed == 0
+    assert _state(outbox, "a") == "inflight"
+
+
+def test_the_reconciler_does_not_touch_instances_already_in_the_outbox(
+    outbox: SqliteOutbox,
+) -> None:
+    outbox.enqueue([("sent", 1), ("failed", 1), ("waiting", 1)], now=T0, requeue=True)
+    _claim(outbox, count=2)  # sent, failed (insertion order for equal due times)
+    outbox.mark_sent(["sent"], now=T0)
+    outbox.mark_failed({"failed": "292"}, now=T0)
+    outbox.reschedule([], now=T0)
+
+    changed = outbox.enqueue(
+        [("sent", 0), ("failed", 0), ("waiting", 0), ("new", 0)], now=T0 + 50, requeue=False
+    )
+
+    assert changed == 1
+    found = outbox.lookup(["sent", "failed", "waiting", "new"])
+    assert {k: v.state for k, v in found.items()} == {
+        "sent": "sent",
+        "failed": "failed",
+        "waiting": "pending",
+        "new": "pending",
+    }
+    assert found["waiting"].queued_at == T0
+    assert found["waiting"].size == 1
+
+
+# --- crash recovery and durability -----------------------------------------------------------------
+
+
+def test_instances_in_flight_during_a_crash_are_pending_after_restart(path: Path) -> None:
+    first = SqliteOutbox(path)
+    first.enqueue([("a", 1), ("b", 1), ("c", 1)], now=T0, requeue=True)
+    first.claim(now=T0, max_count=50, max_bytes=MB)
+    first.reschedule([Retry("a", 0.0, "503"), Retry("b", 0.0, "503")], now=T0)
+    first.claim(now=T0, max_count=1, max_bytes=MB)  # "a" in flight again, with 1 attempt
+    first.close()
+
+    second = SqliteOutbox(path)
+    try:
+        recovered = second.recover_interrupted()
+        rows = second.lookup(["a", "b", "c"])
+    finally:
+        second.close()
+
+    assert recovered == 2  # "a" and "c"
+    assert {k: (v.state, v.attempts) for k, v in rows.items()} == {
+        "a": ("pending", 1),
+        "b": ("pending", 1),
+        "c": ("pending", 0),
+    }
+
+
+def test_a_committed_row_is_there_after_reopening_the_file(path: Path) -> None:
+    first = SqliteOutbox(path)
+    first.enqueue([("a", 123)], now=T0, requeue=True)
+    first.set_meta("last_change", 42)
+    first.close()
+
+    second = SqliteOutbox(path)
+    try:
+        assert second.lookup(["a"])["a"].size == 123
+        assert second.get_meta("last_change") == 42
+    finally:
+        second.close()
+
+
+def test_a_committed_row_is_visible_to_another_connection_before_close(path: Path) -> None:
+    writer = SqliteOutbox(path)
+    try:
+        writer.enqueue([("a", 1)], now=T0, requeue=True)
+        reader = sqlite3.connect(path)
+        try:
+            rows = reader.execute("SELECT orthanc_id, state FROM instances").fetchall()
+        finally:
+            reader.close()
+    finally:
+        writer.close()
+
+    assert rows == [("a", "pending")]
+
+
+def test_the_outbox_file_uses_write_ahead_logging(path: Path) -> None:
+    SqliteOutbox(path).close()
+
+    connection = sqlite3.connect(path)
+    try:
+        assert connection.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    finally:
+        connection.close()
+
+
+def test_an_outbox_of_another_schema_version_is_refused(path: Path) -> None:
+    first = SqliteOutbox(path)
+    first.set_meta("schema_version", SCHEMA_VERSION + 1)
+    first.close()
+
+    with pytest.raises(RuntimeError, match=f"schema version {SCHEMA_VERSION + 1}"):
+        SqliteOutbox(path)
+
+
+def test_a_new_outbox_records_its_schema_version(outbox: SqliteOutbox) -> None:
+    assert outbox.get_meta("schema_version") == SCHEMA_VERSION
+
+
+# --- make_due and retry_failed ---------------------------------------------------------------------
+
+
+def test_make_due_brings_every_waiting_instance_forward(outbox: SqliteOutbox) -> None:
+    outbox.enqueue([("a", 1), ("b", 1), ("c", 1)], now=T0, requeue=True)
+    _claim(outbox)
+    outbox.reschedule([Retry("a", 100.0, "503"), Retry("b", 300.0, "503")], now=T0)
+    outbox.mark_sent(["c"], now=T0)
+
+    woken = outbox.make_due(now=T0 + 1)
+
+    assert woken == 2
+    assert sorted(_claim(outbox, now=T0 + 1)) == ["a", "b"]
+    assert _state(outbox, "c") == "sent"
+
+
+def _two_failed_one_sent(outbox: SqliteOutbox) -> None:
+    outbox.enqueue([("f1", 1), ("f2", 1), ("s", 1)], now=T0, requeue=True)
+    _claim(outbox)
+    outbox.mark_failed({"f1": "292", "f2": "262"}, now=T0)
+    outbox.mark_sent(["s"], now=T0)
+
+
+def test_retry_failed_without_ids_queues_every_failed_instance(outbox: SqliteOutbox) -> None:
+    _two_failed_one_sent(outbox)
+
+    moved = outbox.retry_failed(None, now=T0 + 10)
+
+    assert moved == 2
+    rows = outbox.lookup(["f1", "f2", "s"])
+    assert {k: (v.state, v.attempts) for k, v in rows.items()} == {
+        "f1": ("pending", 0),
+        "f2": ("pending", 0),
+        "s": ("sent", 1),
+    }
+    assert rows["f1"].next_attempt == T0 + 10
+    assert rows["f1"].queued_at == T0 + 10
+    assert rows["f1"].done_at is None
+
+
+def test_retry_failed_with_ids_queues_only_those_that_failed(outbox: SqliteOutbox) -> None:
+    _two_failed_one_sent(outbox)
+
+    moved = outbox.retry_failed(["f2", "s", "unknown"], now=T0 + 10)
+
+    assert moved == 1
+    states = {k: v.state for k, v in outbox.lookup(["f1", "f2", "s"]).items()}
+    assert states == {"f1": "failed", "f2": "pending", "s": "sent"}
+
+
+# --- listing -------------------------------------------------------------------------------------
+
+
+def test_counts_name_every_state(outbox: SqliteOutbox) -> None:
+    assert outbox.counts() == {"pending": 0, "inflight": 0, "sent": 0, "failed": 0}
+    _two_failed_one_sent(outbox)
+    outbox.enqueue([("p", 1)], now=T0, requeue=True)
+
+    assert outbox.counts() == {"pending": 1, "inflight": 0, "sent": 1, "failed": 2}
+
+
+def test_pending_entries_are_listed_by_due_time(outbox: SqliteOutbox) -> None:
+    outbox.enqueue([("c", 1)], now=T0 + 3, requeue=True)
+    outbox.enqueue([("a", 1)], now=T0 + 1, requeue=True)
+    outbox.enqueue([("b", 1)], now=T0 + 2, requeue=True)
+
+    assert [e.orthanc_id for e in outbox.entries("pending", limit=10)] == ["a", "b", "c"]
+    assert [e.orthanc_id for e in outbox.entries("pending", limit=1, offset=1)] == ["b"]
+
+
+def test_finished_entries_are_listed_most_recent_first(outbox: SqliteOutbox) -> None:
+    outbox.enqueue([("a", 1), ("b", 1), ("c", 1)], now=T0, requeue=True)
+    _claim(outbox)
+    outbox.mark_sent(["b"], now=T0 + 1)
+    outbox.mark_sent(["c"], now=T0 + 3)
+    outbox.mark_sent(["a"], now=T0 + 2)
+
+    assert [e.orthanc_id for e in outbox.entries("sent", limit=10)] == ["c", "a", "b"]
+    assert [e.orthanc_id for e in outbox.entries("failed", limit=10)] == []
+
+
+def test_entries_as_json_show_the_next_attempt_only_while_pending(outbox: SqliteOutbox) -> None:
+    outbox.enqueue([("a", 1), ("b", 1)], now=T0, requeue=True)
+    outbox.set_sop_uids({"a": "1.2.3"})
+    outbox.claim(now=T0, max_count=1, max_bytes=MB)
+    outbox.mark_failed({"a": "292"}, now=T0 + 1)
+
+    failed = outbox.entries("failed", limit=10)[0].as_json()
+    pending = outbox.entries("pending", limit=10)[0].as_json()
+
+    assert failed == {
+        "ID": "a",
+        "SOPInstanceUID": "1.2.3",
+        "State": "failed",
+        "Attempts": 1,
+        "QueuedAt": T0,
+        "NextAttempt": None,
+        "LastError": "292",
+        "DoneAt": T0 + 1,
+    }
+    assert pending["NextAttempt"] == T0
+
+
+def test_lookup_finds_known_ids_in_any_number(outbox: SqliteOutbox) -> None:
+    ids = [f"id{n:04}" for n in range(1200)]
+    outbox.enqueue([(i, 1) for i in ids], now=T0, requeue=True)
+
+    found = outbox.lookup([*ids, "unknown"])
+
+    assert set(found) == set(ids)
+
+
+# --- meta and counters ---------------------------------------------------------------------------
+
+
+def test_meta_values_round_trip_as_json(outbox: SqliteOutbox) -> None:
+    assert outbox.get_meta("missing") is None
+    outbox.set_meta("last_change", 17)
+    outbox.set_meta("doc", {"a": [1, "b"]})
+    outbox.set_meta("last_change", 18)
+
+    assert outbox.get_meta("last_change") == 18
+    assert outbox.get_meta("doc") == {"a": [1, "b"]}
+
+
+def test_counters_add_up(outbox: SqliteOutbox) -> None:
+    outbox.add_to_counter("shares", 2)
+    outbox.add_to_counter("shares", 3)
+
+    assert outbox.get_meta("shares") == 5
