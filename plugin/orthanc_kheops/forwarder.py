@@ -38,6 +38,9 @@ from .stow import Judgement, StowAnswer, Verdict, judge
 log = logging.getLogger(__name__)
 
 _THROUGHPUT_WINDOW = 60.0
+# A STOW-RS answer that says the URL is wrong, not the instances: no instance is to blame.
+_WRONG_ENDPOINT = frozenset({404, 405})
+_WRONG_ENDPOINT_WHY = "KHEOPS has no STOW-RS endpoint at this URL (check Kheops.Url)"
 _IDLE_POLL = 1.0
 
 
@@ -247,12 +250,19 @@ class Forwarder:
             if self.health.record_refused(str(exc), self._clock()):
                 log.error("KHEOPS refuses the token; sending is paused, nothing is lost: %s", exc)
             return
+        except KheopsRejected as exc:
+            if exc.status in _WRONG_ENDPOINT:
+                self._outbox.release([item.orthanc_id for item in items])
+                if self.health.record_refused(str(exc), self._clock(), why=_WRONG_ENDPOINT_WHY):
+                    log.error(
+                        "%s; sending is paused, nothing is lost: %s", _WRONG_ENDPOINT_WHY, exc
+                    )
+                return
+            self._rejected(items, str(exc))
+            return
         except KheopsUnavailable as exc:
             self.health.record_unavailable(str(exc), self._clock())
             self._retry_all(items, str(exc))
-            return
-        except KheopsRejected as exc:
-            self._rejected(items, str(exc))
             return
         except KheopsError as exc:
             self._retry_all(items, str(exc))

@@ -121,14 +121,16 @@ class Health:
                 maximum=self._probe_maximum,
             )
 
-    def record_refused(self, error: str, now: float) -> bool:
-        """KHEOPS refuses the token; True when this starts a pause."""
+    def record_refused(
+        self, error: str, now: float, *, why: str = "KHEOPS refuses the token"
+    ) -> bool:
+        """A configuration problem only an administrator can fix; True when this starts a pause."""
         with self._condition:
             self._probing = False
             self._note_error(error, now)
             if self._state is State.PAUSED:
                 return False
-            self._set(State.PAUSED, now, f"Paused: KHEOPS refuses the token: {error}")
+            self._set(State.PAUSED, now, f"Paused: {why}: {error}")
             return True
 
     def resume(self, now: float) -> bool:

@@ -34,6 +34,7 @@ CREATE TABLE IF NOT EXISTS instances (
     queued_at    REAL NOT NULL,
     next_attempt REAL NOT NULL,
     alone        INTEGER NOT NULL DEFAULT 0,
+    restored     INTEGER NOT NULL DEFAULT 0,
     last_error   TEXT,
     done_at      REAL
 );
@@ -157,16 +158,22 @@ class SqliteOutbox:
             self._db.execute("COMMIT")
 
     def enqueue(self, items: Iterable[tuple[str, int]], *, now: float, requeue: bool) -> int:
-        """Queue instances; `requeue` also resets rows already sent or failed (a re-stored file)."""
+        """Queue instances; `requeue` also resets rows already sent or failed (a re-stored file).
+
+        A row in flight is marked `restored` instead: the file being sent may be the old
+        one, so whatever the verdict, the instance goes back to pending afterwards.
+        """
         rows = [(orthanc_id, size, now, now) for orthanc_id, size in items]
         if requeue:
             sql = (
                 "INSERT INTO instances (orthanc_id, state, size, queued_at, next_attempt)"
                 " VALUES (?, 'pending', ?, ?, ?)"
-                " ON CONFLICT (orthanc_id) DO UPDATE SET state = 'pending', size = excluded.size,"
-                " attempts = 0, queued_at = excluded.queued_at,"
+                " ON CONFLICT (orthanc_id) DO UPDATE SET"
+                " restored = CASE WHEN state = 'inflight' THEN 1 ELSE 0 END,"
+                " state = CASE WHEN state = 'inflight' THEN 'inflight' ELSE 'pending' END,"
+                " size = excluded.size, attempts = 0, queued_at = excluded.queued_at,"
                 " next_attempt = excluded.next_attempt, alone = 0, last_error = NULL,"
-                " done_at = NULL WHERE state != 'inflight'"
+                " done_at = NULL"
             )
         else:
             sql = (
@@ -210,6 +217,7 @@ class SqliteOutbox:
                 " attempts = attempts + 1 WHERE orthanc_id = ?",
                 [(now, orthanc_id) for orthanc_id in orthanc_ids],
             )
+            self._requeue_restored(db, orthanc_ids, now)
 
     def mark_failed(self, reasons: Mapping[str, str], *, now: float) -> None:
         with self._transaction() as db:
@@ -218,6 +226,17 @@ class SqliteOutbox:
                 " attempts = attempts + 1 WHERE orthanc_id = ?",
                 [(now, reason, orthanc_id) for orthanc_id, reason in reasons.items()],
             )
+            self._requeue_restored(db, list(reasons), now)
+
+    @staticmethod
+    def _requeue_restored(db: sqlite3.Connection, orthanc_ids: Sequence[str], now: float) -> None:
+        """Orthanc stored a new file while the old one was being sent: send the new one."""
+        db.executemany(
+            "UPDATE instances SET state = 'pending', next_attempt = ?, attempts = 0,"
+            " last_error = NULL, done_at = NULL, restored = 0"
+            " WHERE orthanc_id = ? AND restored = 1",
+            [(now, orthanc_id) for orthanc_id in orthanc_ids],
+        )
 
     def reschedule(self, retries: Sequence[Retry], *, now: float) -> None:
         """Put claimed instances back to wait; rows no longer in flight keep their outcome."""
@@ -226,7 +245,7 @@ class SqliteOutbox:
             for r in retries:
                 moved = db.execute(
                     "UPDATE instances SET state = 'pending', next_attempt = ?, last_error = ?,"
-                    " alone = ?, attempts = attempts + ?"
+                    " alone = ?, attempts = attempts + ?, restored = 0"
                     " WHERE orthanc_id = ? AND state = 'inflight'",
                     (now + r.delay, r.error, int(r.alone), int(r.counts_as_attempt), r.orthanc_id),
                 ).rowcount
@@ -239,7 +258,8 @@ class SqliteOutbox:
         """Put claimed instances back untouched (shutdown, paused token)."""
         with self._transaction() as db:
             db.executemany(
-                "UPDATE instances SET state = 'pending' WHERE orthanc_id = ? AND state = 'inflight'",
+                "UPDATE instances SET state = 'pending', restored = 0"
+                " WHERE orthanc_id = ? AND state = 'inflight'",
                 [(orthanc_id,) for orthanc_id in orthanc_ids],
             )
 
@@ -254,7 +274,7 @@ class SqliteOutbox:
         """At start-up: what was in flight when the process died is pending again."""
         with self._transaction() as db:
             return db.execute(
-                "UPDATE instances SET state = 'pending' WHERE state = 'inflight'"
+                "UPDATE instances SET state = 'pending', restored = 0 WHERE state = 'inflight'"
             ).rowcount
 
     def make_due(self, *, now: float) -> int:

@@ -703,6 +703,25 @@ def test_refused_token_pauses_sending_and_nothing_is_lost(make_rig: RigFactory) 
     assert "401" in (health.last_error or "")
 
 
+@pytest.mark.parametrize("status", [404, 405])
+def test_a_stow_endpoint_that_does_not_exist_pauses_sending_and_nothing_is_lost(
+    make_rig: RigFactory, status: int
+) -> None:
+    def wrong_url(uids: list[str]) -> StowAnswer:
+        raise KheopsRejected(f"STOW-RS: KHEOPS answered {status}", status=status)
+
+    rig = started(make_rig())
+    rig.kheops.script(wrong_url)
+    rig.kheops.then = store_all
+    rig.add(1, 2, 3)
+
+    rig.await_state(State.PAUSED)
+
+    rig.await_counts("released", pending=3, inflight=0)
+    assert rig.outbox.counts()["failed"] == 0
+    assert "check Kheops.Url" in rig.forwarder.health.snapshot().detail
+
+
 @pytest.mark.parametrize("still_wrong", [INACTIVE, USER_TOKEN, READ_ONLY])
 def test_paused_sending_resumes_only_when_introspection_says_active_album_and_write(
     make_rig: RigFactory, still_wrong: Introspection

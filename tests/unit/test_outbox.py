@@ -264,10 +264,38 @@ def test_requeue_leaves_an_inflight_instance_to_its_worker(outbox: SqliteOutbox)
     outbox.enqueue([("a", 1)], now=T0, requeue=True)
     _claim(outbox)
 
-    changed = outbox.enqueue([("a", 1)], now=T0 + 1, requeue=True)
+    outbox.enqueue([("a", 1)], now=T0 + 1, requeue=True)
 
-    assert changed == 0
     assert _state(outbox, "a") == "inflight"
+    assert _claim(outbox) == []
+
+
+@pytest.mark.parametrize("verdict", ["sent", "failed"])
+def test_an_instance_stored_again_while_in_flight_is_sent_again_after_its_verdict(
+    outbox: SqliteOutbox, verdict: str
+) -> None:
+    outbox.enqueue([("a", 1)], now=T0, requeue=True)
+    _claim(outbox)
+    outbox.enqueue([("a", 2)], now=T0 + 1, requeue=True)
+
+    if verdict == "sent":
+        outbox.mark_sent(["a"], now=T0 + 2)
+    else:
+        outbox.mark_failed({"a": "292"}, now=T0 + 2)
+
+    row = outbox.lookup(["a"])["a"]
+    assert (row.state, row.size, row.attempts, row.last_error) == ("pending", 2, 0, None)
+    assert _claim(outbox, now=T0 + 2) == ["a"]
+
+
+def test_a_verdict_on_an_instance_not_stored_again_is_final(outbox: SqliteOutbox) -> None:
+    outbox.enqueue([("a", 1)], now=T0, requeue=True)
+    _claim(outbox)
+    outbox.enqueue([("b", 1)], now=T0 + 1, requeue=True)
+
+    outbox.mark_sent(["a"], now=T0 + 2)
+
+    assert _state(outbox, "a") == "sent"
 
 
 def test_the_reconciler_does_not_touch_instances_already_in_the_outbox(
