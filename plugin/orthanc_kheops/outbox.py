@@ -142,6 +142,7 @@ class SqliteOutbox:
         if version is None:
             self.set_meta("schema_version", SCHEMA_VERSION)
         elif version != SCHEMA_VERSION:
+            self._db.close()
             raise RuntimeError(
                 f"outbox {path} has schema version {version}; this plugin reads {SCHEMA_VERSION}"
             )
