@@ -186,7 +186,7 @@ class RuleStore:
         previous = json.loads(old["document"]) if old is not None else {}
         if old is not None and previous.get("DestinationToken") != document.get("DestinationToken"):
             db.execute("DELETE FROM shares WHERE rule = ? AND state != 'pending'", (name,))
-        if albums is None and old is not None and _tokens(previous) == _tokens(document):
+        if albums is None and old is not None and tokens(previous) == tokens(document):
             albums = (old["destination_album"], old["source_album"])
         destination, source = albums if albums is not None else (None, None)
         db.execute(
@@ -270,11 +270,7 @@ class RuleStore:
         rows = [(k.rule, k.study_uid, k.series_uid, now, now) for k in keys]
         with self._transaction() as db:
             if watermark is not None:
-                db.execute(
-                    "INSERT INTO meta (key, value) VALUES ('evaluated_through', ?)"
-                    " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                    (json.dumps(watermark),),
-                )
+                _set_meta(db, "evaluated_through", watermark)
             before = db.total_changes
             db.executemany(
                 "INSERT OR IGNORE INTO shares (rule, study_uid, series_uid, state, queued_at,"
@@ -406,11 +402,7 @@ class RuleStore:
             if value is None:
                 db.execute("DELETE FROM meta WHERE key = ?", (key,))
             else:
-                db.execute(
-                    "INSERT INTO meta (key, value) VALUES (?, ?)"
-                    " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                    (key, json.dumps(value)),
-                )
+                _set_meta(db, key, value)
 
     def close(self) -> None:
         with self._lock:
@@ -433,8 +425,17 @@ def _rule(row: sqlite3.Row) -> StoredRule:
     )
 
 
-def _tokens(document: Mapping[str, Any]) -> tuple[object, object]:
+def tokens(document: Mapping[str, Any]) -> tuple[object, object]:
+    """The two tokens of a rule document, to tell whether a change touches them."""
     return document.get("DestinationToken"), document.get("SourceToken")
+
+
+def _set_meta(db: sqlite3.Connection, key: str, value: object) -> None:
+    db.execute(
+        "INSERT INTO meta (key, value) VALUES (?, ?)"
+        " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        (key, json.dumps(value)),
+    )
 
 
 def _job(row: sqlite3.Row) -> ShareJob:

@@ -24,7 +24,7 @@ from .masking import Secret, mask
 from .orthanc_rest import OrthancNotFound, OrthancRest, OrthancUnavailable
 from .outbox import Outbox
 from .routing import HttpError, Request, Response, Router, json_object, string_list
-from .rule_store import ShareCounts, ShareKey, StoredRule
+from .rule_store import ShareCounts, ShareKey, StoredRule, tokens
 from .rules import CONFIG_KEY, Albums, Rule, RuleError, check_tokens, parse_rule
 from .sharing import OrthancSeries, SeriesVerdict, Sharer, evaluate_series, read_instance, series_of
 
@@ -125,7 +125,7 @@ class RulesApi:
                 )
             document = _merged(stored.document, changes)
             rule = self._parse(document)
-            tokens_kept = _tokens(document) == _tokens(stored.document)
+            tokens_kept = tokens(document) == tokens(stored.document)
             # A rule can always be switched off, even while KHEOPS cannot be asked.
             albums = None if tokens_kept and not rule.enabled else self._check_tokens(rule)
             self._save(rule, albums)
@@ -339,10 +339,6 @@ def _merged(document: Mapping[str, Any], changes: Mapping[str, object]) -> dict[
         else:
             merged[key] = value
     return merged
-
-
-def _tokens(document: Mapping[str, Any]) -> tuple[object, object]:
-    return document.get("DestinationToken"), document.get("SourceToken")
 
 
 def _tag_name(tag: BaseTag) -> str:
