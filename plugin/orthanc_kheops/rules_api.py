@@ -101,12 +101,15 @@ class RulesApi:
         document = dict(json_object(request))
         with self._saving:
             rule = self._parse(document)
-            if self._store.rule(rule.name) is not None:
+            existing = self._store.rule(rule.name)
+            if existing is not None:
+                how = (
+                    f"it comes from {CONFIG_KEY}; choose another name"
+                    if existing.origin == "config"
+                    else f"change it with PUT /kheops/rules/{rule.name}"
+                )
                 raise HttpError(
-                    409,
-                    f"Name: a rule named {rule.name!r} exists already;"
-                    f" change it with PUT /kheops/rules/{rule.name}",
-                    field="Name",
+                    409, f"Name: a rule named {rule.name!r} exists already; {how}", field="Name"
                 )
             albums = self._check_tokens(rule)
             self._save(rule, albums)
