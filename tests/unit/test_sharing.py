@@ -23,7 +23,7 @@ from orthanc_kheops.kheops import (
     KheopsUnavailable,
 )
 from orthanc_kheops.masking import Secret
-from orthanc_kheops.orthanc_rest import OrthancNotFound, OrthancRest
+from orthanc_kheops.orthanc_rest import ChangePage, OrthancNotFound, OrthancRest, StoredInstance
 from orthanc_kheops.outbox import SqliteOutbox
 from orthanc_kheops.rule_store import RuleStore, ShareCounts, ShareKey, StoredRule
 from orthanc_kheops.rules import Rule, parse_rule
@@ -96,7 +96,10 @@ class _Kheops:
 
 
 class _Orthanc(OrthancRest):
-    """Orthanc's REST API from dictionaries; any other call is not expected."""
+    """Orthanc's REST API from dictionaries; the other calls are not expected.
+
+    __init__ does not call OrthancRest's: there is no session, so no request can go out.
+    """
 
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
@@ -118,8 +121,14 @@ class _Orthanc(OrthancRest):
             raise OrthancNotFound(f"no resource {orthanc_id!r}")
         return self.levels[orthanc_id]
 
-    def _get(self, path: str, params: dict[str, object] | None = None) -> Any:
-        raise NotImplementedError(path)
+    def instances_of(self, level: str, orthanc_id: str) -> list[StoredInstance]:
+        raise NotImplementedError
+
+    def changes(self, since: int, *, limit: int = 1000) -> ChangePage:
+        raise NotImplementedError
+
+    def last_change(self) -> int:
+        raise NotImplementedError
 
 
 def _config(**fields: Any) -> KheopsConfig:
