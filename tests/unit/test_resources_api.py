@@ -32,8 +32,8 @@ class FakeOrthanc(OrthancRest):
             raise OrthancNotFound(f"Orthanc REST {path}: not found")
         return self.documents[path]
 
-    def _get(self, path: str, params: dict[str, object] | None = None) -> Any:
-        raise NotImplementedError(path)
+    def _get(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(args)
 
 
 def study_documents() -> dict[str, object]:
