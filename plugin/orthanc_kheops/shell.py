@@ -21,8 +21,10 @@ from .config import SECTION, ConfigError, KheopsConfig, load_config
 from .forwarder import Forwarder
 from .kheops import KheopsClient, make_session
 from .masking import Redactor, Secret
+from .metrics import MetricsCollector, MetricsPublisher, rule_figures
 from .orthanc_rest import OrthancRest
 from .outbox import SqliteOutbox
+from .resources_api import ResourcesApi
 from .routing import Request, Response, Router
 from .rule_store import RuleStore
 from .rules import Rule, config_rules
@@ -30,6 +32,8 @@ from .rules_api import RulesApi
 from .sharing import Sharer
 
 log = logging.getLogger("orthanc_kheops")
+
+_EXPLORER_JS = Path(__file__).with_name("explorer.js")
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -110,6 +114,14 @@ class _Plugin:
             orthanc=self.orthanc,
             rules_summary=rules_api.summary,
         ).register(self.router)
+        ResourcesApi(outbox=self.outbox, orthanc=self.orthanc).register(self.router)
+        collector = MetricsCollector(
+            outbox=self.outbox,
+            stats=self.forwarder.stats,
+            health=self.forwarder.health,
+            rules=lambda: rule_figures(self.sharer.store, self.sharer.failing()),
+        )
+        self.metrics = MetricsPublisher(collector.values, _set_metric)
 
     def on_stored_instance(self, dicom: Any, instance_id: str) -> None:
         """Runs under Orthanc's lock: record the instance and return."""
@@ -125,6 +137,7 @@ class _Plugin:
 
     def on_change(self, change_type: int, level: int, resource_id: str) -> None:
         if change_type == orthanc.ChangeType.ORTHANC_STARTED:
+            self.metrics.start()  # Orthanc takes metrics only once it has started
             if self.config.enabled:
                 self.sharer.start()
                 self.forwarder.start()
@@ -138,6 +151,7 @@ class _Plugin:
         elif change_type == orthanc.ChangeType.ORTHANC_STOPPED:
             self.forwarder.stop(timeout=10)
             self.sharer.stop(timeout=10)
+            self.metrics.stop()
             log.warning("forwarding stopped; unsent instances stay queued")
 
     def on_rest(self, output: Any, uri: str, **request: Any) -> None:
@@ -154,6 +168,12 @@ class _Plugin:
             log.exception("REST %s failed", uri)
             response = Response(500, {"HttpStatus": 500, "Message": self.redactor.redact(str(exc))})
         _answer(output, response)
+        if request["method"] != "GET":
+            self.metrics.wake()
+
+
+def _set_metric(name: str, value: float) -> None:
+    orthanc.SetMetricsValue(name, value, orthanc.MetricsType.DEFAULT)
 
 
 def _answer(output: Any, response: Response) -> None:
@@ -191,6 +211,7 @@ def install() -> None:
     orthanc.RegisterOnStoredInstanceCallback(plugin.on_stored_instance)
     orthanc.RegisterOnChangeCallback(plugin.on_change)
     orthanc.RegisterRestCallback("/kheops/(.*)", plugin.on_rest)
+    orthanc.ExtendOrthancExplorer(_EXPLORER_JS.read_text(encoding="utf-8"))
     log.warning("plugin loaded; state in %s", config.state_directory)
 
 
