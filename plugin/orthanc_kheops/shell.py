@@ -17,6 +17,7 @@ from typing import Any
 import orthanc
 
 from .api import ForwardingApi
+from .audit import audit_line
 from .config import SECTION, ConfigError, KheopsConfig, load_config
 from .forwarder import Forwarder
 from .kheops import KheopsClient, make_session
@@ -155,21 +156,23 @@ class _Plugin:
             log.warning("forwarding stopped; unsent instances stay queued")
 
     def on_rest(self, output: Any, uri: str, **request: Any) -> None:
+        call = Request(
+            method=request["method"],
+            path=request["groups"][0],
+            query=dict(request.get("get") or {}),
+            body=request.get("body") or b"",
+        )
         try:
-            response = self.router.handle(
-                Request(
-                    method=request["method"],
-                    path=request["groups"][0],
-                    query=dict(request.get("get") or {}),
-                    body=request.get("body") or b"",
-                )
-            )
+            response = self.router.handle(call)
         except Exception as exc:
             log.exception("REST %s failed", uri)
             response = Response(500, {"HttpStatus": 500, "Message": self.redactor.redact(str(exc))})
         _answer(output, response)
-        if request["method"] != "GET":
+        if call.method != "GET":
             self.metrics.wake()
+            line = audit_line(call, response)
+            if line is not None:
+                log.log(*line)
 
 
 def _set_metric(name: str, value: float) -> None:

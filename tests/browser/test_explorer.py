@@ -193,6 +193,19 @@ def test_a_valid_rule_appears_in_the_list_takes_effect_and_can_be_changed_and_de
     expect(page.locator(".kheops-rule")).to_have_count(0)
     explorer.assert_no_token_shown(kheops.tokens)
 
+    # Each change is one line of Orthanc's log, which names no token.
+    wait_until(lambda: "rule 'ct-research' deleted through REST" in orthanc.log)
+    log = orthanc.log
+    assert (
+        log.count(
+            f"rule 'ct-research' created through REST, enabled, sharing into album {album_id}"
+        )
+        == 1
+    )
+    assert log.count("rule 'ct-research' changed through REST: Enabled=false") == 1
+    assert log.count("rule 'ct-research' changed through REST: Condition, Enabled=false") == 1
+    assert not [token for token in kheops.tokens if token in log]
+
 
 def test_rules_from_the_configuration_are_shown_read_only(
     start_orthanc: OrthancFactory, open_explorer: OpenExplorer, kheops: Kheops
