@@ -303,6 +303,8 @@ class Forwarder:
             else:
                 retries.append(x.item)
                 reasons[x.item.orthanc_id] = judgement.reason
+        if sent and not self._hand_on(sent):
+            sent = []
         if sent:
             self._outbox.mark_sent([x.item.orthanc_id for x in sent], now=now)
             self.stats.record_sent(len(sent), now=now)
@@ -317,7 +319,17 @@ class Forwarder:
             self.health.record_error(next(iter(failed.values())), now)
         for item in retries:
             self._retry_all([item], reasons[item.orthanc_id])
-        if sent and self._after_store is not None:
+
+    def _hand_on(self, sent: Sequence[_Loaded]) -> bool:
+        """Give what KHEOPS stored to `after_store` before the outbox marks it sent.
+
+        In this order a crash in between costs a second upload, which KHEOPS takes
+        without harm, and never a share. If `after_store` fails, the instances are
+        retried as if the upload had failed, and handed on again after it.
+        """
+        if self._after_store is None:
+            return True
+        try:
             self._after_store(
                 [
                     SentInstance(
@@ -330,6 +342,11 @@ class Forwarder:
                     for x in sent
                 ]
             )
+        except Exception as exc:
+            log.exception("could not record the shares of %d stored instances", len(sent))
+            self._retry_all([x.item for x in sent], f"could not record its shares: {exc}")
+            return False
+        return True
 
     def _rejected(self, items: Sequence[QueuedInstance], error: str) -> None:
         """A 400 names no instance: send each one alone to find the one KHEOPS cannot read."""

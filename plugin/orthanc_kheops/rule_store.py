@@ -260,17 +260,10 @@ class RuleStore:
 
     # -- shares --------------------------------------------------------------------------
 
-    def add_shares(
-        self, keys: Iterable[ShareKey], *, now: float, watermark: float | None = None
-    ) -> int:
-        """Queue shares not seen before (the dedupe); returns how many are new.
-
-        `watermark`, when given, is saved as meta "evaluated_through" in the same transaction.
-        """
+    def add_shares(self, keys: Iterable[ShareKey], *, now: float) -> int:
+        """Queue shares not seen before (the dedupe); returns how many are new."""
         rows = [(k.rule, k.study_uid, k.series_uid, now, now) for k in keys]
         with self._transaction() as db:
-            if watermark is not None:
-                _set_meta(db, "evaluated_through", watermark)
             before = db.total_changes
             db.executemany(
                 "INSERT OR IGNORE INTO shares (rule, study_uid, series_uid, state, queued_at,"

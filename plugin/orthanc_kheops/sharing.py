@@ -15,11 +15,10 @@ records the outcome:
   rule resumes, and the next share decides.
 - other 4xx: failed with KHEOPS's reason.
 
-Crash window: the forwarder marks instances sent before it calls `after_store`, so a crash
-between the two would lose their shares. `after_store` therefore saves a watermark (the time
-it last ran) with the jobs, and at start-up the worker evaluates again the instances the
-outbox marked sent since that watermark, minus `CRASH_MARGIN` for senders that were running
-concurrently (see `_replay`). Jobs are deduplicated, so evaluating twice is harmless.
+Crash window: the forwarder hands instances to `after_store` before the outbox marks them
+sent, and retries them if it raises. A crash in between costs a second upload of those
+instances (KHEOPS takes it without harm) and never a share; jobs are deduplicated, so
+evaluating an instance twice is harmless.
 """
 
 from __future__ import annotations
@@ -48,7 +47,6 @@ from .kheops import (
 )
 from .masking import Secret
 from .orthanc_rest import OrthancNotFound, OrthancRest
-from .outbox import Outbox
 from .rule_store import RuleStore, ShareJob, ShareKey
 from .rules import Origin, Rule, RuleError, check_tokens, parse_rule
 
@@ -56,13 +54,7 @@ log = logging.getLogger(__name__)
 
 NOT_FOUND_ATTEMPTS = 5
 """404 answers before a share is failed: the series should be in the main album by then."""
-CRASH_MARGIN = 60.0
-"""Seconds replayed before the watermark: longer than a sender takes between the two steps."""
-WATERMARK = "evaluated_through"
-REPLAY_FROM = "replay_from"
-_WATERMARK_EVERY = 1.0
 _BATCH = 20
-_REPLAY_PAGE = 200
 _IDLE_POLL = 1.0
 
 
@@ -104,7 +96,6 @@ class Sharer:
         store: RuleStore,
         kheops: KheopsApi,
         orthanc: OrthancRest,
-        outbox: Outbox,
         remember_secret: Callable[[Secret], None] = lambda secret: None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -112,15 +103,12 @@ class Sharer:
         self.store = store
         self._kheops = kheops
         self._orthanc = orthanc
-        self._outbox = outbox
         self._remember = remember_secret
         self._clock = clock
         self._lock = threading.Lock()
         self._rules: Mapping[str, Rule] = {}
         self._failing: dict[str, str] = {}
         self._reported: dict[str, str] = {}  # failures logged, until a share works again
-        self._unrecorded: list[tuple[float, list[SentInstance]]] = []
-        self._watermark_written = 0.0
         self._pause_until = 0.0
         self._outages = 0
         self._next_check = 0.0
@@ -176,18 +164,10 @@ class Sharer:
     # -- from stored instances to jobs (sender threads) ----------------------------------
 
     def after_store(self, instances: Sequence[SentInstance]) -> None:
-        """Called by a sender right after a STOW: evaluate, queue, wake; never raises."""
-        try:
-            self._record(instances)
-        except Exception:
-            log.exception(
-                "could not queue the shares of %d stored instances; trying again", len(instances)
-            )
-            with self._lock:
-                self._unrecorded.append((self._clock(), list(instances)))
-            self._wake.set()
+        """Called by a sender right after a STOW: evaluate, queue, wake.
 
-    def _record(self, instances: Sequence[SentInstance]) -> int:
+        It raises when the jobs cannot be saved: the sender then retries the instances.
+        """
         enabled = [rule for rule in self.rules.values() if rule.enabled]
         keys, errors = matching_shares(enabled, instances)
         for rule, instance, exc in errors:
@@ -197,30 +177,12 @@ class Sharer:
                 instance.orthanc_id,
                 exc,
             )
-        now = self._clock()
-        with self._lock:
-            oldest = min((at for at, _ in self._unrecorded), default=now)
-            due = bool(keys) or oldest < now or now - self._watermark_written >= _WATERMARK_EVERY
-            if due:
-                self._watermark_written = now
-        if not due:
-            return 0
-        new = self.store.add_shares(keys, now=now, watermark=oldest)
+        if not keys:
+            return
+        new = self.store.add_shares(keys, now=self._clock())
         if new:
             log.info("%d series to share into switching albums", new)
             self._wake.set()
-        return new
-
-    def _record_unrecorded(self) -> None:
-        with self._lock:
-            waiting, self._unrecorded = self._unrecorded, []
-        for index, (_at, instances) in enumerate(waiting):
-            try:
-                self._record(instances)
-            except Exception:
-                with self._lock:
-                    self._unrecorded[:0] = waiting[index:]
-                raise
 
     # -- the worker ----------------------------------------------------------------------
 
@@ -253,23 +215,18 @@ class Sharer:
                 self._idle()
 
     def prepare(self) -> None:
-        """What the worker does once at start; each part failing is logged, not fatal."""
-        for part, what in (
-            (self._replay, "evaluating the instances sent just before the last stop"),
-            (self._check_all_tokens, "checking the tokens of the rules"),
-        ):
-            try:
-                part()
-            except Exception:
-                log.exception("switching albums: %s failed", what)
+        """What the worker does once at start: check the tokens of the rules (not fatal)."""
+        try:
+            self._check_all_tokens()
+        except Exception:
+            log.exception("switching albums: checking the tokens of the rules failed")
         self._next_check = self._clock() + self._config.token_recheck
 
     def step(self) -> bool:
-        """One pass of the worker: late jobs, token rechecks when due, due shares.
+        """One pass of the worker: token rechecks when due, then due shares.
 
         Returns whether it shared anything (if not, the worker waits).
         """
-        self._record_unrecorded()
         if self._clock() >= self._next_check:
             self._recheck_failing()
             self._next_check = self._clock() + self._config.token_recheck
@@ -436,48 +393,8 @@ class Sharer:
             self._wake.set()
         return True
 
-    # -- crash window ----------------------------------------------------------------------
 
-    def _replay(self) -> None:
-        """Evaluate again the instances marked sent since the watermark (see the module doc).
-
-        The start of the window is saved first and cleared at the end, so that a replay cut
-        short by another stop is done again at the next start.
-        """
-        now = self._clock()
-        watermark = self.store.get_meta(WATERMARK)
-        pending = self.store.get_meta(REPLAY_FROM)
-        starts = [float(v) for v in (pending,) if isinstance(v, int | float)]
-        if isinstance(watermark, int | float):
-            starts.append(float(watermark) - CRASH_MARGIN)
-        if not starts:
-            self.store.set_meta(WATERMARK, now)
-            return
-        since = min(starts)
-        self.store.set_meta(REPLAY_FROM, since)
-        evaluated = 0
-        if any(rule.enabled for rule in self.rules.values()):
-            offset = 0
-            while not self._stopping.is_set():
-                page = self._outbox.entries("sent", limit=_REPLAY_PAGE, offset=offset)
-                recent = [e for e in page if e.done_at is not None and e.done_at >= since]
-                loaded = [read_instance(self._orthanc, e.orthanc_id) for e in recent]
-                instances = [instance for instance in loaded if instance is not None]
-                self._record(instances)
-                evaluated += len(instances)
-                if len(recent) < _REPLAY_PAGE:
-                    break
-                offset += _REPLAY_PAGE
-        if self._stopping.is_set():
-            return
-        self.store.set_meta(REPLAY_FROM, None)
-        if evaluated:
-            log.info(
-                "evaluated the rules again on %d instances sent before the last stop", evaluated
-            )
-
-
-# -- reading instances back from Orthanc (replay, dry run, apply) ------------------------------
+# -- reading instances back from Orthanc (dry run, apply) ------------------------------
 
 
 @dataclass(frozen=True)

@@ -87,7 +87,6 @@ class _Plugin:
             store=RuleStore(config.state_directory / "switching.sqlite3"),
             kheops=self.kheops,
             orthanc=self.orthanc,
-            outbox=self.outbox,
             remember_secret=redactor.add,
         )
         self.sharer.install_config_rules(rules)

@@ -931,32 +931,48 @@ def test_an_unexpected_error_in_a_batch_retries_it(make_rig: RigFactory) -> None
     rig.await_counts("sent", sent=1)
 
 
-def test_an_error_after_the_verdicts_were_recorded_does_not_undo_them(
+def test_instances_are_handed_on_before_they_are_marked_sent(make_rig: RigFactory) -> None:
+    states_seen: list[dict[str, str]] = []
+    rig = make_rig(after_store=lambda sent: states_seen.append(outbox_states(sent)))
+    outbox = rig.outbox
+
+    def outbox_states(sent: Sequence[SentInstance]) -> dict[str, str]:
+        found = outbox.lookup([i.orthanc_id for i in sent])
+        return {orthanc_id: row.state for orthanc_id, row in found.items()}
+
+    rig.kheops.then = store_all
+    rig.add(1, 2)
+    started(rig)
+
+    rig.await_counts("sent", sent=2)
+
+    # A crash between the two steps costs a second upload, never a share.
+    assert states_seen == [{orthanc_id(1): "inflight", orthanc_id(2): "inflight"}]
+
+
+def test_instances_whose_shares_cannot_be_recorded_are_sent_and_handed_on_again(
     make_rig: RigFactory,
 ) -> None:
-    calls: list[int] = []
+    handed: list[list[str]] = []
 
     def after_store(sent: Sequence[SentInstance]) -> None:
-        calls.append(len(sent))
-        if len(calls) == 1:
-            raise RuntimeError("sharing failed")
+        handed.append([i.orthanc_id for i in sent])
+        if len(handed) == 1:
+            raise OSError("disk full")
 
     rig = make_rig(after_store=after_store)
     rig.kheops.script(refuse({sop_uid(2): 262}))
     rig.kheops.then = store_all
     rig.add(1, 2)
     started(rig)
-    wait_until(lambda: calls, timeout=TIMEOUT, message="first batch handed on")
 
-    rig.add(3)  # one worker: once this one is sent, the first batch is fully handled
-    rig.await_counts("second batch sent", sent=2, failed=1)
+    rig.await_counts("the stored one waits for another try", pending=1, failed=1)
+    assert "could not record its shares" in (rig.row(1).last_error or "")
     rig.move_clock(3600)
-    rig.add(4)
-    rig.await_counts("third batch sent", sent=3, failed=1)
+    rig.await_counts("sent on the second try", sent=1, failed=1)
 
-    assert rig.states(1, 2, 3, 4) == {1: "sent", 2: "failed", 3: "sent", 4: "sent"}
-    assert rig.kheops.request_sizes() == [2, 1, 1]
-    assert rig.outbox.get_meta("retries") is None
+    assert handed == [[orthanc_id(1)], [orthanc_id(1)]]
+    assert rig.kheops.request_sizes() == [2, 1]
 
 
 def test_an_unexpected_error_in_the_start_up_token_check_does_not_stop_the_supervisor(

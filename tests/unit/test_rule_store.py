@@ -239,14 +239,6 @@ def test_shares_of_an_unknown_rule_are_ignored(store: RuleStore) -> None:
     assert store.add_shares([_key("s1", "gone")], now=T0) == 0
 
 
-def test_the_watermark_is_saved_with_the_shares(store: RuleStore) -> None:
-    _save(store)
-
-    store.add_shares([], now=T0, watermark=T0 - 5)
-
-    assert store.get_meta("evaluated_through") == T0 - 5
-
-
 def test_due_shares_are_those_of_the_given_rules_whose_time_has_come(store: RuleStore) -> None:
     _save(store)
     _save(store, "held")

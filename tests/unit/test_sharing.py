@@ -24,14 +24,10 @@ from orthanc_kheops.kheops import (
 )
 from orthanc_kheops.masking import Secret
 from orthanc_kheops.orthanc_rest import ChangePage, OrthancNotFound, OrthancRest, StoredInstance
-from orthanc_kheops.outbox import SqliteOutbox
 from orthanc_kheops.rule_store import RuleStore, ShareCounts, ShareKey, StoredRule
 from orthanc_kheops.rules import Rule, parse_rule
 from orthanc_kheops.sharing import (
-    CRASH_MARGIN,
     NOT_FOUND_ATTEMPTS,
-    REPLAY_FROM,
-    WATERMARK,
     OrthancSeries,
     Sharer,
     evaluate_series,
@@ -147,7 +143,6 @@ def _config(**fields: Any) -> KheopsConfig:
 class _World:
     sharer: Sharer
     store: RuleStore
-    outbox: SqliteOutbox
     kheops: _Kheops
     orthanc: _Orthanc
     clock: _Clock
@@ -174,10 +169,9 @@ class _World:
 def _make_world(directory: Path, **config_fields: Any) -> _World:
     config = _config(**config_fields)
     store = RuleStore(directory / "switching.sqlite3")
-    outbox = SqliteOutbox(directory / "outbox.sqlite3")
     kheops, orthanc, clock = _Kheops(), _Orthanc(), _Clock()
-    sharer = Sharer(config, store=store, kheops=kheops, orthanc=orthanc, outbox=outbox, clock=clock)
-    return _World(sharer, store, outbox, kheops, orthanc, clock, config)
+    sharer = Sharer(config, store=store, kheops=kheops, orthanc=orthanc, clock=clock)
+    return _World(sharer, store, kheops, orthanc, clock, config)
 
 
 @pytest.fixture
@@ -186,7 +180,6 @@ def world(tmp_path: Path) -> Iterator[_World]:
     yield made
     made.sharer.stop(timeout=5)
     made.store.close()
-    made.outbox.close()
 
 
 def _instance(
@@ -280,51 +273,28 @@ def test_a_disabled_rule_queues_nothing(world: _World) -> None:
     assert world.counts("off") == ShareCounts()
 
 
-def test_the_watermark_is_saved_with_the_shares(world: _World) -> None:
-    world.add_rule("all")
-
-    world.sharer.after_store([_instance("a")])
-
-    assert world.store.get_meta(WATERMARK) == T0
-
-
-def test_after_store_never_raises_and_its_shares_are_queued_later(
+def test_after_store_raises_when_the_shares_cannot_be_saved(
     world: _World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The forwarder then retries the instances, so their shares are evaluated again."""
     world.add_rule("all")
-    queue = world.store.add_shares
 
     def failing(*args: Any, **kwargs: Any) -> int:
         raise OSError("disk full")
 
     monkeypatch.setattr(world.store, "add_shares", failing)
-    world.sharer.after_store([_instance("a")])
-    monkeypatch.setattr(world.store, "add_shares", queue)
 
-    assert world.counts("all") == ShareCounts()
-    world.sharer.step()
-    assert world.counts("all") == ShareCounts(shared=1)
+    with pytest.raises(OSError, match="disk full"):
+        world.sharer.after_store([_instance("a")])
 
 
-def test_the_watermark_stays_at_the_oldest_instances_not_yet_queued(
+def test_after_store_saves_nothing_when_no_rule_matches(
     world: _World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    world.add_rule("all")
-    queue = world.store.add_shares
-    calls = iter([OSError("disk full")])
+    world.add_rule("ct", CT)
+    monkeypatch.setattr(world.store, "add_shares", lambda *a, **k: pytest.fail("saved"))
 
-    def failing_once(*args: Any, **kwargs: Any) -> int:
-        error = next(calls, None)
-        if error is not None:
-            raise error
-        return queue(*args, **kwargs)
-
-    monkeypatch.setattr(world.store, "add_shares", failing_once)
-    world.sharer.after_store([_instance("a")])
-    world.clock.now = T0 + 50
-    world.sharer.after_store([_instance("b")])
-
-    assert world.store.get_meta(WATERMARK) == T0
+    world.sharer.after_store([_instance("a", modality="MR")])
 
 
 # --- the worker: outcomes -----------------------------------------------------------------------
@@ -479,7 +449,6 @@ def test_a_share_older_than_the_maximum_age_fails_instead_of_waiting(tmp_path: P
 
     assert world.counts("all") == ShareCounts(failed=1)
     world.store.close()
-    world.outbox.close()
 
 
 def test_the_shares_of_a_disabled_rule_wait_until_it_is_enabled(world: _World) -> None:
@@ -560,78 +529,6 @@ def test_config_rules_replace_rest_rules_of_the_same_name(world: _World) -> None
     rule = world.sharer.rules["shared-name"]
     assert (rule.origin, rule.condition.text) == ("config", MR)
     assert world.counts("shared-name") == ShareCounts()
-
-
-# --- the crash window ---------------------------------------------------------------------------
-
-
-def _series_uid(name: str) -> str:
-    return "1.2.3." + str(int.from_bytes(name.encode(), "big"))
-
-
-def _sent(world: _World, orthanc_id: str, *, at: float, modality: str = "CT") -> None:
-    """An instance the outbox marked sent at `at`, whose file Orthanc has."""
-    dataset = make_dataset(
-        patient_id="P",
-        patient_name="DOE^JANE",
-        study_uid="1.2.3",
-        series_uid=_series_uid(orthanc_id),
-        modality=modality,
-    )
-    world.orthanc.files[orthanc_id] = to_bytes(dataset)
-    world.outbox.enqueue([(orthanc_id, 1)], now=at, requeue=True)
-    world.outbox.claim(now=at, max_count=100, max_bytes=1 << 30)
-    world.outbox.mark_sent([orthanc_id], now=at)
-
-
-def test_instances_sent_just_before_a_crash_are_evaluated_at_start_up(world: _World) -> None:
-    world.add_rule("ct", CT)
-    world.store.set_meta(WATERMARK, T0)
-    _sent(world, "old", at=T0 - CRASH_MARGIN - 1)
-    _sent(world, "margin", at=T0 - CRASH_MARGIN + 1)
-    _sent(world, "lost", at=T0 + 5)
-    _sent(world, "mr", at=T0 + 6, modality="MR")
-    world.clock.now = T0 + 100
-
-    world.sharer.prepare()
-
-    pending = {job.key.series_uid for job in world.store.shares("ct", state="pending", limit=10)}
-    assert pending == {_series_uid("margin"), _series_uid("lost")}
-    assert "old" not in world.orthanc.reads
-    assert world.store.get_meta(REPLAY_FROM) is None
-
-
-def test_a_first_start_sets_the_watermark_and_evaluates_nothing_again(world: _World) -> None:
-    world.add_rule("all")
-    _sent(world, "before", at=T0 - 1)
-
-    world.sharer.prepare()
-
-    assert world.store.get_meta(WATERMARK) == T0
-    assert world.counts("all") == ShareCounts()
-
-
-def test_a_replay_cut_short_is_done_again_from_where_it_started(world: _World) -> None:
-    world.add_rule("all")
-    world.store.set_meta(REPLAY_FROM, T0 - 500)
-    world.store.set_meta(WATERMARK, T0)
-    _sent(world, "early", at=T0 - 400)
-
-    world.sharer.prepare()
-
-    assert world.counts("all") == ShareCounts(pending=1)
-
-
-def test_an_instance_deleted_since_it_was_sent_is_skipped_by_the_replay(world: _World) -> None:
-    world.add_rule("all")
-    world.store.set_meta(WATERMARK, T0)
-    _sent(world, "gone", at=T0)
-    del world.orthanc.files["gone"]
-
-    world.sharer.prepare()
-
-    assert world.counts("all") == ShareCounts()
-    assert world.store.get_meta(REPLAY_FROM) is None
 
 
 # --- reading series back from Orthanc -----------------------------------------------------------
