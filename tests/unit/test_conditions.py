@@ -5,6 +5,11 @@ from typing import Any
 
 import pydicom
 import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.tag import BaseTag
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
 from orthanc_kheops.conditions import (
     MAX_DEPTH,
     MAX_LENGTH,
@@ -13,10 +18,6 @@ from orthanc_kheops.conditions import (
     compile_condition,
     tag_value,
 )
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.sequence import Sequence
-from pydicom.tag import BaseTag
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 PRIVATE_TAG = 0x00091010
 
