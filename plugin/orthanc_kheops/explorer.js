@@ -57,7 +57,9 @@
     }
     if (status.State === 'paused') {
       var code = /answered (\d{3})/.exec(detail);
-      return { tone: 'bad', detail: detail,
+      return { tone: 'bad',
+               detail: detail + '. Nothing is lost: instances stay queued, and sending resumes' +
+                       ' by itself once KHEOPS accepts the token again.',
                text: 'Paused: KHEOPS refuses the token' + (code ? ' (' + code[1] + ')' : '') +
                      ' since ' + when(status.Since) };
     }
@@ -279,8 +281,11 @@
       connection.append($('<li>').append($('<p>').text('KHEOPS')).append($('<h3>').text(status.Url)));
       connection.append($('<li>').append($('<p>').text('Token (masked)'))
         .append($('<h3>').text(status.Token)));
+      var inactive = status.TokenActive === false;
       connection.append($('<li>').append($('<p>').text('Album'))
-        .append($('<h3>').text(status.AlbumId || 'unknown yet')));
+        .append($('<h3>').text(status.AlbumId ||
+                               (inactive ? 'none: KHEOPS says the token is not active'
+                                         : 'unknown yet'))));
       connection.append($('<li>').append($('<p>').text('Permissions'))
         .append($('<h3>').text(status.Permissions ? status.Permissions.join(', ') || 'none'
                                                   : 'unknown yet')));
@@ -447,30 +452,41 @@
     (slot.length ? slot : general).text(problem.message);
   }
 
+  function nameEditable(editable) {
+    // A rule cannot be renamed; jQuery Mobile greys the field out as well.
+    $('#kheops-rule-name').prop('disabled', !editable).textinput(editable ? 'enable' : 'disable');
+  }
+
+  function saveLabel(text) {
+    // jQuery Mobile shows a <button> through a span next to it, in the same wrapper.
+    $('#kheops-rule-save').text(text).closest('.ui-btn').find('.ui-btn-text').text(text);
+  }
+
   function resetForm() {
     var form = $('#kheops-rule-form');
     editing = null;
     form[0].reset();
     clearErrors(form);
     $('#kheops-form-title').text('New rule');
-    $('#kheops-rule-name').prop('disabled', false);
+    nameEditable(true);
     $('#kheops-rule-destination').attr('placeholder', 'album token of the destination, with write');
     $('#kheops-rule-source').attr('placeholder', 'optional; default: Kheops.Token');
     $('#kheops-rule-enabled').prop('checked', true).checkboxradio('refresh');
-    $('#kheops-rule-save .ui-btn-text').text('Create');
+    saveLabel('Create');
   }
 
   function editRule(rule) {
     resetForm();
     editing = rule;
     $('#kheops-form-title').text('Edit rule ' + rule.Name);
-    $('#kheops-rule-name').val(rule.Name).prop('disabled', true);
+    $('#kheops-rule-name').val(rule.Name);
+    nameEditable(false);
     $('#kheops-rule-destination').attr('placeholder', 'unchanged (' + rule.DestinationToken + ')');
     $('#kheops-rule-source').attr('placeholder', rule.SourceIsMainToken ?
       'unchanged (Kheops.Token)' : 'unchanged (' + rule.SourceToken + ')');
     $('#kheops-rule-condition').val(rule.Condition);
     $('#kheops-rule-enabled').prop('checked', rule.Enabled).checkboxradio('refresh');
-    $('#kheops-rule-save .ui-btn-text').text('Save');
+    saveLabel('Save');
   }
 
   function ruleOfButton(button) {

@@ -181,9 +181,12 @@ def test_a_valid_rule_appears_in_the_list_takes_effect_and_can_be_changed_and_de
     card.locator(".kheops-edit").click()
     expect(page.locator("#kheops-form-title")).to_have_text("Edit rule ct-research")
     expect(page.locator("#kheops-rule-name")).to_be_disabled()
+    expect(page.locator(".ui-btn:has(#kheops-rule-save) .ui-btn-text")).to_have_text("Save")
     page.fill("#kheops-rule-condition", "tagValueIsPresent(#Tag.Modality, 'MR')")
     page.click("#kheops-rule-save")
     expect(page.locator("#kheops-rules-note")).to_have_text("Rule ct-research saved.")
+    expect(page.locator(".ui-btn:has(#kheops-rule-save) .ui-btn-text")).to_have_text("Create")
+    expect(page.locator("#kheops-rule-name")).to_be_enabled()
     expect(card.locator(".kheops-condition")).to_have_text("tagValueIsPresent(#Tag.Modality, 'MR')")
     expect(card.locator(".kheops-badge.disabled")).to_have_text("disabled")  # still off
 
