@@ -179,9 +179,13 @@ class Forwarder:
         try:
             self._kheops.introspect(self._config.token)
         except KheopsError as exc:
-            self.health.record_unavailable(str(exc), self._clock())
+            self._unavailable(str(exc))
         else:
             self._recovered(self._clock())
+
+    def _unavailable(self, error: str) -> None:
+        if self.health.record_unavailable(error, self._clock()):
+            log.warning("KHEOPS is unreachable; instances stay queued and are retried: %s", error)
 
     def _recovered(self, now: float) -> None:
         if self.health.record_success(now):
@@ -261,7 +265,7 @@ class Forwarder:
             self._rejected(items, str(exc))
             return
         except KheopsUnavailable as exc:
-            self.health.record_unavailable(str(exc), self._clock())
+            self._unavailable(str(exc))
             self._retry_all(items, str(exc))
             return
         except KheopsError as exc:

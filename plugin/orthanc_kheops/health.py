@@ -106,20 +106,23 @@ class Health:
             self._set(State.SENDING, now, "")
             return True
 
-    def record_unavailable(self, error: str, now: float) -> None:
+    def record_unavailable(self, error: str, now: float) -> bool:
+        """KHEOPS could not be reached; True when this starts an outage."""
         with self._condition:
             self._probing = False
             self._failures += 1
             self._note_error(error, now)
             if self._state is State.PAUSED:
-                return
-            if self._state is not State.UNREACHABLE:
+                return False
+            starts = self._state is not State.UNREACHABLE
+            if starts:
                 self._set(State.UNREACHABLE, now, f"KHEOPS unreachable, retrying: {error}")
             self._probe_at = now + next_delay(
                 self._failures,
                 initial=min(_PROBE_INITIAL, self._probe_maximum),
                 maximum=self._probe_maximum,
             )
+            return starts
 
     def record_refused(
         self, error: str, now: float, *, why: str = "KHEOPS refuses the token"

@@ -122,7 +122,10 @@ class Outbox(Protocol):
 
 
 class SqliteOutbox:
-    """Outbox in a local SQLite file; one connection shared under a lock.
+    """Outbox in a local SQLite file: one connection writes, under a lock; another reads.
+
+    In WAL mode readers do not block the writer, so the status, the metrics and the
+    REST listings never hold up the store callback.
 
     synchronous=NORMAL in WAL mode survives a crash or kill -9 of Orthanc
     (the OS keeps what was written); what a power cut could take from the
@@ -138,11 +141,15 @@ class SqliteOutbox:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=10000")
         self._db.executescript(_SCHEMA)
+        self._read_lock = threading.Lock()
+        self._reader = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._reader.row_factory = sqlite3.Row
+        self._reader.execute("PRAGMA busy_timeout=10000")
         version = self.get_meta("schema_version")
         if version is None:
             self.set_meta("schema_version", SCHEMA_VERSION)
         elif version != SCHEMA_VERSION:
-            self._db.close()
+            self.close()
             raise RuntimeError(
                 f"outbox {path} has schema version {version}; this plugin reads {SCHEMA_VERSION}"
             )
@@ -304,8 +311,8 @@ class SqliteOutbox:
             return db.total_changes - before
 
     def counts(self) -> dict[str, int]:
-        with self._lock:
-            rows = self._db.execute(
+        with self._read_lock:
+            rows = self._reader.execute(
                 "SELECT state, COUNT(*) AS n FROM instances GROUP BY state"
             ).fetchall()
         counts = dict.fromkeys(STATES, 0)
@@ -313,16 +320,16 @@ class SqliteOutbox:
         return counts
 
     def next_due(self) -> float | None:
-        with self._lock:
-            row = self._db.execute(
+        with self._read_lock:
+            row = self._reader.execute(
                 "SELECT MIN(next_attempt) AS due FROM instances WHERE state = 'pending'"
             ).fetchone()
         return None if row["due"] is None else float(row["due"])
 
     def entries(self, state: str, *, limit: int, offset: int = 0) -> list[QueuedInstance]:
         order = "next_attempt" if state == "pending" else "done_at DESC"
-        with self._lock:
-            rows = self._db.execute(
+        with self._read_lock:
+            rows = self._reader.execute(
                 f"SELECT * FROM instances WHERE state = ? ORDER BY {order} LIMIT ? OFFSET ?",
                 (state, limit, offset),
             ).fetchall()
@@ -330,19 +337,19 @@ class SqliteOutbox:
 
     def lookup(self, orthanc_ids: Sequence[str]) -> dict[str, QueuedInstance]:
         found: dict[str, QueuedInstance] = {}
-        with self._lock:
+        with self._read_lock:
             for start in range(0, len(orthanc_ids), 500):
                 chunk = list(orthanc_ids[start : start + 500])
                 marks = ",".join("?" * len(chunk))
-                for row in self._db.execute(
+                for row in self._reader.execute(
                     f"SELECT * FROM instances WHERE orthanc_id IN ({marks})", chunk
                 ):
                     found[row["orthanc_id"]] = _instance(row)
         return found
 
     def get_meta(self, key: str) -> object | None:
-        with self._lock:
-            row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        with self._read_lock:
+            row = self._reader.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else json.loads(row["value"])
 
     def set_meta(self, key: str, value: object) -> None:
@@ -366,6 +373,8 @@ class SqliteOutbox:
         )
 
     def close(self) -> None:
+        with self._read_lock:
+            self._reader.close()
         with self._lock:
             self._db.close()
 

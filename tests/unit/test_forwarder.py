@@ -7,6 +7,7 @@ outcomes are awaited with `wait_until`, never with fixed sleeps.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -614,6 +615,27 @@ def test_kheops_unavailable_is_retried_and_recovery_makes_the_backlog_due(
     assert {rig.row(n).attempts for n in failed} == {2}
     assert rig.kheops.request_sizes() == [2, 2, 2]
     assert sorted(sop_uid(n) for n in failed) == sorted(rig.kheops.requests[2])
+
+
+def test_the_start_and_the_end_of_an_outage_are_logged_once_each(
+    make_rig: RigFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="orthanc_kheops.forwarder")
+    rig = make_rig(batch_max_instances=1)
+    rig.kheops.script(unavailable, unavailable)
+    rig.kheops.then = store_all
+    rig.add(1, 2)
+    started(rig)
+    rig.await_state(State.UNREACHABLE)
+
+    rig.move_clock(60)
+    wait_until(lambda: len(rig.kheops.requests) >= 2, timeout=TIMEOUT, message="a failed probe")
+    rig.move_clock(60)
+    rig.await_counts("sent after the outage", sent=2)
+
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("KHEOPS is unreachable" in m for m in messages) == 1
+    assert sum("KHEOPS is reachable again" in m for m in messages) == 1
 
 
 def test_a_failed_probe_keeps_kheops_unreachable_and_counts_another_attempt(
