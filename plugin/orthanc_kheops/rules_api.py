@@ -308,7 +308,7 @@ class RulesApi:
         )
         return {
             "Name": stored.name,
-            "Origin": stored.origin,
+            "Source": stored.origin,
             "ReadOnly": stored.origin == "config",
             "Enabled": enabled,
             "State": state,

@@ -380,7 +380,7 @@ def test_a_saved_rule_shows_its_album_and_masked_tokens(validating: Env) -> None
 
     created = validating.create("shown", token, CT)
 
-    assert created["Origin"] == "api" and not created["ReadOnly"]
+    assert created["Source"] == "api" and not created["ReadOnly"]
     assert created["DestinationAlbumId"] == album
     assert created["SourceAlbumId"] == validating.main_album
     assert created["DestinationToken"] == f"{token[:4]}…{token[-2:]}"
@@ -432,7 +432,7 @@ def test_configured_rules_are_listed_as_such_and_are_read_only(
     put = env.call("PUT", "/kheops/rules/from-config", json={"Enabled": False})
     delete = env.call("DELETE", "/kheops/rules/from-config")
 
-    assert (rule["Origin"], rule["ReadOnly"]) == ("config", True)
+    assert (rule["Source"], rule["ReadOnly"]) == ("config", True)
     assert put.status_code == delete.status_code == 403
     assert "Kheops.SwitchingAlbums" in put.json()["Message"]
     study, series = upload_series(env, "CT")
@@ -629,8 +629,8 @@ def test_rules_and_pending_shares_survive_a_restart(
     orthanc.start()
 
     rule = env.await_shared("kept", 1)
-    assert {k: rule[k] for k in ("Origin", "Condition", "DestinationToken", "CreatedAt")} == {
-        k: created[k] for k in ("Origin", "Condition", "DestinationToken", "CreatedAt")
+    assert {k: rule[k] for k in ("Source", "Condition", "DestinationToken", "CreatedAt")} == {
+        k: created[k] for k in ("Source", "Condition", "DestinationToken", "CreatedAt")
     }
     assert env.kheops.album_series(album) == {(study, series)}
 
