@@ -1,0 +1,158 @@
+"""`python -m bench [--quick]`: run every scenario, then print the table and the verdict.
+
+Progress goes to stderr, the report (Markdown) to stdout and, with --output, to a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench import corpus as corpora
+from bench.kheops import KheopsProcess
+from bench.report import Results, render
+from bench.scenarios import Bench, Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKDIR = ROOT / "build" / "bench-work"
+LATENCY = 0.05
+SCENARIOS = ("sink", "per-instance", "dicomweb", "drain", "sweep", "live", "memory", "linger")
+
+
+@dataclass(frozen=True)
+class Mode:
+    """How big each scenario is: full (the README's figures), quick, or a tiny smoke run."""
+
+    instances: int
+    size: int
+    backlog: int
+    repeat: int
+    sweep_workers: tuple[int, ...]
+    sweep_batches: tuple[int, ...]
+    sweep_latencies: tuple[float, ...]
+    linger: tuple[int, ...]
+
+
+FULL = Mode(2000, 512, 20000, 3, (1, 2, 4, 8), (10, 25, 50, 100), (0.0, LATENCY), (50, 200, 500))
+QUICK = Mode(300, 512, 3000, 1, (1, 4), (10, 50), (LATENCY,), ())
+
+
+def tiny(instances: int) -> Mode:
+    return Mode(instances, 512, 10 * instances, 1, (2,), (10,), (LATENCY,), ())
+
+
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a smaller run, under 2 minutes")
+    parser.add_argument(
+        "--instances", type=int, help="corpus size (small values are for the smoke test)"
+    )
+    parser.add_argument(
+        "--scenarios",
+        help=f"comma-separated subset of {', '.join(SCENARIOS)}"
+        " (default: all; linger only in a full run)",
+    )
+    parser.add_argument(
+        "--plugin",
+        type=json.loads,
+        default={},
+        help='JSON "Kheops" settings to test instead of the defaults, e.g. \'{"Workers": 2}\'',
+    )
+    parser.add_argument("--repeat", type=int, help="repetitions of the timed runs")
+    parser.add_argument("--output", type=Path, help="also write the report to this file")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse(argv)
+    mode = tiny(args.instances) if args.instances else QUICK if args.quick else FULL
+    if args.scenarios is None:
+        chosen = set(SCENARIOS) if mode is FULL else set(SCENARIOS) - {"linger"}
+    else:
+        chosen = {s.strip() for s in args.scenarios.split(",") if s.strip()}
+    unknown = chosen - set(SCENARIOS)
+    if unknown:
+        print(f"unknown scenarios: {', '.join(sorted(unknown))}", file=sys.stderr)
+        return 2
+    began = time.monotonic()
+
+    def log(message: str) -> None:
+        print(f"[{time.monotonic() - began:6.1f} s] {message}", file=sys.stderr, flush=True)
+
+    log("preparing the corpora")
+    corpus = corpora.ensure(mode.instances, size=mode.size)
+    small = corpora.ensure(mode.backlog, size=64) if "memory" in chosen else None
+    settings = Settings(
+        repeat=args.repeat or mode.repeat,
+        latency=LATENCY,
+        plugin=dict(args.plugin),
+        sweep_workers=mode.sweep_workers,
+        sweep_batches=mode.sweep_batches,
+        sweep_latencies=mode.sweep_latencies,
+        linger_values=mode.linger,
+    )
+    results = Results(corpus=corpus, small=small, plugin_settings=dict(args.plugin))
+    shutil.rmtree(WORKDIR, ignore_errors=True)
+    with KheopsProcess(WORKDIR / "kheops") as kheops:
+        bench = Bench(settings=settings, kheops=kheops, corpus=corpus, workdir=WORKDIR, log=log)
+        try:
+            run_scenarios(bench, results, chosen, log)
+        finally:
+            bench.close()
+    report = render(results, quick=args.quick, latency=LATENCY)
+    print(report, end="")
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(report)
+    log("done")
+    return 0
+
+
+def run_scenarios(
+    bench: Bench, results: Results, chosen: set[str], log: Callable[[str], None]
+) -> None:
+    latencies = (0.0, LATENCY)
+    if "sink" in chosen:
+        log("1. sink limit: bare client, batches, several connections")
+        results.runs.append(bench.sink())
+    if "dicomweb" in chosen:
+        log("2. Orthanc DICOMweb STOW client (and 8: with latency)")
+        results.runs += bench.dicomweb(latencies)
+    if "per-instance" in chosen:
+        for latency in latencies:
+            log(f"3. per-instance STOW at {latency * 1000:.0f} ms")
+            results.runs.append(bench.per_instance(latency))
+    if "drain" in chosen or "sweep" in chosen:
+        log("4. this plugin: backlog drain (and 8: with latency)")
+        runs, orthanc = bench.plugin_drain(latencies if "drain" in chosen else ())
+        results.runs += runs
+        try:
+            if "sweep" in chosen:
+                log("9. workers x batch size")
+                results.sweep = bench.sweep(orthanc)
+        finally:
+            bench.retire(orthanc)
+    if "live" in chosen:
+        log("5 and 6. live forwarding and ingest cost")
+        results.runs.append(bench.live_and_ingest())
+    if "memory" in chosen and results.small is not None:
+        log(f"7. memory with a backlog of {len(results.small)} small instances")
+        results.memory = bench.memory(results.small)
+    if "linger" in chosen:
+        log("live forwarding: linger")
+        results.linger = bench.linger(bench.settings.linger_values)
+    order = {"ingest_plain": 0, "ingest_live": 1, "ingest_down": 2, "ingest_dicomweb": 3}
+    results.ingest = sorted(bench.ingest.values(), key=lambda run: order.get(run.key, 9))
+    results.runs.sort(key=lambda run: (run.latency, _ORDER.index(run.key)))
+
+
+_ORDER = ("sink", "dicomweb", "per_instance", "drain", "live")
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""The KHEOPS test server in its own process, steered through its /_test control API.
+
+A separate process, so that its GIL is shared neither with the bench's clients nor with the
+plugin: on two cores, one Python process parsing every STOW part is the sink.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import requests
+
+from tests.waiting import wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+ALBUM = "BenchAlbum01"
+TOKEN = "BenchMainAlbumToken001"
+_LISTENING = "KHEOPS test server listening on "
+
+
+class KheopsProcess:
+    """`python -m tests.kheops_server` with one album and its write token."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.url = ""
+        self._process: subprocess.Popen[str] | None = None
+        self._session = requests.Session()
+
+    def start(self, timeout: float = 30) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        seed = self.workdir / "seed.json"
+        seed.write_text(
+            json.dumps(
+                {
+                    "albums": [ALBUM],
+                    "tokens": [{"token": TOKEN, "album_id": ALBUM, "scope": ["read", "write"]}],
+                }
+            )
+        )
+        log = (self.workdir / "kheops.log").open("ab")
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "tests.kheops_server", "--port", "0", "--seed", str(seed)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        log.close()
+        assert self._process.stdout is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self._process.stdout.readline()
+            if not line:
+                raise RuntimeError(f"the KHEOPS test server exited; see {self.workdir}/kheops.log")
+            if line.startswith(_LISTENING):
+                self.url = line[len(_LISTENING) :].strip()
+                break
+        wait_until(lambda: self._control("GET", "health").ok, timeout=timeout)
+
+    def stop(self) -> None:
+        self._session.close()
+        if self._process is not None and self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        if self._process is not None and self._process.stdout is not None:
+            self._process.stdout.close()
+        self._process = None
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    @property
+    def pid(self) -> int:
+        assert self._process is not None
+        return self._process.pid
+
+    @property
+    def api(self) -> str:
+        return f"{self.url}/api"
+
+    # --- control API ---------------------------------------------------------------------
+
+    def _control(self, method: str, path: str, body: Any = None) -> requests.Response:
+        return self._session.request(method, f"{self.url}/_test/{path}", json=body, timeout=30)
+
+    def stores(self) -> int:
+        """Instances accepted so far, re-sends included: progress is a difference of two reads."""
+        response = self._control("GET", "counts")
+        response.raise_for_status()
+        return int(response.json()["stores"])
+
+    def album_instances(self) -> set[str]:
+        response = self._control("GET", f"albums/{ALBUM}/instances")
+        response.raise_for_status()
+        return set(response.json()["instances"])
+
+    def stow_requests(self) -> list[int]:
+        """Part counts of the STOW-RS requests KHEOPS accepted whole since the last clear."""
+        response = self._control("GET", "requests?full=1")
+        response.raise_for_status()
+        return [
+            int(entry["part_count"])
+            for entry in response.json()["requests"]
+            if entry["method"] == "POST"
+            and entry["path"] == "/api/studies"
+            and entry["status"] == 200
+        ]
+
+    def clear_requests(self) -> None:
+        self._control("DELETE", "requests").raise_for_status()
+
+    def set_latency(self, seconds: float) -> None:
+        self._control("PUT", "faults/latency", {"seconds": seconds}).raise_for_status()
+
+    def set_down(self, down: bool) -> None:
+        self._control("PUT", "faults/down", {"down": down}).raise_for_status()

@@ -1,0 +1,342 @@
+"""The table and the verdict: Markdown, so that a full run can go into the README as printed."""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from bench.corpus import Corpus
+from bench.scenarios import LingerPoint, Memory, Run, SweepPoint
+
+_MB = 1024 * 1024
+
+
+@dataclass
+class Results:
+    corpus: Corpus
+    small: Corpus | None
+    plugin_settings: dict[str, object]
+    runs: list[Run] = field(default_factory=list)
+    ingest: list[Run] = field(default_factory=list)
+    memory: Memory | None = None
+    sweep: list[SweepPoint] = field(default_factory=list)
+    linger: list[LingerPoint] = field(default_factory=list)
+
+    def find(self, key: str, latency: float = 0.0) -> Run | None:
+        for run in self.runs + self.ingest:
+            if run.key == key and abs(run.latency - latency) < 1e-9:
+                return run
+        return None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    target: str
+    measured: float | None
+    goal: float
+    explanation: str = ""
+
+    @property
+    def met(self) -> bool | None:
+        return None if self.measured is None else self.measured >= self.goal
+
+
+def machine() -> str:
+    """Cores, memory, CPU model and Orthanc version: what the figures depend on."""
+    memory = int(Path("/proc/meminfo").read_text().split()[1]) * 1024
+    model = "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    orthanc = _first_line(["/usr/sbin/Orthanc", "--version"])
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return (
+        f"{os.cpu_count()} cores ({model}), {memory / 2**30:.0f} GiB,"
+        f" {platform.system()} {platform.release()}, Python {platform.python_version()},"
+        f" {orthanc}; load average at start {load}"
+    )
+
+
+def _first_line(command: list[str]) -> str:
+    try:
+        output = subprocess.run(
+            command, check=False, capture_output=True, text=True, timeout=10
+        ).stdout
+    except OSError:
+        return "Orthanc (version unknown)"
+    return output.splitlines()[0].strip() if output else "Orthanc (version unknown)"
+
+
+def header(results: Results, *, quick: bool) -> list[str]:
+    now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    settings = ", ".join(f"{k}={v}" for k, v in results.plugin_settings.items()) or "defaults"
+    lines = [
+        f"Benchmark of {now}{' (--quick)' if quick else ''}",
+        f"Machine: {machine()}",
+        f"Corpus: {results.corpus.describe()}",
+        f"Plugin settings: {settings}",
+    ]
+    return lines
+
+
+_NAMES = {"kheops": "server", "orthanc": "Orthanc", "client": "client"}
+
+
+def _cpu(run: Run) -> str:
+    per = run.cpu_per_thousand()
+    return " + ".join(f"{_NAMES.get(name, name)} {used:.1f}" for name, used in per.items())
+
+
+def throughput_table(results: Results) -> list[str]:
+    lines = [
+        "| Scenario | Latency | Time (s) | Instances/s | MB/s | CPU s per 1000 instances | Notes |",
+        "|---|---:|---:|---:|---:|---|---|",
+    ]
+    for run in results.runs:
+        notes = list(run.notes)
+        if len(run.seconds) > 1:
+            notes.append(
+                f"best of {len(run.seconds)}: {', '.join(f'{s:.2f}' for s in run.seconds)}"
+            )
+        lines.append(
+            f"| {run.label} | {run.latency * 1000:.0f} ms | {run.time:.2f} | {run.rate:.0f}"
+            f" | {run.megabytes / run.time:.0f} | {_cpu(run)} | {'; '.join(notes)} |"
+        )
+    return lines
+
+
+def ingest_table(results: Results) -> list[str]:
+    plain = results.find("ingest_plain")
+    if not results.ingest:
+        return []
+    count = len(results.corpus)
+    associations = f"{math.ceil(count / 500)} association(s) of up to 500 instances"
+    lines = [
+        (
+            f"| Ingest by storescu ({associations}) | Time (s) | Instances/s | vs plain"
+            " | Orthanc CPU s per 1000 | Runs (s) |"
+        ),
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for run in results.ingest:
+        ratio = f"{plain.time / run.time:.2f}x" if plain else ""
+        per = run.cpu_per_thousand().get("orthanc", 0.0)
+        runs = ", ".join(f"{s:.2f}" for s in run.seconds)
+        lines.append(
+            f"| {run.label.removeprefix('Ingest: ')} | {run.time:.2f} | {run.rate:.0f} | {ratio}"
+            f" | {per:.1f} | {runs} |"
+        )
+    return lines
+
+
+def memory_table(memory: Memory | None) -> list[str]:
+    if memory is None:
+        return []
+
+    def mb(value: int) -> str:
+        return f"{value / _MB:.0f}"
+
+    rows = [
+        ("Plain Orthanc", memory.plain_idle, memory.plain_peak, memory.plain_growth),
+        (
+            "Orthanc + plugin, KHEOPS down",
+            memory.plugin_idle,
+            memory.plugin_peak,
+            memory.plugin_growth,
+        ),
+    ]
+    return [
+        f"| RSS, backlog of {memory.backlog} small instances | Idle (MB) | Peak (MB) | Growth (MB) |",
+        "|---|---:|---:|---:|",
+        *(
+            f"| {name} | {mb(idle)} | {mb(peak)} | {mb(growth)} |"
+            for name, idle, peak, growth in rows
+        ),
+        "",
+        (
+            f"{memory.queued} instances queued at the end; the outbox holds them in"
+            f" {memory.outbox_bytes / _MB:.1f} MB on disk."
+        ),
+    ]
+
+
+def sweep_table(points: Sequence[SweepPoint]) -> list[str]:
+    if not points:
+        return []
+    batches = sorted({p.batch for p in points})
+    lines = []
+    for latency in sorted({p.latency for p in points}):
+        lines += [
+            f"Backlog drain, instances/s, KHEOPS latency {latency * 1000:.0f} ms:",
+            "",
+            "| Workers \\ batch | " + " | ".join(str(b) for b in batches) + " |",
+            "|---:|" + "---:|" * len(batches),
+        ]
+        for workers in sorted({p.workers for p in points}):
+            cells = []
+            for batch in batches:
+                match = [
+                    p
+                    for p in points
+                    if p.workers == workers and p.batch == batch and p.latency == latency
+                ]
+                cells.append(f"{match[0].rate:.0f}" if match else "")
+            lines.append(f"| {workers} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def linger_table(points: Sequence[LingerPoint]) -> list[str]:
+    if not points:
+        return []
+    lines = [
+        (
+            "| BatchLingerMilliseconds | Ingest (s) | Plain (s) | Ingest vs plain | Lag p50 (s)"
+            " | Lag p95 (s) | STOW requests | Orthanc CPU (s) |"
+        ),
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for p in points:
+        lines.append(
+            f"| {p.linger_ms} | {p.ingest_seconds:.2f} | {p.plain_seconds:.2f}"
+            f" | {p.plain_seconds / p.ingest_seconds:.2f}x | {p.lag.p50:.2f} | {p.lag.p95:.2f}"
+            f" | {p.requests} | {p.orthanc_cpu:.1f} |"
+        )
+    return lines
+
+
+def _ratio(a: Run | None, b: Run | None) -> float | None:
+    """How many times faster `a` is than `b`."""
+    if a is None or b is None:
+        return None
+    return b.time / a.time
+
+
+def _cores() -> int:
+    return os.cpu_count() or 1
+
+
+def _cpu_floor(run: Run) -> float:
+    """The least wall time the CPU this run used allows, spread perfectly over every core."""
+    return sum(run.cpu.values()) / _cores()
+
+
+def verdicts(results: Results, latency: float) -> list[Verdict]:
+    drain = results.find("drain")
+    dicomweb = results.find("dicomweb")
+    sink = results.find("sink")
+    drain_remote = results.find("drain", latency)
+    dicomweb_remote = results.find("dicomweb", latency)
+    per_instance_remote = results.find("per_instance", latency)
+    plain = results.find("ingest_plain")
+    live = results.find("ingest_live")
+    found = [
+        Verdict(
+            "Backlog drain vs DICOMweb STOW client",
+            _ratio(drain, dicomweb),
+            1.2,
+            _explain_against(drain, dicomweb, "the DICOMweb client"),
+        ),
+        Verdict(
+            "Backlog drain vs sink limit",
+            _ratio(drain, sink),
+            0.8,
+            _explain_against(drain, sink, "the bare client"),
+        ),
+        Verdict(
+            f"Backlog drain vs per-instance STOW, {latency * 1000:.0f} ms latency",
+            _ratio(drain_remote, per_instance_remote),
+            5.0,
+        ),
+        Verdict(
+            f"Backlog drain vs DICOMweb STOW client, {latency * 1000:.0f} ms latency",
+            _ratio(drain_remote, dicomweb_remote),
+            1.5,
+            _explain_latency(drain_remote, dicomweb_remote, dicomweb),
+        ),
+        Verdict(
+            "Ingest with the plugin forwarding vs plain Orthanc",
+            _ratio(live, plain),
+            0.95,
+            _explain_ingest(live, plain),
+        ),
+    ]
+    memory = results.memory
+    if memory is not None:
+        headroom = 50 * _MB
+        found.append(
+            Verdict(
+                f"RSS with a {memory.backlog}-instance backlog: 50 MB above idle, or less",
+                headroom / max(memory.plugin_growth, 1),
+                1.0,
+                f"grew {memory.plugin_growth / _MB:.0f} MB (plain Orthanc storing the same:"
+                f" {memory.plain_growth / _MB:.0f} MB)",
+            )
+        )
+    return found
+
+
+def _explain_against(run: Run | None, other: Run | None, who: str) -> str:
+    if run is None or other is None or not run.cpu or not other.cpu:
+        return ""
+    return (
+        f"CPU s per 1000 instances: drain {_cpu(run)}, {who} {_cpu(other)}; the drain's CPU"
+        f" alone needs {_cpu_floor(run):.2f} s of wall time on {_cores()} cores, {who}"
+        f" took {other.time:.2f} s"
+    )
+
+
+def _explain_latency(remote: Run | None, dicomweb_remote: Run | None, dicomweb: Run | None) -> str:
+    if remote is None or dicomweb_remote is None or dicomweb is None:
+        return ""
+    return (
+        f"the DICOMweb client sends everything in {dicomweb_remote.notes[0] if dicomweb_remote.notes else 'one request'},"
+        f" so the added latency costs it {dicomweb_remote.time - dicomweb.time:+.2f} s in all"
+    )
+
+
+def _explain_ingest(live: Run | None, plain: Run | None) -> str:
+    if live is None or plain is None:
+        return ""
+    live_cpu = live.cpu.get("orthanc", 0.0)
+    plain_cpu = plain.cpu.get("orthanc", 0.0)
+    server = live.cpu.get("kheops", 0.0)
+    return (
+        f"while storing, Orthanc used {live_cpu:.1f} CPU s with the plugin forwarding against"
+        f" {plain_cpu:.1f} s plain, and the KHEOPS test server {server:.1f} s, on the same"
+        f" {_cores()} cores"
+    )
+
+
+def verdict_table(items: Sequence[Verdict]) -> list[str]:
+    lines = ["| Target | Measured | Goal | Verdict | Why |", "|---|---:|---:|---|---|"]
+    for item in items:
+        measured = "not run" if item.measured is None else f"{item.measured:.2f}x"
+        verdict = {None: "not run", True: "met", False: "MISSED"}[item.met]
+        lines.append(
+            f"| {item.target} | {measured} | {item.goal:g}x | {verdict} | {item.explanation} |"
+        )
+    return lines
+
+
+def render(results: Results, *, quick: bool, latency: float) -> str:
+    sections: list[list[str]] = [
+        header(results, quick=quick),
+        ["### Throughput", "", *throughput_table(results)],
+        ["### Ingest cost", "", *ingest_table(results)],
+    ]
+    if results.memory is not None:
+        sections.append(["### Memory", "", *memory_table(results.memory)])
+    if results.sweep:
+        sections.append(["### Workers x batch size", "", *sweep_table(results.sweep)])
+    if results.linger:
+        sections.append(["### Live forwarding: linger", "", *linger_table(results.linger)])
+    sections.append(["### Verdict", "", *verdict_table(verdicts(results, latency))])
+    return "\n\n".join("\n".join(section) for section in sections) + "\n"

@@ -1,0 +1,574 @@
+"""The measurements: each scenario runs against the one KHEOPS test server and returns figures.
+
+Progress is read from the test server's count of accepted instances, so a run is timed until
+KHEOPS holds everything, whatever the sender; the count keeps growing across runs (re-sending
+an instance is accepted again), so each run waits for its own difference.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench import clients
+from bench.corpus import Corpus
+from bench.kheops import TOKEN, KheopsProcess
+from bench.measure import POLL, CpuMeter, percentile, proc_status_bytes, timed_until
+from tests.orthanc_process import OrthancProcess, stop_all
+from tests.waiting import wait_until
+
+# Outage detection is the probe interval; keeping it short keeps it out of the drain figures.
+BENCH_PLUGIN_SETTINGS: Mapping[str, Any] = {"RetryMaximumSeconds": 1, "LogLevel": "warning"}
+_TIMEOUT = 900.0
+_STORESCU_PROCESSES = 4  # parallel associations for the memory backlog
+
+
+@dataclass
+class Run:
+    """One scenario at one latency: the wall time of each repetition and where the CPU went."""
+
+    key: str
+    label: str
+    instances: int
+    megabytes: float
+    latency: float = 0.0
+    seconds: list[float] = field(default_factory=list)
+    cpu: dict[str, float] = field(default_factory=dict)  # of the fastest repetition
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def time(self) -> float:
+        """The fastest repetition: on a shared machine, noise only ever adds time."""
+        return min(self.seconds)
+
+    @property
+    def rate(self) -> float:
+        return self.instances / self.time
+
+    def add(self, seconds: float, cpu: Mapping[str, float]) -> None:
+        if not self.seconds or seconds < self.time:
+            self.cpu = dict(cpu)
+        self.seconds.append(seconds)
+
+    def cpu_per_thousand(self) -> dict[str, float]:
+        return {name: 1000 * used / self.instances for name, used in self.cpu.items()}
+
+
+@dataclass
+class Lag:
+    """Store in Orthanc -> confirmed in the album, per instance, from the plugin's own records."""
+
+    p50: float
+    p95: float
+    maximum: float
+
+
+@dataclass
+class Memory:
+    backlog: int
+    plain_idle: int
+    plain_peak: int
+    plugin_idle: int
+    plugin_peak: int
+    queued: int
+    outbox_bytes: int
+
+    @property
+    def plugin_growth(self) -> int:
+        return self.plugin_peak - self.plugin_idle
+
+    @property
+    def plain_growth(self) -> int:
+        return self.plain_peak - self.plain_idle
+
+
+@dataclass
+class SweepPoint:
+    workers: int
+    batch: int
+    latency: float
+    seconds: float
+    instances: int
+
+    @property
+    def rate(self) -> float:
+        return self.instances / self.seconds
+
+
+@dataclass
+class LingerPoint:
+    linger_ms: int
+    ingest_seconds: float
+    plain_seconds: float
+    lag: Lag
+    requests: int
+    orthanc_cpu: float
+
+
+@dataclass
+class Settings:
+    repeat: int
+    latency: float
+    plugin: Mapping[str, Any]  # the "Kheops" settings under test, on top of the defaults
+    sink_batch: int = 50
+    sink_connections: int = 2
+    sweep_workers: Sequence[int] = (1, 2, 4, 8)
+    sweep_batches: Sequence[int] = (10, 25, 50, 100)
+    sweep_latencies: Sequence[float] = (0.0, 0.05)
+    linger_values: Sequence[int] = ()
+
+
+class Bench:
+    """Runs scenarios; owns every Orthanc it starts and stops them all in `close`."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        kheops: KheopsProcess,
+        corpus: Corpus,
+        workdir: Path,
+        log: Callable[[str], None],
+    ) -> None:
+        self.settings = settings
+        self.kheops = kheops
+        self.corpus = corpus
+        self.workdir = workdir
+        self.log = log
+        self._orthancs: list[OrthancProcess] = []
+        self._files: list[bytes] | None = None
+        self.ingest: dict[str, Run] = {}
+        self.lag: Lag | None = None
+
+    # --- plumbing ----------------------------------------------------------------------
+
+    def close(self) -> None:
+        stop_all(self._orthancs)
+        self._orthancs.clear()
+
+    def _orthanc(self, name: str, **kwargs: Any) -> OrthancProcess:
+        workdir = self.workdir / name
+        shutil.rmtree(workdir, ignore_errors=True)
+        orthanc = OrthancProcess(workdir, verbose=False, **kwargs)
+        self._orthancs.append(orthanc)
+        orthanc.start()
+        return orthanc
+
+    def retire(self, orthanc: OrthancProcess) -> None:
+        """Stop an Orthanc and free its disk: the next scenario starts on a quiet machine."""
+        orthanc.stop()
+        self._orthancs.remove(orthanc)
+        shutil.rmtree(orthanc.workdir, ignore_errors=True)
+
+    def plugin_section(self, **overrides: Any) -> dict[str, Any]:
+        return {
+            "Url": self.kheops.url,
+            "Token": TOKEN,
+            **BENCH_PLUGIN_SETTINGS,
+            **self.settings.plugin,
+            **overrides,
+        }
+
+    def _files_in_memory(self) -> list[bytes]:
+        if self._files is None:
+            self._files = [path.read_bytes() for path in self.corpus.paths]
+        return self._files
+
+    def _arrived(self, baseline: int, count: int) -> Callable[[], bool]:
+        return lambda: self.kheops.stores() - baseline >= count
+
+    @contextmanager
+    def _latency(self, seconds: float) -> Iterator[None]:
+        self.kheops.set_latency(seconds)
+        try:
+            yield
+        finally:
+            self.kheops.set_latency(0)
+
+    def _meter(self, orthanc: OrthancProcess | None = None) -> CpuMeter:
+        """CPU of KHEOPS and of the sender: Orthanc, or this process when it is the client."""
+        sender = ("orthanc", orthanc.pid) if orthanc is not None else ("client", os.getpid())
+        return CpuMeter(dict([("kheops", self.kheops.pid), sender]))
+
+    def _new_run(self, key: str, label: str, latency: float = 0.0) -> Run:
+        return Run(key, label, len(self.corpus), self.corpus.megabytes, latency=latency)
+
+    def _stow_requests(self) -> str:
+        """How the instances travelled since the last call: requests and parts per request."""
+        parts = self.kheops.stow_requests()
+        self.kheops.clear_requests()
+        if not parts:
+            return "no request"
+        per = sum(parts) / len(parts)
+        return f"{len(parts)} request{'s' * (len(parts) != 1)} of {per:.0f} parts on average"
+
+    def _timed_store(self, orthanc: OrthancProcess, run: Run) -> None:
+        meter = self._meter(orthanc)
+        meter.start()
+        began = time.perf_counter()
+        orthanc.storescu(list(self.corpus.paths))
+        run.add(time.perf_counter() - began, meter.stop())
+
+    # --- 1 and 3: bare clients -------------------------------------------------------------
+
+    def sink(self) -> Run:
+        batch, connections = self.settings.sink_batch, self.settings.sink_connections
+        run = self._new_run(
+            "sink", f"Sink limit: bare client, batches of {batch}, {connections} connections"
+        )
+        files = self._files_in_memory()
+        self.kheops.clear_requests()
+        for _ in range(self.settings.repeat):
+            meter = self._meter()
+            meter.start()
+            began = time.perf_counter()
+            clients.post_batches(
+                self.kheops.api, TOKEN, files, batch=batch, connections=connections
+            )
+            run.add(time.perf_counter() - began, meter.stop())
+        run.notes.append(self._stow_requests())
+        return run
+
+    def per_instance(self, latency: float) -> Run:
+        run = self._new_run(
+            "per_instance", "Per-instance STOW: one request per instance, one connection", latency
+        )
+        files = self._files_in_memory()
+        # Sleep-bound at 50 ms: one run says it all.
+        repeat = self.settings.repeat if latency == 0 else 1
+        with self._latency(latency):
+            for _ in range(repeat):
+                meter = self._meter()
+                meter.start()
+                began = time.perf_counter()
+                clients.post_one_by_one(self.kheops.api, TOKEN, files)
+                run.add(time.perf_counter() - began, meter.stop())
+        run.notes.append(self._stow_requests())
+        return run
+
+    # --- 2: Orthanc's DICOMweb STOW client ------------------------------------------------------
+
+    def dicomweb(self, latencies: Sequence[float]) -> list[Run]:
+        orthanc = self._orthanc(
+            "dicomweb",
+            dicomweb_servers={
+                "kheops": {
+                    "Url": self.kheops.api,
+                    "HttpHeaders": {"Authorization": f"Bearer {TOKEN}"},
+                }
+            },
+        )
+        try:
+            ingest = self.ingest.setdefault(
+                "dicomweb", self._new_run("ingest_dicomweb", "Ingest: Orthanc with DICOMweb only")
+            )
+            self._timed_store(orthanc, ingest)
+            studies = orthanc.get("/studies").json()
+            runs = []
+            for latency in latencies:
+                run = self._new_run(
+                    "dicomweb", "Orthanc DICOMweb STOW client, all studies", latency
+                )
+                self.kheops.clear_requests()
+                with self._latency(latency):
+                    for _ in range(self.settings.repeat if latency == 0 else 1):
+                        run.add(*self._dicomweb_stow(orthanc, studies))
+                run.notes.append(self._stow_requests())
+                runs.append(run)
+            return runs
+        finally:
+            self.retire(orthanc)
+
+    def _dicomweb_stow(
+        self, orthanc: OrthancProcess, studies: list[str]
+    ) -> tuple[float, dict[str, float]]:
+        meter = self._meter(orthanc)
+        baseline = self.kheops.stores()
+        meter.start()
+
+        def post() -> None:
+            response = orthanc.post(
+                "/dicom-web/servers/kheops/stow",
+                json={"Resources": studies, "Synchronous": True},
+                timeout=_TIMEOUT,
+            )
+            response.raise_for_status()
+
+        seconds, _ = timed_until(post, self._arrived(baseline, len(self.corpus)), timeout=_TIMEOUT)
+        return seconds, meter.stop()
+
+    # --- 4 and 8: the plugin drains a backlog ----------------------------------------------
+
+    def plugin_drain(self, latencies: Sequence[float]) -> tuple[list[Run], OrthancProcess]:
+        """Store while KHEOPS is down, bring it up, time until the album holds everything.
+
+        The Orthanc stays up for the sweep; the caller retires it.
+        """
+        self.kheops.set_down(True)
+        orthanc = self._orthanc("plugin", kheops=self.plugin_section())
+        try:
+            ingest = self.ingest.setdefault(
+                "down", self._new_run("ingest_down", "Ingest: Orthanc + plugin, KHEOPS down")
+            )
+            self._timed_store(orthanc, ingest)
+            runs = []
+            first = True
+            for latency in latencies:
+                run = self._new_run("drain", "This plugin: backlog drain after an outage", latency)
+                self.kheops.clear_requests()
+                detections = []
+                with self._latency(latency):
+                    for _ in range(self.settings.repeat if latency == 0 else 1):
+                        if not first:
+                            self._requeue_while_down(orthanc)
+                        first = False
+                        seconds, detected, cpu = self._drain(orthanc)
+                        run.add(seconds, cpu)
+                        detections.append(detected)
+                run.notes.append(self._stow_requests())
+                run.notes.append(
+                    f"first instance in the album {min(detections):.2f}-{max(detections):.2f} s"
+                    " after KHEOPS came back (the probe interval, here at most 1 s)"
+                )
+                runs.append(run)
+            return runs, orthanc
+        except BaseException:
+            self.retire(orthanc)
+            raise
+        finally:
+            self.kheops.set_down(False)
+
+    def _queued(self, orthanc: OrthancProcess) -> int:
+        counts = orthanc.get("/kheops/status").json()["Counts"]
+        return int(counts["Queued"]) + int(counts["InFlight"])
+
+    def _requeue_while_down(self, orthanc: OrthancProcess) -> None:
+        self.kheops.set_down(True)
+        studies = orthanc.get("/studies").json()
+        orthanc.post("/kheops/send", json={"Resources": studies}).raise_for_status()
+
+    def _drain(self, orthanc: OrthancProcess) -> tuple[float, float, dict[str, float]]:
+        count = len(self.corpus)
+        wait_until(
+            lambda: self._queued(orthanc) >= count,
+            timeout=_TIMEOUT,
+            message="the whole corpus queued while KHEOPS is down",
+        )
+        meter = self._meter(orthanc)
+        baseline = self.kheops.stores()
+        first: list[float] = []
+        began = time.perf_counter()
+
+        def done() -> bool:
+            arrived = self.kheops.stores() - baseline
+            if arrived and not first:
+                first.append(time.perf_counter() - began)
+            return arrived >= count
+
+        meter.start()
+        seconds, _ = timed_until(lambda: self.kheops.set_down(False), done, timeout=_TIMEOUT)
+        return seconds, first[0] if first else seconds, meter.stop()
+
+    # --- 9: workers x batch size ----------------------------------------------------------
+
+    def sweep(self, orthanc: OrthancProcess) -> list[SweepPoint]:
+        """Re-queue the stored corpus at once under each setting, time until it is all sent."""
+        points = []
+        studies = orthanc.get("/studies").json()
+        for latency in self.settings.sweep_latencies:
+            with self._latency(latency):
+                for workers in self.settings.sweep_workers:
+                    for batch in self.settings.sweep_batches:
+                        orthanc.stop()
+                        orthanc.config["Kheops"].update(Workers=workers, BatchMaxInstances=batch)
+                        orthanc.start()
+                        wait_until(lambda: self._queued(orthanc) == 0, timeout=_TIMEOUT)
+                        baseline = self.kheops.stores()
+                        seconds, _ = timed_until(
+                            lambda: orthanc.post(
+                                "/kheops/send", json={"Resources": studies}
+                            ).raise_for_status(),
+                            self._arrived(baseline, len(self.corpus)),
+                            timeout=_TIMEOUT,
+                        )
+                        point = SweepPoint(workers, batch, latency, seconds, len(self.corpus))
+                        self.log(
+                            f"    workers {workers:>2} x batch {batch:>3} @ {latency * 1000:.0f} ms:"
+                            f" {seconds:6.2f} s, {point.rate:6.0f} instances/s"
+                        )
+                        points.append(point)
+        self.kheops.clear_requests()
+        return points
+
+    # --- 5 and 6: live forwarding, and what it costs the ingest --------------------------------
+
+    def live_and_ingest(self) -> Run:
+        """Interleaved: storescu into a plain Orthanc, then into one with the plugin forwarding."""
+        plain = self.ingest.setdefault(
+            "plain", self._new_run("ingest_plain", "Ingest: plain Orthanc")
+        )
+        live = self.ingest.setdefault(
+            "live", self._new_run("ingest_live", "Ingest: Orthanc + plugin forwarding live")
+        )
+        end_to_end = self._new_run("live", "This plugin, live: storescu -> all in the album")
+        outcomes: list[tuple[Lag, str]] = []
+        for _ in range(self.settings.repeat):
+            orthanc = self._orthanc("plain")
+            try:
+                self._timed_store(orthanc, plain)
+            finally:
+                self.retire(orthanc)
+            outcomes.append(self._live_once(live, end_to_end))
+        lag, requests = outcomes[end_to_end.seconds.index(end_to_end.time)]
+        self.lag = lag
+        end_to_end.notes += [
+            f"lag store -> album p50 {lag.p50:.2f} s, p95 {lag.p95:.2f} s",
+            requests,
+        ]
+        return end_to_end
+
+    def _live_once(self, ingest: Run, end_to_end: Run) -> tuple[Lag, str]:
+        orthanc = self._orthanc("live", kheops=self.plugin_section())
+        try:
+            baseline = self.kheops.stores()
+            meter = self._meter(orthanc)
+            meter.start()
+            began = time.perf_counter()
+            orthanc.storescu(list(self.corpus.paths))
+            stored = time.perf_counter() - began
+            ingest_cpu = meter.stop()
+            wait_until(self._arrived(baseline, len(self.corpus)), timeout=_TIMEOUT, interval=POLL)
+            total = time.perf_counter() - began
+            end_cpu = meter.stop()
+            ingest.add(stored, ingest_cpu)
+            end_to_end.add(total, end_cpu)
+            lag = read_lag(orthanc.workdir / "kheops-state" / "outbox.sqlite3")
+            return lag, self._stow_requests()
+        finally:
+            self.retire(orthanc)
+
+    def linger(self, values: Sequence[int]) -> list[LingerPoint]:
+        """Live forwarding under several BatchLingerMilliseconds: lag against ingest cost."""
+        points = []
+        for linger_ms in values:
+            plain = self._new_run("plain", "plain")
+            orthanc = self._orthanc("plain")
+            try:
+                self._timed_store(orthanc, plain)
+            finally:
+                self.retire(orthanc)
+            ingest = self._new_run("live", "live")
+            end_to_end = self._new_run("live", "live")
+            orthanc = self._orthanc(
+                "live", kheops=self.plugin_section(BatchLingerMilliseconds=linger_ms)
+            )
+            try:
+                baseline = self.kheops.stores()
+                self.kheops.clear_requests()
+                meter = self._meter(orthanc)
+                meter.start()
+                began = time.perf_counter()
+                orthanc.storescu(list(self.corpus.paths))
+                ingest.add(time.perf_counter() - began, {})
+                wait_until(self._arrived(baseline, len(self.corpus)), timeout=_TIMEOUT)
+                end_to_end.add(time.perf_counter() - began, meter.stop())
+                lag = read_lag(orthanc.workdir / "kheops-state" / "outbox.sqlite3")
+                requests = len(self.kheops.stow_requests())
+                self.kheops.clear_requests()
+            finally:
+                self.retire(orthanc)
+            point = LingerPoint(
+                linger_ms, ingest.time, plain.time, lag, requests, end_to_end.cpu["orthanc"]
+            )
+            self.log(
+                f"    linger {linger_ms:>4} ms: ingest {point.ingest_seconds:.2f} s"
+                f" (plain {point.plain_seconds:.2f} s), lag p50 {lag.p50:.2f} s"
+                f" p95 {lag.p95:.2f} s, {requests} requests"
+            )
+            points.append(point)
+        return points
+
+    # --- 7: memory with a backlog on disk --------------------------------------------------------
+
+    def memory(self, small: Corpus) -> Memory:
+        """Peak RSS while a backlog of small instances piles up with KHEOPS down, against idle."""
+        plain_idle, plain_peak, _ = self._rss_with_backlog("memory-plain", small, kheops=None)
+        self.kheops.set_down(True)
+        try:
+            plugin_idle, plugin_peak, orthanc = self._rss_with_backlog(
+                "memory-plugin", small, kheops=self.plugin_section(), keep=True
+            )
+            assert orthanc is not None
+            try:
+                wait_until(lambda: self._queued(orthanc) >= len(small), timeout=_TIMEOUT)
+                queued = self._queued(orthanc)
+                plugin_peak = max(plugin_peak, proc_status_bytes(orthanc.pid, "VmHWM"))
+                outbox = sum(
+                    path.stat().st_size
+                    for path in (orthanc.workdir / "kheops-state").glob("outbox.sqlite3*")
+                )
+            finally:
+                self.retire(orthanc)
+        finally:
+            self.kheops.set_down(False)
+        return Memory(
+            backlog=len(small),
+            plain_idle=plain_idle,
+            plain_peak=plain_peak,
+            plugin_idle=plugin_idle,
+            plugin_peak=plugin_peak,
+            queued=queued,
+            outbox_bytes=outbox,
+        )
+
+    def _rss_with_backlog(
+        self, name: str, small: Corpus, *, kheops: Mapping[str, Any] | None, keep: bool = False
+    ) -> tuple[int, int, OrthancProcess | None]:
+        orthanc = self._orthanc(name, kheops=kheops)
+        try:
+            idle = _settled_rss(orthanc.pid)
+            store_in_parallel(orthanc, small.paths, processes=_STORESCU_PROCESSES)
+            peak = proc_status_bytes(orthanc.pid, "VmHWM")
+        except BaseException:
+            self.retire(orthanc)
+            raise
+        if keep:
+            return idle, peak, orthanc
+        self.retire(orthanc)
+        return idle, peak, None
+
+
+def _settled_rss(pid: int) -> int:
+    """RSS once Orthanc has finished starting (plugin threads up, first reconcile done)."""
+    pause = threading.Event()
+    samples = []
+    for _ in range(5):
+        samples.append(proc_status_bytes(pid, "VmRSS"))
+        pause.wait(0.2)
+    return max(samples)
+
+
+def store_in_parallel(orthanc: OrthancProcess, paths: Sequence[Path], *, processes: int) -> None:
+    """storescu over several associations at once: small instances are latency-bound."""
+    slices = [list(paths[i::processes]) for i in range(processes)]
+    with ThreadPoolExecutor(max_workers=processes) as pool:
+        list(pool.map(orthanc.storescu, [s for s in slices if s]))
+
+
+def read_lag(outbox: Path) -> Lag:
+    """Seconds from queued (the store callback) to sent (KHEOPS's answer), from the outbox."""
+    with sqlite3.connect(f"file:{outbox}?mode=ro", uri=True) as db:
+        rows = db.execute(
+            "SELECT done_at - queued_at FROM instances WHERE state = 'sent'"
+        ).fetchall()
+    lags = [float(row[0]) for row in rows]
+    return Lag(p50=percentile(lags, 0.5), p95=percentile(lags, 0.95), maximum=max(lags))
