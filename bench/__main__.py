@@ -117,42 +117,34 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run_scenarios(
     bench: Bench, results: Results, chosen: set[str], log: Callable[[str], None]
 ) -> None:
-    latencies = (0.0, LATENCY)
-    if "sink" in chosen:
-        log("1. sink limit: bare client, batches, several connections")
-        results.runs.append(bench.sink())
-    if "dicomweb" in chosen:
-        log("2. Orthanc DICOMweb STOW client (and 8: with latency)")
-        results.runs += bench.dicomweb(latencies)
-    if "per-instance" in chosen:
-        for latency in latencies:
-            log(f"3. per-instance STOW at {latency * 1000:.0f} ms")
-            results.runs.append(bench.per_instance(latency))
-    if "drain" in chosen or "sweep" in chosen:
-        log("4. this plugin: backlog drain (and 8: with latency)")
-        runs, orthanc = bench.plugin_drain(latencies if "drain" in chosen else ())
-        results.runs += runs
-        try:
-            if "sweep" in chosen:
-                log("9. workers x batch size")
-                results.sweep = bench.sweep(orthanc)
-        finally:
-            bench.retire(orthanc)
+    contenders = chosen & {"sink", "dicomweb", "per-instance", "drain", "sweep"}
+    if contenders:
+        log(
+            "1-4 and 8. sink, DICOMweb STOW client, per-instance STOW and the plugin's backlog"
+            f" drain, at 0 and {LATENCY * 1000:.0f} ms, round by round"
+        )
+        plugin = bench.throughput(contenders)
+        if plugin is not None:
+            try:
+                if "sweep" in chosen:
+                    log("9. workers x batch size")
+                    results.sweep = bench.sweep(plugin)
+            finally:
+                bench.retire(plugin)
     if "live" in chosen:
         log("5 and 6. live forwarding and ingest cost")
-        results.runs.append(bench.live_and_ingest())
+        bench.live_and_ingest()
     if "memory" in chosen and results.small is not None:
         log(f"7. memory with a backlog of {len(results.small)} small instances")
         results.memory = bench.memory(results.small)
     if "linger" in chosen:
         log("live forwarding: linger")
         results.linger = bench.linger(bench.settings.linger_values)
-    order = {"ingest_plain": 0, "ingest_live": 1, "ingest_down": 2, "ingest_dicomweb": 3}
-    results.ingest = sorted(bench.ingest.values(), key=lambda run: order.get(run.key, 9))
-    results.runs.sort(key=lambda run: (run.latency, _ORDER.index(run.key)))
+    order = ("plain", "live", "down", "dicomweb")
+    results.ingest = [bench.ingest[key] for key in order if key in bench.ingest]
+    kinds = ("sink", "dicomweb", "per_instance", "drain", "live")
+    results.runs = sorted(bench.runs(), key=lambda run: (run.latency, kinds.index(run.key)))
 
-
-_ORDER = ("sink", "dicomweb", "per_instance", "drain", "live")
 
 if __name__ == "__main__":
     sys.exit(main())

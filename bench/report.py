@@ -100,14 +100,19 @@ def throughput_table(results: Results) -> list[str]:
         "|---|---:|---:|---:|---:|---|---|",
     ]
     for run in results.runs:
-        notes = list(run.notes)
+        notes = [run.requests, *run.notes]
+        if run.detections:
+            notes.append(
+                f"first instance stored {min(run.detections):.2f}-{max(run.detections):.2f} s"
+                " after KHEOPS came back (the plugin's probe interval, here at most 1 s)"
+            )
         if len(run.seconds) > 1:
             notes.append(
                 f"best of {len(run.seconds)}: {', '.join(f'{s:.2f}' for s in run.seconds)}"
             )
         lines.append(
             f"| {run.label} | {run.latency * 1000:.0f} ms | {run.time:.2f} | {run.rate:.0f}"
-            f" | {run.megabytes / run.time:.0f} | {_cpu(run)} | {'; '.join(notes)} |"
+            f" | {run.megabytes / run.time:.0f} | {_cpu(run)} | {'; '.join(filter(None, notes))} |"
         )
     return lines
 
@@ -130,8 +135,7 @@ def ingest_table(results: Results) -> list[str]:
         per = run.cpu_per_thousand().get("orthanc", 0.0)
         runs = ", ".join(f"{s:.2f}" for s in run.seconds)
         lines.append(
-            f"| {run.label.removeprefix('Ingest: ')} | {run.time:.2f} | {run.rate:.0f} | {ratio}"
-            f" | {per:.1f} | {runs} |"
+            f"| {run.label} | {run.time:.2f} | {run.rate:.0f} | {ratio} | {per:.1f} | {runs} |"
         )
     return lines
 
@@ -297,7 +301,7 @@ def _explain_latency(remote: Run | None, dicomweb_remote: Run | None, dicomweb: 
     if remote is None or dicomweb_remote is None or dicomweb is None:
         return ""
     return (
-        f"the DICOMweb client sends everything in {dicomweb_remote.notes[0] if dicomweb_remote.notes else 'one request'},"
+        f"the DICOMweb client sends everything in {dicomweb_remote.requests or 'one request'},"
         f" so the added latency costs it {dicomweb_remote.time - dicomweb.time:+.2f} s in all"
     )
 

@@ -23,7 +23,7 @@ from bench import clients
 from bench.corpus import Corpus
 from bench.kheops import TOKEN, KheopsProcess
 from bench.measure import POLL, CpuMeter, percentile, proc_status_bytes, timed_until
-from tests.orthanc_process import OrthancProcess, stop_all
+from tests.orthanc_process import OrthancProcess
 from tests.waiting import wait_until
 
 # Outage detection is the probe interval; keeping it short keeps it out of the drain figures.
@@ -34,7 +34,7 @@ _STORESCU_PROCESSES = 4  # parallel associations for the memory backlog
 
 @dataclass
 class Run:
-    """One scenario at one latency: the wall time of each repetition and where the CPU went."""
+    """One contender at one latency: the wall time of each repetition and where the CPU went."""
 
     key: str
     label: str
@@ -43,6 +43,8 @@ class Run:
     latency: float = 0.0
     seconds: list[float] = field(default_factory=list)
     cpu: dict[str, float] = field(default_factory=dict)  # of the fastest repetition
+    requests: str = ""  # how the instances travelled, in the last repetition
+    detections: list[float] = field(default_factory=list)  # drains: KHEOPS back -> first stored
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -110,7 +112,7 @@ class LingerPoint:
     ingest_seconds: float
     plain_seconds: float
     lag: Lag
-    requests: int
+    requests: str
     orthanc_cpu: float
 
 
@@ -128,7 +130,7 @@ class Settings:
 
 
 class Bench:
-    """Runs scenarios; owns every Orthanc it starts and stops them all in `close`."""
+    """Runs scenarios; owns every Orthanc it starts and ends them all in `close`."""
 
     def __init__(
         self,
@@ -146,14 +148,15 @@ class Bench:
         self.log = log
         self._orthancs: list[OrthancProcess] = []
         self._files: list[bytes] | None = None
+        self._runs: dict[tuple[str, float], Run] = {}
         self.ingest: dict[str, Run] = {}
         self.lag: Lag | None = None
 
     # --- plumbing ----------------------------------------------------------------------
 
     def close(self) -> None:
-        stop_all(self._orthancs)
-        self._orthancs.clear()
+        for orthanc in list(self._orthancs):
+            self.retire(orthanc)
 
     def _orthanc(self, name: str, **kwargs: Any) -> OrthancProcess:
         workdir = self.workdir / name
@@ -164,9 +167,12 @@ class Bench:
         return orthanc
 
     def retire(self, orthanc: OrthancProcess) -> None:
-        """Stop an Orthanc and free its disk: the next scenario starts on a quiet machine."""
-        orthanc.stop()
-        self._orthancs.remove(orthanc)
+        """End an Orthanc and free its disk. SIGKILL: a clean stop takes Orthanc 3.5 s and
+        nothing of its state is read afterwards."""
+        orthanc.kill()
+        orthanc.session.close()
+        if orthanc in self._orthancs:
+            self._orthancs.remove(orthanc)
         shutil.rmtree(orthanc.workdir, ignore_errors=True)
 
     def plugin_section(self, **overrides: Any) -> dict[str, Any]:
@@ -177,6 +183,20 @@ class Bench:
             **self.settings.plugin,
             **overrides,
         }
+
+    def runs(self) -> list[Run]:
+        return list(self._runs.values())
+
+    def _run(self, key: str, label: str, latency: float = 0.0) -> Run:
+        return self._runs.setdefault(
+            (key, latency),
+            Run(key, label, len(self.corpus), self.corpus.megabytes, latency=latency),
+        )
+
+    def _ingest(self, key: str, label: str) -> Run:
+        return self.ingest.setdefault(
+            key, Run(f"ingest_{key}", label, len(self.corpus), self.corpus.megabytes)
+        )
 
     def _files_in_memory(self) -> list[bytes]:
         if self._files is None:
@@ -199,9 +219,6 @@ class Bench:
         sender = ("orthanc", orthanc.pid) if orthanc is not None else ("client", os.getpid())
         return CpuMeter(dict([("kheops", self.kheops.pid), sender]))
 
-    def _new_run(self, key: str, label: str, latency: float = 0.0) -> Run:
-        return Run(key, label, len(self.corpus), self.corpus.megabytes, latency=latency)
-
     def _stow_requests(self) -> str:
         """How the instances travelled since the last call: requests and parts per request."""
         parts = self.kheops.stow_requests()
@@ -218,46 +235,82 @@ class Bench:
         orthanc.storescu(list(self.corpus.paths))
         run.add(time.perf_counter() - began, meter.stop())
 
-    # --- 1 and 3: bare clients -------------------------------------------------------------
+    def _queued(self, orthanc: OrthancProcess) -> int:
+        counts = orthanc.get("/kheops/status").json()["Counts"]
+        return int(counts["Queued"]) + int(counts["InFlight"])
 
-    def sink(self) -> Run:
+    # --- 1 to 4 and 8: the contenders, round by round ------------------------------------
+
+    def throughput(self, contenders: set[str]) -> OrthancProcess | None:
+        """Each round runs every contender once at each latency, so that the noise of a shared
+        machine falls on all of them alike; each keeps its fastest round.
+
+        Returns the plugin's Orthanc, corpus stored, for the sweep; the caller retires it.
+        """
+        latencies = (0.0, self.settings.latency)
+        dicomweb = self._dicomweb_orthanc() if "dicomweb" in contenders else None
+        plugin = self._plugin_orthanc() if contenders & {"drain", "sweep"} else None
+        if "drain" not in contenders:
+            self.kheops.set_down(False)
+        outage = True  # the first drain is the backlog stored while KHEOPS was down
+        try:
+            for round_number in range(1, self.settings.repeat + 1):
+                last = round_number == self.settings.repeat
+                self.log(f"   round {round_number} of {self.settings.repeat}")
+                for latency in latencies:
+                    with self._latency(latency):
+                        # First, as KHEOPS is down from the start until the outage drain.
+                        if plugin is not None and "drain" in contenders:
+                            self._drain(plugin, latency, outage=outage)
+                            outage = False
+                        if "sink" in contenders and latency == 0:
+                            self._sink()
+                        if dicomweb is not None:
+                            self._dicomweb(dicomweb, latency)
+                        # Sleep-bound at 50 ms (2000 x 50 ms): one run says it all.
+                        if "per-instance" in contenders and (latency == 0 or last):
+                            self._per_instance(latency)
+        except BaseException:
+            if plugin is not None:
+                self.retire(plugin)
+            raise
+        finally:
+            if dicomweb is not None:
+                self.retire(dicomweb)
+            self.kheops.set_down(False)
+        if plugin is not None and outage:
+            # No drain ran: let the stored backlog go before the sweep.
+            wait_until(lambda: self._queued(plugin) == 0, timeout=_TIMEOUT)
+        return plugin
+
+    def _sink(self) -> None:
         batch, connections = self.settings.sink_batch, self.settings.sink_connections
-        run = self._new_run(
+        run = self._run(
             "sink", f"Sink limit: bare client, batches of {batch}, {connections} connections"
         )
         files = self._files_in_memory()
         self.kheops.clear_requests()
-        for _ in range(self.settings.repeat):
-            meter = self._meter()
-            meter.start()
-            began = time.perf_counter()
-            clients.post_batches(
-                self.kheops.api, TOKEN, files, batch=batch, connections=connections
-            )
-            run.add(time.perf_counter() - began, meter.stop())
-        run.notes.append(self._stow_requests())
-        return run
+        meter = self._meter()
+        meter.start()
+        began = time.perf_counter()
+        clients.post_batches(self.kheops.api, TOKEN, files, batch=batch, connections=connections)
+        run.add(time.perf_counter() - began, meter.stop())
+        run.requests = self._stow_requests()
 
-    def per_instance(self, latency: float) -> Run:
-        run = self._new_run(
+    def _per_instance(self, latency: float) -> None:
+        run = self._run(
             "per_instance", "Per-instance STOW: one request per instance, one connection", latency
         )
         files = self._files_in_memory()
-        # Sleep-bound at 50 ms: one run says it all.
-        repeat = self.settings.repeat if latency == 0 else 1
-        with self._latency(latency):
-            for _ in range(repeat):
-                meter = self._meter()
-                meter.start()
-                began = time.perf_counter()
-                clients.post_one_by_one(self.kheops.api, TOKEN, files)
-                run.add(time.perf_counter() - began, meter.stop())
-        run.notes.append(self._stow_requests())
-        return run
+        self.kheops.clear_requests()
+        meter = self._meter()
+        meter.start()
+        began = time.perf_counter()
+        clients.post_one_by_one(self.kheops.api, TOKEN, files)
+        run.add(time.perf_counter() - began, meter.stop())
+        run.requests = self._stow_requests()
 
-    # --- 2: Orthanc's DICOMweb STOW client ------------------------------------------------------
-
-    def dicomweb(self, latencies: Sequence[float]) -> list[Run]:
+    def _dicomweb_orthanc(self) -> OrthancProcess:
         orthanc = self._orthanc(
             "dicomweb",
             dicomweb_servers={
@@ -267,33 +320,15 @@ class Bench:
                 }
             },
         )
-        try:
-            ingest = self.ingest.setdefault(
-                "dicomweb", self._new_run("ingest_dicomweb", "Ingest: Orthanc with DICOMweb only")
-            )
-            self._timed_store(orthanc, ingest)
-            studies = orthanc.get("/studies").json()
-            runs = []
-            for latency in latencies:
-                run = self._new_run(
-                    "dicomweb", "Orthanc DICOMweb STOW client, all studies", latency
-                )
-                self.kheops.clear_requests()
-                with self._latency(latency):
-                    for _ in range(self.settings.repeat if latency == 0 else 1):
-                        run.add(*self._dicomweb_stow(orthanc, studies))
-                run.notes.append(self._stow_requests())
-                runs.append(run)
-            return runs
-        finally:
-            self.retire(orthanc)
+        self._timed_store(orthanc, self._ingest("dicomweb", "Orthanc with DICOMweb only"))
+        return orthanc
 
-    def _dicomweb_stow(
-        self, orthanc: OrthancProcess, studies: list[str]
-    ) -> tuple[float, dict[str, float]]:
+    def _dicomweb(self, orthanc: OrthancProcess, latency: float) -> None:
+        run = self._run("dicomweb", "Orthanc DICOMweb STOW client, all studies", latency)
+        studies = orthanc.get("/studies").json()
+        self.kheops.clear_requests()
         meter = self._meter(orthanc)
         baseline = self.kheops.stores()
-        meter.start()
 
         def post() -> None:
             response = orthanc.post(
@@ -303,70 +338,41 @@ class Bench:
             )
             response.raise_for_status()
 
+        meter.start()
         seconds, _ = timed_until(post, self._arrived(baseline, len(self.corpus)), timeout=_TIMEOUT)
-        return seconds, meter.stop()
+        run.add(seconds, meter.stop())
+        run.requests = self._stow_requests()
 
-    # --- 4 and 8: the plugin drains a backlog ----------------------------------------------
-
-    def plugin_drain(self, latencies: Sequence[float]) -> tuple[list[Run], OrthancProcess]:
-        """Store while KHEOPS is down, bring it up, time until the album holds everything.
-
-        The Orthanc stays up for the sweep; the caller retires it.
-        """
+    def _plugin_orthanc(self) -> OrthancProcess:
+        """An Orthanc with the plugin, the corpus stored while KHEOPS is down: a backlog."""
         self.kheops.set_down(True)
         orthanc = self._orthanc("plugin", kheops=self.plugin_section())
         try:
-            ingest = self.ingest.setdefault(
-                "down", self._new_run("ingest_down", "Ingest: Orthanc + plugin, KHEOPS down")
-            )
-            self._timed_store(orthanc, ingest)
-            runs = []
-            first = True
-            for latency in latencies:
-                run = self._new_run("drain", "This plugin: backlog drain after an outage", latency)
-                self.kheops.clear_requests()
-                detections = []
-                with self._latency(latency):
-                    for _ in range(self.settings.repeat if latency == 0 else 1):
-                        if not first:
-                            self._requeue_while_down(orthanc)
-                        first = False
-                        seconds, detected, cpu = self._drain(orthanc)
-                        run.add(seconds, cpu)
-                        detections.append(detected)
-                run.notes.append(self._stow_requests())
-                run.notes.append(
-                    f"first instance in the album {min(detections):.2f}-{max(detections):.2f} s"
-                    " after KHEOPS came back (the probe interval, here at most 1 s)"
-                )
-                runs.append(run)
-            return runs, orthanc
+            self._timed_store(orthanc, self._ingest("down", "Orthanc + plugin, KHEOPS down"))
         except BaseException:
             self.retire(orthanc)
             raise
-        finally:
-            self.kheops.set_down(False)
+        return orthanc
 
-    def _queued(self, orthanc: OrthancProcess) -> int:
-        counts = orthanc.get("/kheops/status").json()["Counts"]
-        return int(counts["Queued"]) + int(counts["InFlight"])
-
-    def _requeue_while_down(self, orthanc: OrthancProcess) -> None:
-        self.kheops.set_down(True)
-        studies = orthanc.get("/studies").json()
-        orthanc.post("/kheops/send", json={"Resources": studies}).raise_for_status()
-
-    def _drain(self, orthanc: OrthancProcess) -> tuple[float, float, dict[str, float]]:
+    def _drain(self, orthanc: OrthancProcess, latency: float, *, outage: bool) -> None:
+        """Time from KHEOPS coming back until the album holds the whole backlog."""
+        run = self._run("drain", "This plugin: backlog drain after an outage", latency)
+        if not outage:
+            # A new backlog: the corpus queued again while KHEOPS is down.
+            self.kheops.set_down(True)
+            studies = orthanc.get("/studies").json()
+            orthanc.post("/kheops/send", json={"Resources": studies}).raise_for_status()
         count = len(self.corpus)
         wait_until(
             lambda: self._queued(orthanc) >= count,
             timeout=_TIMEOUT,
             message="the whole corpus queued while KHEOPS is down",
         )
+        self.kheops.clear_requests()
         meter = self._meter(orthanc)
         baseline = self.kheops.stores()
         first: list[float] = []
-        began = time.perf_counter()
+        began = 0.0
 
         def done() -> bool:
             arrived = self.kheops.stores() - baseline
@@ -375,8 +381,11 @@ class Bench:
             return arrived >= count
 
         meter.start()
+        began = time.perf_counter()
         seconds, _ = timed_until(lambda: self.kheops.set_down(False), done, timeout=_TIMEOUT)
-        return seconds, first[0] if first else seconds, meter.stop()
+        run.add(seconds, meter.stop())
+        run.detections.append(first[0] if first else seconds)
+        run.requests = self._stow_requests()
 
     # --- 9: workers x batch size ----------------------------------------------------------
 
@@ -388,7 +397,7 @@ class Bench:
             with self._latency(latency):
                 for workers in self.settings.sweep_workers:
                     for batch in self.settings.sweep_batches:
-                        orthanc.stop()
+                        orthanc.kill()  # the queue is empty: nothing to lose, 3.5 s saved
                         orthanc.config["Kheops"].update(Workers=workers, BatchMaxInstances=batch)
                         orthanc.start()
                         wait_until(lambda: self._queued(orthanc) == 0, timeout=_TIMEOUT)
@@ -411,35 +420,34 @@ class Bench:
 
     # --- 5 and 6: live forwarding, and what it costs the ingest --------------------------------
 
-    def live_and_ingest(self) -> Run:
+    def live_and_ingest(self) -> None:
         """Interleaved: storescu into a plain Orthanc, then into one with the plugin forwarding."""
-        plain = self.ingest.setdefault(
-            "plain", self._new_run("ingest_plain", "Ingest: plain Orthanc")
-        )
-        live = self.ingest.setdefault(
-            "live", self._new_run("ingest_live", "Ingest: Orthanc + plugin forwarding live")
-        )
-        end_to_end = self._new_run("live", "This plugin, live: storescu -> all in the album")
-        outcomes: list[tuple[Lag, str]] = []
+        plain = self._ingest("plain", "Plain Orthanc")
+        live = self._ingest("live", "Orthanc + plugin forwarding live")
+        end_to_end = self._run("live", "This plugin, live: storescu -> all in the album")
+        lags: list[Lag] = []
         for _ in range(self.settings.repeat):
             orthanc = self._orthanc("plain")
             try:
                 self._timed_store(orthanc, plain)
             finally:
                 self.retire(orthanc)
-            outcomes.append(self._live_once(live, end_to_end))
-        lag, requests = outcomes[end_to_end.seconds.index(end_to_end.time)]
-        self.lag = lag
-        end_to_end.notes += [
-            f"lag store -> album p50 {lag.p50:.2f} s, p95 {lag.p95:.2f} s",
-            requests,
-        ]
-        return end_to_end
+            lag, requests = self._live_once(self.plugin_section(), live, end_to_end)
+            lags.append(lag)
+            if end_to_end.seconds[-1] == end_to_end.time:
+                end_to_end.requests = requests
+        self.lag = lags[end_to_end.seconds.index(end_to_end.time)]
+        end_to_end.notes.append(
+            f"lag store -> album p50 {self.lag.p50:.2f} s, p95 {self.lag.p95:.2f} s"
+        )
 
-    def _live_once(self, ingest: Run, end_to_end: Run) -> tuple[Lag, str]:
-        orthanc = self._orthanc("live", kheops=self.plugin_section())
+    def _live_once(
+        self, section: Mapping[str, Any], ingest: Run, end_to_end: Run
+    ) -> tuple[Lag, str]:
+        orthanc = self._orthanc("live", kheops=section)
         try:
             baseline = self.kheops.stores()
+            self.kheops.clear_requests()
             meter = self._meter(orthanc)
             meter.start()
             began = time.perf_counter()
@@ -460,39 +468,24 @@ class Bench:
         """Live forwarding under several BatchLingerMilliseconds: lag against ingest cost."""
         points = []
         for linger_ms in values:
-            plain = self._new_run("plain", "plain")
+            count, size = len(self.corpus), self.corpus.megabytes
+            plain = Run("plain", "plain", count, size)
             orthanc = self._orthanc("plain")
             try:
                 self._timed_store(orthanc, plain)
             finally:
                 self.retire(orthanc)
-            ingest = self._new_run("live", "live")
-            end_to_end = self._new_run("live", "live")
-            orthanc = self._orthanc(
-                "live", kheops=self.plugin_section(BatchLingerMilliseconds=linger_ms)
-            )
-            try:
-                baseline = self.kheops.stores()
-                self.kheops.clear_requests()
-                meter = self._meter(orthanc)
-                meter.start()
-                began = time.perf_counter()
-                orthanc.storescu(list(self.corpus.paths))
-                ingest.add(time.perf_counter() - began, {})
-                wait_until(self._arrived(baseline, len(self.corpus)), timeout=_TIMEOUT)
-                end_to_end.add(time.perf_counter() - began, meter.stop())
-                lag = read_lag(orthanc.workdir / "kheops-state" / "outbox.sqlite3")
-                requests = len(self.kheops.stow_requests())
-                self.kheops.clear_requests()
-            finally:
-                self.retire(orthanc)
+            ingest = Run("live", "live", count, size)
+            end_to_end = Run("live", "live", count, size)
+            section = self.plugin_section(BatchLingerMilliseconds=linger_ms)
+            lag, requests = self._live_once(section, ingest, end_to_end)
             point = LingerPoint(
                 linger_ms, ingest.time, plain.time, lag, requests, end_to_end.cpu["orthanc"]
             )
             self.log(
                 f"    linger {linger_ms:>4} ms: ingest {point.ingest_seconds:.2f} s"
                 f" (plain {point.plain_seconds:.2f} s), lag p50 {lag.p50:.2f} s"
-                f" p95 {lag.p95:.2f} s, {requests} requests"
+                f" p95 {lag.p95:.2f} s, {requests}"
             )
             points.append(point)
         return points
