@@ -8,7 +8,9 @@ from typing import Any
 
 import pytest
 
+from tests.kheops_server import KheopsTestServer
 from tests.orthanc_process import OrthancError, OrthancFactory, OrthancProcess, stop_all
+from tests.plugin_setup import Album
 
 # --- Work directories ------------------------------------------------------------------------
 
@@ -19,6 +21,16 @@ def tmp_workdir(tmp_path: Path) -> Path:
     workdir = tmp_path / "work"
     workdir.mkdir()
     return workdir
+
+
+# --- KHEOPS ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def album() -> Iterator[Album]:
+    """A main album on a KHEOPS test server of this test's own."""
+    with KheopsTestServer() as server:
+        yield Album(server)
 
 
 # --- Orthanc processes -----------------------------------------------------------------------

@@ -15,11 +15,10 @@ from tests.browser.explorer import (
     CREDENTIALS,
     VIEWPORT,
     Explorer,
-    Kheops,
     OpenExplorer,
 )
-from tests.kheops_server import KheopsTestServer
 from tests.orthanc_process import OrthancFactory, OrthancProcess
+from tests.plugin_setup import Album
 
 expect.set_options(timeout=30_000)
 
@@ -38,17 +37,17 @@ def browser(playwright: Playwright) -> Iterator[Browser]:
 
 
 @pytest.fixture
-def kheops() -> Iterator[Kheops]:
-    with KheopsTestServer() as server:
-        yield Kheops(server)
+def kheops(album: Album) -> Album:
+    """The main album, under the name these tests use for the KHEOPS they talk to."""
+    return album
 
 
 @pytest.fixture
-def start_orthanc(orthanc_factory: OrthancFactory, kheops: Kheops) -> OrthancFactory:
+def start_orthanc(orthanc_factory: OrthancFactory, kheops: Album) -> OrthancFactory:
     """Start an Orthanc with the plugin pointed at `kheops` and authentication on."""
 
     def start(workdir: Path | None = None, *, start: bool = True, **kwargs: Any) -> OrthancProcess:
-        kwargs.setdefault("kheops", kheops.section())
+        kwargs.setdefault("kheops", kheops.section(Workers=1))
         return orthanc_factory(workdir, start=start, credentials=CREDENTIALS, **kwargs)
 
     return start

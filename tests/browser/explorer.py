@@ -9,12 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 from playwright.sync_api import Page, Response, ViewportSize
 
 from tests.corpus import make_dataset, new_uid, to_bytes
-from tests.kheops_server import KheopsTestServer
 from tests.orthanc_process import OrthancProcess
 
 CHROMIUM = "/usr/bin/chromium"
@@ -29,44 +27,6 @@ CHROMIUM_ARGS = [
 CREDENTIALS = ("admin", "kheops-browser-test")
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
 VIEWPORT: ViewportSize = {"width": 1280, "height": 900}
-
-# Short delays so that retries and token checks happen within a test.
-FAST = {
-    "Workers": 1,
-    "BatchMaxInstances": 10,
-    "BatchLingerMilliseconds": 20,
-    "RetryInitialSeconds": 0.2,
-    "RetryMaximumSeconds": 1,
-    "TokenRecheckSeconds": 0.5,
-    "ReconcileSeconds": 1,
-    "ConnectTimeoutSeconds": 2,
-    "RequestTimeoutSeconds": 10,
-}
-
-
-class Kheops:
-    """The KHEOPS test server with a main album, and every token handed out."""
-
-    def __init__(self, server: KheopsTestServer) -> None:
-        self.server = server
-        self.main_album = server.add_album()
-        self.main_token = server.add_token(
-            album_id=self.main_album, scope=("read", "write", "send")
-        )
-        self.tokens = [self.main_token]
-
-    def section(self, **fields: Any) -> dict[str, Any]:
-        return {"Url": self.server.url, "Token": self.main_token, **FAST, **fields}
-
-    def album(self, scope: Sequence[str] = ("write",)) -> tuple[str, str]:
-        """A new album and a token of it."""
-        album_id = self.server.add_album()
-        token = self.server.add_token(album_id=album_id, scope=scope)
-        self.tokens.append(token)
-        return album_id, token
-
-    def holds(self, album_id: str, sop_uids: Sequence[str]) -> bool:
-        return set(sop_uids) <= self.server.album_instances(album_id)
 
 
 class Explorer:

@@ -10,13 +10,13 @@ import re
 from pathlib import Path
 
 import pytest
-import requests
 from playwright.sync_api import Locator, Page, expect
 
 from orthanc_kheops.masking import mask
-from tests.browser.explorer import Explorer, Kheops, OpenExplorer, instance, save_screenshot
+from tests.browser.explorer import Explorer, OpenExplorer, instance, save_screenshot
 from tests.corpus import new_uid
 from tests.orthanc_process import OrthancFactory, OrthancProcess
+from tests.plugin_setup import Album
 from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration]
@@ -60,34 +60,13 @@ def only_study(orthanc: OrthancProcess) -> str:
     return str(studies[0])
 
 
-def stow_into_another_album(kheops: Kheops, data: bytes) -> None:
-    """Another album takes the series first: KHEOPS then refuses it to ours (292)."""
-    _, token = kheops.album(scope=("write",))
-    boundary = "b0undary"
-    body = (
-        f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
-        + data
-        + f"\r\n--{boundary}--\r\n".encode()
-    )
-    answer = requests.post(
-        f"{kheops.server.url}/api/studies",
-        data=body,
-        headers={
-            "Authorization": f"Bearer {token}",
-            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
-        },
-        timeout=10,
-    )
-    assert answer.status_code == 200
-
-
 def test_the_kheops_page_shows_the_state_then_the_pause_once_kheops_refuses_the_token(
-    start_orthanc: OrthancFactory, open_explorer: OpenExplorer, kheops: Kheops
+    start_orthanc: OrthancFactory, open_explorer: OpenExplorer, kheops: Album
 ) -> None:
     orthanc = start_orthanc()
     study, series = new_uid(), new_uid()
     sent = store(orthanc, [instance(study_uid=study, series_uid=series)])
-    wait_until(lambda: kheops.holds(kheops.main_album, sent), message="first instance sent")
+    wait_until(lambda: kheops.holds(sent), message="first instance sent")
     explorer = open_explorer(orthanc)
 
     page = explorer.open("lookup")
@@ -95,11 +74,11 @@ def test_the_kheops_page_shows_the_state_then_the_pause_once_kheops_refuses_the_
     page.click("#kheops-home-button")
     expect(state_text(page)).to_have_text("Sending")
     expect(page.locator("#kheops-connection")).to_contain_text(kheops.server.url)
-    expect(page.locator("#kheops-connection")).to_contain_text(mask(kheops.main_token))
-    expect(page.locator("#kheops-connection")).to_contain_text(kheops.main_album)
+    expect(page.locator("#kheops-connection")).to_contain_text(mask(kheops.token))
+    expect(page.locator("#kheops-connection")).to_contain_text(kheops.album_id)
     expect(count(page, "Sent")).to_have_text("1")
 
-    kheops.server.revoke_token(kheops.main_token)
+    kheops.server.revoke_token(kheops.token)
     store(orthanc, [instance(study_uid=study, series_uid=series)])
 
     expect(state_text(page)).to_have_text(
@@ -112,10 +91,10 @@ def test_the_kheops_page_shows_the_state_then_the_pause_once_kheops_refuses_the_
 
 
 def test_an_invalid_rule_shows_the_servers_message_next_to_the_offending_field(
-    start_orthanc: OrthancFactory, open_explorer: OpenExplorer, kheops: Kheops
+    start_orthanc: OrthancFactory, open_explorer: OpenExplorer, kheops: Album
 ) -> None:
     orthanc = start_orthanc()
-    _, destination = kheops.album()
+    _, destination = kheops.other_album()
     page = open_explorer(orthanc).open("kheops-rules")
 
     fill_rule(
@@ -143,10 +122,10 @@ def test_an_invalid_rule_shows_the_servers_message_next_to_the_offending_field(
 
 
 def test_a_valid_rule_appears_in_the_list_takes_effect_and_can_be_changed_and_deleted(
-    start_orthanc: OrthancFactory, open_explorer: OpenExplorer, kheops: Kheops
+    start_orthanc: OrthancFactory, open_explorer: OpenExplorer, kheops: Album
 ) -> None:
     orthanc = start_orthanc()
-    album_id, destination = kheops.album()
+    album_id, destination = kheops.other_album()
     explorer = open_explorer(orthanc)
     page = explorer.open("kheops-rules")
 
@@ -211,9 +190,9 @@ def test_a_valid_rule_appears_in_the_list_takes_effect_and_can_be_changed_and_de
 
 
 def test_rules_from_the_configuration_are_shown_read_only(
-    start_orthanc: OrthancFactory, open_explorer: OpenExplorer, kheops: Kheops
+    start_orthanc: OrthancFactory, open_explorer: OpenExplorer, kheops: Album
 ) -> None:
-    album_id, destination = kheops.album()
+    album_id, destination = kheops.other_album()
     rule = {"Name": "from-config", "DestinationToken": destination, "Condition": CT}
     orthanc = start_orthanc(kheops=kheops.section(SwitchingAlbums=[rule]))
     explorer = open_explorer(orthanc)
@@ -229,11 +208,11 @@ def test_rules_from_the_configuration_are_shown_read_only(
 
 
 def test_retry_moves_failed_instances_back_to_the_queue(
-    start_orthanc: OrthancFactory, open_explorer: OpenExplorer, kheops: Kheops
+    start_orthanc: OrthancFactory, open_explorer: OpenExplorer, kheops: Album
 ) -> None:
     study, series = new_uid(), new_uid()
     held = [instance(study_uid=study, series_uid=series, description="HELD") for _ in range(2)]
-    stow_into_another_album(kheops, held[0][1])
+    kheops.take_series(held[0][1])
     orthanc = start_orthanc()
     store(orthanc, held)
     page = open_explorer(orthanc).open("kheops")
@@ -259,11 +238,11 @@ def test_retry_moves_failed_instances_back_to_the_queue(
 
 
 def test_the_study_page_says_why_its_instances_failed_and_retries_them(
-    start_orthanc: OrthancFactory, open_explorer: OpenExplorer, kheops: Kheops
+    start_orthanc: OrthancFactory, open_explorer: OpenExplorer, kheops: Album
 ) -> None:
     study, series = new_uid(), new_uid()
     held = instance(study_uid=study, series_uid=series)
-    stow_into_another_album(kheops, held[1])
+    kheops.take_series(held[1])
     orthanc = start_orthanc()
     store(orthanc, [held])
     wait_until(lambda: orthanc.get("/kheops/status").json()["Counts"]["Failed"] == 1)
@@ -281,7 +260,7 @@ def test_the_study_page_says_why_its_instances_failed_and_retries_them(
 
 
 def test_send_to_kheops_on_a_study_queues_what_was_stored_before_the_plugin(
-    start_orthanc: OrthancFactory, open_explorer: OpenExplorer, kheops: Kheops, tmp_path: Path
+    start_orthanc: OrthancFactory, open_explorer: OpenExplorer, kheops: Album, tmp_path: Path
 ) -> None:
     workdir = tmp_path / "orthanc"
     plain = start_orthanc(workdir, kheops=None)
@@ -300,19 +279,19 @@ def test_send_to_kheops_on_a_study_queues_what_was_stored_before_the_plugin(
     box.locator(".kheops-send").click()
 
     expect(box.locator(".kheops-resource-message")).to_have_text("2 instances queued for KHEOPS.")
-    wait_until(lambda: kheops.holds(kheops.main_album, sop_uids), message="study sent")
+    wait_until(lambda: kheops.holds(sop_uids), message="study sent")
     expect(box.locator(".kheops-summary")).to_have_text("Sent to KHEOPS: 2 sent")
     expect(page.locator("#list-series .kheops-series-badge")).to_have_text("KHEOPS: 2 sent")
 
 
 def test_share_into_applies_a_rule_to_a_study_already_in_the_main_album(
-    start_orthanc: OrthancFactory, open_explorer: OpenExplorer, kheops: Kheops
+    start_orthanc: OrthancFactory, open_explorer: OpenExplorer, kheops: Album
 ) -> None:
     orthanc = start_orthanc()
     study, series = new_uid(), new_uid()
     sent = store(orthanc, [instance(study_uid=study, series_uid=series)])
-    wait_until(lambda: kheops.holds(kheops.main_album, sent), message="instance sent")
-    album_id, destination = kheops.album()
+    wait_until(lambda: kheops.holds(sent), message="instance sent")
+    album_id, destination = kheops.other_album()
     rule = {"Name": "ct-research", "DestinationToken": destination, "Condition": CT}
     assert orthanc.post("/kheops/rules", json=rule).status_code == 201
     page = open_explorer(orthanc).open(f"study?uuid={only_study(orthanc)}")
@@ -338,7 +317,7 @@ def test_share_into_applies_a_rule_to_a_study_already_in_the_main_album(
 
 
 def test_the_dry_run_shows_which_series_of_a_study_match_and_the_values_read(
-    start_orthanc: OrthancFactory, open_explorer: OpenExplorer, kheops: Kheops
+    start_orthanc: OrthancFactory, open_explorer: OpenExplorer, kheops: Album
 ) -> None:
     orthanc = start_orthanc()
     study, ct_series, mr_series = new_uid(), new_uid(), new_uid()
@@ -381,24 +360,24 @@ def test_the_dry_run_shows_which_series_of_a_study_match_and_the_values_read(
 
 
 def test_screenshots_of_the_kheops_and_rules_pages_for_the_readme(
-    start_orthanc: OrthancFactory, open_explorer: OpenExplorer, kheops: Kheops
+    start_orthanc: OrthancFactory, open_explorer: OpenExplorer, kheops: Album
 ) -> None:
     """Not a check of its own: it keeps docs/screenshots/*.png true to the current pages."""
-    _, config_token = kheops.album()
+    _, config_token = kheops.other_album()
     config_rule = {"Name": "all-to-teaching", "DestinationToken": config_token, "Enabled": False}
     orthanc = start_orthanc(kheops=kheops.section(SwitchingAlbums=[config_rule]))
-    _, destination = kheops.album()
+    _, destination = kheops.other_album()
     rule = {"Name": "ct-research", "DestinationToken": destination, "Condition": CT}
     assert orthanc.post("/kheops/rules", json=rule).status_code == 201
     study = new_uid()
     held = instance(study_uid=study, series_uid=new_uid(), modality="MR", description="T1 SAG")
-    stow_into_another_album(kheops, held[1])
+    kheops.take_series(held[1])
     series = [
         instance(study_uid=study, series_uid=new_uid(), series_number=n, description=name)
         for n, name in ((1, "AXIAL 5MM"), (3, "CORONAL MPR"))
     ]
     sent = store(orthanc, [*series, held])[:2]
-    wait_until(lambda: kheops.holds(kheops.main_album, sent), message="instances sent")
+    wait_until(lambda: kheops.holds(sent), message="instances sent")
     wait_until(lambda: orthanc.get("/kheops/rules/ct-research").json()["Counts"]["Shared"] == 2)
     explorer = open_explorer(orthanc)
 

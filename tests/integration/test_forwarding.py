@@ -4,83 +4,24 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 
-from tests.corpus import CorpusFile, make_dataset, new_uid, plan_corpus, to_bytes
-from tests.kheops_server import KheopsTestServer
+from tests.corpus import CorpusFile, to_bytes
 from tests.orthanc_process import OrthancFactory, OrthancProcess, OrthancStartError
+from tests.plugin_setup import Album, queue, single_instance, status, write_corpus
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
-# Short delays so that retries, token re-checks and reconciliation happen within a test.
-FAST = {
-    "Workers": 2,
-    "BatchMaxInstances": 10,
-    "BatchLingerMilliseconds": 20,
-    "RetryInitialSeconds": 0.2,
-    "RetryMaximumSeconds": 1,
-    "TokenRecheckSeconds": 0.5,
-    "ReconcileSeconds": 1,
-    "ConnectTimeoutSeconds": 2,
-    "RequestTimeoutSeconds": 10,
-}
-
-
-class Album:
-    """The KHEOPS test server with one main album and its write token."""
-
-    def __init__(self, server: KheopsTestServer) -> None:
-        self.server = server
-        self.album_id = server.add_album()
-        self.token = server.add_token(album_id=self.album_id, scope=("read", "write", "send"))
-
-    def section(self, **overrides: Any) -> dict[str, Any]:
-        return {"Url": self.server.url, "Token": self.token, **FAST, **overrides}
-
-    def holds(self, sop_uids: Sequence[str]) -> bool:
-        return set(sop_uids) <= self.server.album_instances(self.album_id)
-
-
-@pytest.fixture
-def kheops() -> Iterator[KheopsTestServer]:
-    with KheopsTestServer() as server:
-        yield server
-
-
-@pytest.fixture
-def album(kheops: KheopsTestServer) -> Album:
-    return Album(kheops)
-
 
 @pytest.fixture
 def corpus(tmp_path: Path) -> list[CorpusFile]:
-    files = plan_corpus(
-        tmp_path / "corpus", studies=2, series_per_study=2, instances_per_series=3, seed=7
-    )
-    for item in files:
-        item.path.parent.mkdir(parents=True, exist_ok=True)
-        item.path.write_bytes(to_bytes(item.dataset()))
-    return files
-
-
-def status(orthanc: OrthancProcess) -> dict[str, Any]:
-    response = orthanc.get("/kheops/status")
-    response.raise_for_status()
-    document: dict[str, Any] = response.json()
-    return document
-
-
-def queue(orthanc: OrthancProcess, state: str) -> list[dict[str, Any]]:
-    response = orthanc.get("/kheops/queue", params={"state": state, "limit": 1000})
-    response.raise_for_status()
-    entries: list[dict[str, Any]] = response.json()["Instances"]
-    return entries
+    return write_corpus(tmp_path / "corpus", studies=2, series=2, instances=3, seed=7)
 
 
 def queue_of_length(orthanc: OrthancProcess, state: str, length: int) -> list[dict[str, Any]]:
@@ -99,19 +40,6 @@ def await_in_album(album: Album, sop_uids: Sequence[str], timeout: float = 60) -
         timeout=timeout,
         message=f"{len(sop_uids)} instances in the album",
     )
-
-
-def single_instance(**attributes: Any) -> tuple[str, bytes]:
-    sop_uid = new_uid()
-    dataset = make_dataset(
-        patient_id="P-SINGLE",
-        patient_name="SINGLE^ONE",
-        study_uid=attributes.pop("study_uid", new_uid()),
-        series_uid=attributes.pop("series_uid", new_uid()),
-        sop_uid=sop_uid,
-        **attributes,
-    )
-    return sop_uid, to_bytes(dataset)
 
 
 def test_instances_stored_by_storescu_and_rest_arrive_in_the_album_of_the_token(
@@ -206,12 +134,7 @@ def test_mixed_503s_and_dropped_connections_deliver_each_instance_exactly_once(
 def test_nothing_is_missing_after_orthanc_is_killed_in_the_middle_of_forwarding(
     orthanc_factory: OrthancFactory, album: Album, tmp_path: Path
 ) -> None:
-    files = plan_corpus(
-        tmp_path / "big", studies=3, series_per_study=2, instances_per_series=10, seed=11
-    )
-    for item in files:
-        item.path.parent.mkdir(parents=True, exist_ok=True)
-        item.path.write_bytes(to_bytes(item.dataset()))
+    files = write_corpus(tmp_path / "big", studies=3, series=2, instances=10, seed=11)
     album.server.set_latency(0.3)
     orthanc = orthanc_factory(kheops=album.section(BatchMaxInstances=2, Workers=1))
     orthanc.storescu([f.path for f in files])
@@ -293,25 +216,8 @@ def test_an_instance_of_a_series_held_by_another_album_is_failed_and_the_others_
     orthanc_factory: OrthancFactory, album: Album, corpus: list[CorpusFile]
 ) -> None:
     # Another album already holds one series of the corpus: KHEOPS refuses it with 292.
-    other_album = album.server.add_album()
-    other_token = album.server.add_token(album_id=other_album, scope=("write",))
     taken = [f for f in corpus if f.series_uid == corpus[0].series_uid]
-    boundary = "b0undary"
-    body = (
-        f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
-        + to_bytes(taken[0].dataset())
-        + f"\r\n--{boundary}--\r\n".encode()
-    )
-    answer = requests.post(
-        f"{album.server.url}/api/studies",
-        data=body,
-        headers={
-            "Authorization": f"Bearer {other_token}",
-            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
-        },
-        timeout=10,
-    )
-    assert answer.status_code == 200
+    album.take_series(to_bytes(taken[0].dataset()))
 
     orthanc = orthanc_factory(kheops=album.section())
     orthanc.storescu([f.path for f in corpus])
