@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+
+from .state_file import StateFile
 
 SCHEMA_VERSION = 1
 
@@ -39,10 +39,6 @@ CREATE TABLE IF NOT EXISTS instances (
     done_at      REAL
 );
 CREATE INDEX IF NOT EXISTS instances_due ON instances (state, next_attempt);
-CREATE TABLE IF NOT EXISTS meta (
-    key   TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
 """
 
 STATES = ("pending", "inflight", "sent", "failed")
@@ -116,54 +112,18 @@ class Outbox(Protocol):
 
     def set_meta(self, key: str, value: object) -> None: ...
 
-    def add_to_counter(self, key: str, amount: int) -> None: ...
-
     def close(self) -> None: ...
 
 
 class SqliteOutbox:
-    """Outbox in a local SQLite file: one connection writes, under a lock; another reads.
+    """Outbox in a local SQLite file (see `StateFile` for how it is written and read).
 
-    In WAL mode readers do not block the writer, so the status, the metrics and the
-    REST listings never hold up the store callback.
-
-    synchronous=NORMAL in WAL mode survives a crash or kill -9 of Orthanc
-    (the OS keeps what was written); what a power cut could take from the
-    last moments is found again in Orthanc's change log by the reconciler.
+    What a power cut could take from the last moments is found again in Orthanc's change
+    log by the reconciler.
     """
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=10000")
-        self._db.executescript(_SCHEMA)
-        self._read_lock = threading.Lock()
-        self._reader = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._reader.row_factory = sqlite3.Row
-        self._reader.execute("PRAGMA busy_timeout=10000")
-        version = self.get_meta("schema_version")
-        if version is None:
-            self.set_meta("schema_version", SCHEMA_VERSION)
-        elif version != SCHEMA_VERSION:
-            self.close()
-            raise RuntimeError(
-                f"outbox {path} has schema version {version}; this plugin reads {SCHEMA_VERSION}"
-            )
-
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        self._file = StateFile(path, schema=_SCHEMA, version=SCHEMA_VERSION)
 
     def enqueue(self, items: Iterable[tuple[str, int]], *, now: float, requeue: bool) -> int:
         """Queue instances; `requeue` also resets rows already sent or failed (a re-stored file).
@@ -188,14 +148,14 @@ class SqliteOutbox:
                 "INSERT OR IGNORE INTO instances (orthanc_id, state, size, queued_at, next_attempt)"
                 " VALUES (?, 'pending', ?, ?, ?)"
             )
-        with self._transaction() as db:
+        with self._file.transaction() as db:
             before = db.total_changes
             db.executemany(sql, rows)
             return db.total_changes - before
 
     def claim(self, *, now: float, max_count: int, max_bytes: int) -> list[QueuedInstance]:
         """Take due instances for one request: at most `max_count`, and `max_bytes` unless alone."""
-        with self._transaction() as db:
+        with self._file.transaction() as db:
             candidates = db.execute(
                 "SELECT * FROM instances WHERE state = 'pending' AND next_attempt <= ?"
                 " ORDER BY next_attempt LIMIT ?",
@@ -219,7 +179,7 @@ class SqliteOutbox:
         return [_instance(row, state="inflight") for row in chosen]
 
     def mark_sent(self, orthanc_ids: Sequence[str], *, now: float) -> None:
-        with self._transaction() as db:
+        with self._file.transaction() as db:
             db.executemany(
                 "UPDATE instances SET state = 'sent', done_at = ?, last_error = NULL,"
                 " attempts = attempts + 1 WHERE orthanc_id = ?",
@@ -228,7 +188,7 @@ class SqliteOutbox:
             self._requeue_restored(db, orthanc_ids, now)
 
     def mark_failed(self, reasons: Mapping[str, str], *, now: float) -> None:
-        with self._transaction() as db:
+        with self._file.transaction() as db:
             db.executemany(
                 "UPDATE instances SET state = 'failed', done_at = ?, last_error = ?,"
                 " attempts = attempts + 1 WHERE orthanc_id = ?",
@@ -248,7 +208,7 @@ class SqliteOutbox:
 
     def reschedule(self, retries: Sequence[Retry], *, now: float) -> None:
         """Put claimed instances back to wait; rows no longer in flight keep their outcome."""
-        with self._transaction() as db:
+        with self._file.transaction() as db:
             attempts = 0
             for r in retries:
                 moved = db.execute(
@@ -264,7 +224,7 @@ class SqliteOutbox:
 
     def release(self, orthanc_ids: Sequence[str]) -> None:
         """Put claimed instances back untouched (shutdown, paused token)."""
-        with self._transaction() as db:
+        with self._file.transaction() as db:
             db.executemany(
                 "UPDATE instances SET state = 'pending', restored = 0"
                 " WHERE orthanc_id = ? AND state = 'inflight'",
@@ -272,7 +232,7 @@ class SqliteOutbox:
             )
 
     def set_sop_uids(self, uids: Mapping[str, str]) -> None:
-        with self._transaction() as db:
+        with self._file.transaction() as db:
             db.executemany(
                 "UPDATE instances SET sop_uid = ? WHERE orthanc_id = ?",
                 [(uid, orthanc_id) for orthanc_id, uid in uids.items()],
@@ -280,21 +240,21 @@ class SqliteOutbox:
 
     def recover_interrupted(self) -> int:
         """At start-up: what was in flight when the process died is pending again."""
-        with self._transaction() as db:
+        with self._file.transaction() as db:
             return db.execute(
                 "UPDATE instances SET state = 'pending', restored = 0 WHERE state = 'inflight'"
             ).rowcount
 
     def make_due(self, *, now: float) -> int:
         """KHEOPS is back: every waiting instance is tried now rather than after its backoff."""
-        with self._transaction() as db:
+        with self._file.transaction() as db:
             return db.execute(
                 "UPDATE instances SET next_attempt = ? WHERE state = 'pending' AND next_attempt > ?",
                 (now, now),
             ).rowcount
 
     def retry_failed(self, orthanc_ids: Sequence[str] | None, *, now: float) -> int:
-        with self._transaction() as db:
+        with self._file.transaction() as db:
             if orthanc_ids is None:
                 return db.execute(
                     "UPDATE instances SET state = 'pending', next_attempt = ?, attempts = 0,"
@@ -311,8 +271,8 @@ class SqliteOutbox:
             return db.total_changes - before
 
     def counts(self) -> dict[str, int]:
-        with self._read_lock:
-            rows = self._reader.execute(
+        with self._file.read() as db:
+            rows = db.execute(
                 "SELECT state, COUNT(*) AS n FROM instances GROUP BY state"
             ).fetchall()
         counts = dict.fromkeys(STATES, 0)
@@ -320,16 +280,16 @@ class SqliteOutbox:
         return counts
 
     def next_due(self) -> float | None:
-        with self._read_lock:
-            row = self._reader.execute(
+        with self._file.read() as db:
+            row = db.execute(
                 "SELECT MIN(next_attempt) AS due FROM instances WHERE state = 'pending'"
             ).fetchone()
         return None if row["due"] is None else float(row["due"])
 
     def entries(self, state: str, *, limit: int, offset: int = 0) -> list[QueuedInstance]:
         order = "next_attempt" if state == "pending" else "done_at DESC"
-        with self._read_lock:
-            rows = self._reader.execute(
+        with self._file.read() as db:
+            rows = db.execute(
                 f"SELECT * FROM instances WHERE state = ? ORDER BY {order} LIMIT ? OFFSET ?",
                 (state, limit, offset),
             ).fetchall()
@@ -337,32 +297,21 @@ class SqliteOutbox:
 
     def lookup(self, orthanc_ids: Sequence[str]) -> dict[str, QueuedInstance]:
         found: dict[str, QueuedInstance] = {}
-        with self._read_lock:
+        with self._file.read() as db:
             for start in range(0, len(orthanc_ids), 500):
                 chunk = list(orthanc_ids[start : start + 500])
                 marks = ",".join("?" * len(chunk))
-                for row in self._reader.execute(
+                for row in db.execute(
                     f"SELECT * FROM instances WHERE orthanc_id IN ({marks})", chunk
                 ):
                     found[row["orthanc_id"]] = _instance(row)
         return found
 
     def get_meta(self, key: str) -> object | None:
-        with self._read_lock:
-            row = self._reader.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return None if row is None else json.loads(row["value"])
+        return self._file.get_meta(key)
 
     def set_meta(self, key: str, value: object) -> None:
-        with self._transaction() as db:
-            db.execute(
-                "INSERT INTO meta (key, value) VALUES (?, ?)"
-                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                (key, json.dumps(value)),
-            )
-
-    def add_to_counter(self, key: str, amount: int) -> None:
-        with self._transaction() as db:
-            self._add(db, key, amount)
+        self._file.set_meta(key, value)
 
     @staticmethod
     def _add(db: sqlite3.Connection, key: str, amount: int) -> None:
@@ -373,10 +322,7 @@ class SqliteOutbox:
         )
 
     def close(self) -> None:
-        with self._read_lock:
-            self._reader.close()
-        with self._lock:
-            self._db.close()
+        self._file.close()
 
 
 def _instance(row: sqlite3.Row, *, state: str | None = None) -> QueuedInstance:

@@ -15,14 +15,13 @@ Deleting a rule deletes its rows (ON DELETE CASCADE). Counters are derived from 
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
-import threading
-from collections.abc import Collection, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .state_file import StateFile
 
 SCHEMA_VERSION = 1
 SHARE_STATES = ("pending", "shared", "failed")
@@ -55,10 +54,6 @@ CREATE TABLE IF NOT EXISTS shares (
     PRIMARY KEY (rule, series_uid)
 );
 CREATE INDEX IF NOT EXISTS shares_due ON shares (state, next_attempt);
-CREATE TABLE IF NOT EXISTS meta (
-    key   TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
 """
 
 
@@ -110,49 +105,21 @@ class ShareCounts:
 
 
 class RuleStore:
-    """One connection shared under a lock, like the outbox (WAL, synchronous=NORMAL)."""
+    """Rules and share jobs in their own state file (see `StateFile`), owner-only: it holds tokens."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch(mode=0o600, exist_ok=True)
-        os.chmod(path, 0o600)  # tokens in clear: owner only (SQLite gives -wal/-shm the same)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=10000")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(_SCHEMA)
-        version = self.get_meta("schema_version")
-        if version is None:
-            self.set_meta("schema_version", SCHEMA_VERSION)
-        elif version != SCHEMA_VERSION:
-            raise RuntimeError(
-                f"{path} has schema version {version}; this plugin reads {SCHEMA_VERSION}"
-            )
-
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        self._file = StateFile(path, schema=_SCHEMA, version=SCHEMA_VERSION, private=True)
 
     # -- rules ---------------------------------------------------------------------------
 
     def rules(self) -> list[StoredRule]:
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM rules ORDER BY name").fetchall()
+        with self._file.read() as db:
+            rows = db.execute("SELECT * FROM rules ORDER BY name").fetchall()
         return [_rule(row) for row in rows]
 
     def rule(self, name: str) -> StoredRule | None:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM rules WHERE name = ?", (name,)).fetchone()
+        with self._file.read() as db:
+            row = db.execute("SELECT * FROM rules WHERE name = ?", (name,)).fetchone()
         return None if row is None else _rule(row)
 
     def save_rule(
@@ -169,7 +136,7 @@ class RuleStore:
         When the destination token changes, the rule's finished shares are forgotten, so that
         the series they were about are shared into the new album when they next grow.
         """
-        with self._transaction() as db:
+        with self._file.transaction() as db:
             self._save(db, name, origin=origin, document=document, albums=albums, now=now)
 
     def _save(
@@ -201,7 +168,7 @@ class RuleStore:
 
     def delete_rule(self, name: str) -> bool:
         """Delete a rule and every share row of it, pending ones included."""
-        with self._transaction() as db:
+        with self._file.transaction() as db:
             return db.execute("DELETE FROM rules WHERE name = ?", (name,)).rowcount > 0
 
     def sync_config(self, documents: Mapping[str, Mapping[str, Any]], *, now: float) -> list[str]:
@@ -211,7 +178,7 @@ class RuleStore:
         in the configuration is deleted with its shares.
         """
         replaced: list[str] = []
-        with self._transaction() as db:
+        with self._file.transaction() as db:
             existing = {
                 row["name"]: row
                 for row in db.execute("SELECT name, origin, document FROM rules").fetchall()
@@ -231,7 +198,7 @@ class RuleStore:
         return replaced
 
     def set_albums(self, name: str, albums: tuple[str, str]) -> None:
-        with self._transaction() as db:
+        with self._file.transaction() as db:
             db.execute(
                 "UPDATE rules SET destination_album = ?, source_album = ? WHERE name = ?",
                 (*albums, name),
@@ -239,7 +206,7 @@ class RuleStore:
 
     def set_failing(self, name: str, reason: str | None, *, now: float) -> None:
         """Mark a rule failing (its shares wait) with the reason, or clear it with None."""
-        with self._transaction() as db:
+        with self._file.transaction() as db:
             if reason is None:
                 db.execute(
                     "UPDATE rules SET failing = NULL, failing_since = NULL WHERE name = ?", (name,)
@@ -252,7 +219,7 @@ class RuleStore:
                 )
 
     def note_error(self, name: str, error: str, *, now: float) -> None:
-        with self._transaction() as db:
+        with self._file.transaction() as db:
             db.execute(
                 "UPDATE rules SET last_error = ?, last_error_at = ? WHERE name = ?",
                 (error, now, name),
@@ -263,7 +230,7 @@ class RuleStore:
     def add_shares(self, keys: Iterable[ShareKey], *, now: float) -> int:
         """Queue shares not seen before (the dedupe); returns how many are new."""
         rows = [(k.rule, k.study_uid, k.series_uid, now, now) for k in keys]
-        with self._transaction() as db:
+        with self._file.transaction() as db:
             before = db.total_changes
             db.executemany(
                 "INSERT OR IGNORE INTO shares (rule, study_uid, series_uid, state, queued_at,"
@@ -276,7 +243,7 @@ class RuleStore:
     def requeue_shares(self, keys: Iterable[ShareKey], *, now: float) -> int:
         """Queue shares now whatever their past (an administrator asked): returns how many."""
         rows = [(k.rule, k.study_uid, k.series_uid, now, now) for k in keys]
-        with self._transaction() as db:
+        with self._file.transaction() as db:
             before = db.total_changes
             db.executemany(
                 "INSERT INTO shares (rule, study_uid, series_uid, state, queued_at, next_attempt)"
@@ -292,8 +259,8 @@ class RuleStore:
         if not rules:
             return []
         marks = ",".join("?" * len(rules))
-        with self._lock:
-            rows = self._db.execute(
+        with self._file.read() as db:
+            rows = db.execute(
                 "SELECT * FROM shares WHERE state = 'pending' AND next_attempt <= ?"
                 f" AND rule IN ({marks}) ORDER BY next_attempt LIMIT ?",
                 (now, *rules, limit),
@@ -304,8 +271,8 @@ class RuleStore:
         if not rules:
             return None
         marks = ",".join("?" * len(rules))
-        with self._lock:
-            row = self._db.execute(
+        with self._file.read() as db:
+            row = db.execute(
                 "SELECT MIN(next_attempt) AS due FROM shares WHERE state = 'pending'"
                 f" AND rule IN ({marks})",
                 tuple(rules),
@@ -313,7 +280,7 @@ class RuleStore:
         return None if row["due"] is None else float(row["due"])
 
     def mark_shared(self, key: ShareKey, *, now: float) -> None:
-        with self._transaction() as db:
+        with self._file.transaction() as db:
             db.execute(
                 "UPDATE shares SET state = 'shared', attempts = attempts + 1, done_at = ?,"
                 " last_error = NULL WHERE rule = ? AND series_uid = ?",
@@ -323,7 +290,7 @@ class RuleStore:
     def reschedule(
         self, key: ShareKey, *, delay: float, error: str, not_found: bool, now: float
     ) -> None:
-        with self._transaction() as db:
+        with self._file.transaction() as db:
             db.execute(
                 "UPDATE shares SET attempts = attempts + 1, not_found = not_found + ?,"
                 " next_attempt = ?, last_error = ? WHERE rule = ? AND series_uid = ?",
@@ -331,7 +298,7 @@ class RuleStore:
             )
 
     def mark_failed(self, key: ShareKey, *, reason: str, now: float) -> None:
-        with self._transaction() as db:
+        with self._file.transaction() as db:
             db.execute(
                 "UPDATE shares SET state = 'failed', attempts = attempts + 1, done_at = ?,"
                 " last_error = ? WHERE rule = ? AND series_uid = ?",
@@ -344,7 +311,7 @@ class RuleStore:
 
     def retry(self, name: str, *, now: float) -> int:
         """The rule is no longer failing; its failed and waiting shares are due now."""
-        with self._transaction() as db:
+        with self._file.transaction() as db:
             db.execute(
                 "UPDATE rules SET failing = NULL, failing_since = NULL WHERE name = ?", (name,)
             )
@@ -356,15 +323,15 @@ class RuleStore:
 
     def make_due(self, *, now: float) -> int:
         """KHEOPS is back: every waiting share is tried now rather than after its backoff."""
-        with self._transaction() as db:
+        with self._file.transaction() as db:
             return db.execute(
                 "UPDATE shares SET next_attempt = ? WHERE state = 'pending' AND next_attempt > ?",
                 (now, now),
             ).rowcount
 
     def shares(self, name: str, *, state: str, limit: int, offset: int = 0) -> list[ShareJob]:
-        with self._lock:
-            rows = self._db.execute(
+        with self._file.read() as db:
+            rows = db.execute(
                 "SELECT * FROM shares WHERE rule = ? AND state = ?"
                 " ORDER BY queued_at LIMIT ? OFFSET ?",
                 (name, state, limit, offset),
@@ -373,8 +340,8 @@ class RuleStore:
 
     def counts(self) -> dict[str, ShareCounts]:
         """Share counts per rule name."""
-        with self._lock:
-            rows = self._db.execute(
+        with self._file.read() as db:
+            rows = db.execute(
                 "SELECT rule, state, COUNT(*) AS n FROM shares GROUP BY rule, state"
             ).fetchall()
         grouped: dict[str, dict[str, int]] = {}
@@ -385,21 +352,14 @@ class RuleStore:
     # -- meta ----------------------------------------------------------------------------
 
     def get_meta(self, key: str) -> object | None:
-        with self._lock:
-            row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return None if row is None else json.loads(row["value"])
+        return self._file.get_meta(key)
 
     def set_meta(self, key: str, value: object) -> None:
         """Set a value; None deletes the key."""
-        with self._transaction() as db:
-            if value is None:
-                db.execute("DELETE FROM meta WHERE key = ?", (key,))
-            else:
-                _set_meta(db, key, value)
+        self._file.set_meta(key, value)
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self._file.close()
 
 
 def _rule(row: sqlite3.Row) -> StoredRule:
@@ -421,14 +381,6 @@ def _rule(row: sqlite3.Row) -> StoredRule:
 def tokens(document: Mapping[str, Any]) -> tuple[object, object]:
     """The two tokens of a rule document, to tell whether a change touches them."""
     return document.get("DestinationToken"), document.get("SourceToken")
-
-
-def _set_meta(db: sqlite3.Connection, key: str, value: object) -> None:
-    db.execute(
-        "INSERT INTO meta (key, value) VALUES (?, ?)"
-        " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-        (key, json.dumps(value)),
-    )
 
 
 def _job(row: sqlite3.Row) -> ShareJob:

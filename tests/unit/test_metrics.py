@@ -16,7 +16,7 @@ from orthanc_kheops.metrics import (
     metric_values,
     rule_figures,
 )
-from orthanc_kheops.outbox import SqliteOutbox
+from orthanc_kheops.outbox import Retry, SqliteOutbox
 from orthanc_kheops.rule_store import RuleStore, ShareKey
 from orthanc_kheops.stats import TransferSnapshot, TransferStats
 from tests.waiting import wait_until
@@ -194,7 +194,8 @@ def outbox(tmp_path: Path) -> SqliteOutbox:
 def test_the_collector_reads_the_outbox_and_the_forwarder_state(outbox: SqliteOutbox) -> None:
     outbox.enqueue([("a", 10), ("b", 10), ("c", 10)], now=T0, requeue=True)
     outbox.mark_failed({"c": "292"}, now=T0)
-    outbox.add_to_counter("retries", 2)
+    claimed = outbox.claim(now=T0, max_count=10, max_bytes=1 << 20)
+    outbox.reschedule([Retry(i.orthanc_id, 0.0, "503") for i in claimed], now=T0)
     stats = TransferStats(now=T0)
     stats.record_sent(1, now=T0 + 5)
     health = Health(now=T0, probe_maximum=30)

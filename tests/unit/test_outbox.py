@@ -524,10 +524,3 @@ def test_meta_values_round_trip_as_json(outbox: SqliteOutbox) -> None:
 
     assert outbox.get_meta("last_change") == 18
     assert outbox.get_meta("doc") == {"a": [1, "b"]}
-
-
-def test_counters_add_up(outbox: SqliteOutbox) -> None:
-    outbox.add_to_counter("shares", 2)
-    outbox.add_to_counter("shares", 3)
-
-    assert outbox.get_meta("shares") == 5
