@@ -30,6 +30,17 @@ def queue_of_length(orthanc: OrthancProcess, state: str, length: int) -> list[di
     return entries if len(entries) == length else []
 
 
+def queued_while_kheops_is_down(
+    orthanc_factory: OrthancFactory, album: Album, corpus: list[CorpusFile], **settings: Any
+) -> OrthancProcess:
+    """An Orthanc that stored the corpus while KHEOPS answered 503: all of it is queued."""
+    album.server.set_down(True)
+    orthanc = orthanc_factory(kheops=album.section(**settings))
+    orthanc.storescu([f.path for f in corpus])
+    wait_until(lambda: status(orthanc)["Counts"]["Queued"] == len(corpus))
+    return orthanc
+
+
 def uids(files: Sequence[CorpusFile]) -> list[str]:
     return [f.sop_uid for f in files]
 
@@ -68,10 +79,7 @@ def test_instances_stored_by_storescu_and_rest_arrive_in_the_album_of_the_token(
 def test_several_instances_travel_in_one_stow_request(
     orthanc_factory: OrthancFactory, album: Album, corpus: list[CorpusFile]
 ) -> None:
-    album.server.set_down(True)
-    orthanc = orthanc_factory(kheops=album.section(Workers=1, BatchMaxInstances=5))
-    orthanc.storescu([f.path for f in corpus])
-    wait_until(lambda: status(orthanc)["Counts"]["Queued"] == len(corpus))
+    queued_while_kheops_is_down(orthanc_factory, album, corpus, Workers=1, BatchMaxInstances=5)
     album.server.clear_requests()
     album.server.set_down(False)
 
@@ -154,10 +162,7 @@ def test_nothing_is_missing_after_orthanc_is_killed_in_the_middle_of_forwarding(
 def test_an_instance_whose_queue_record_was_lost_is_found_again_in_orthancs_change_log(
     orthanc_factory: OrthancFactory, album: Album, corpus: list[CorpusFile]
 ) -> None:
-    album.server.set_down(True)
-    orthanc = orthanc_factory(kheops=album.section())
-    orthanc.storescu([f.path for f in corpus])
-    wait_until(lambda: status(orthanc)["Counts"]["Queued"] == len(corpus))
+    orthanc = queued_while_kheops_is_down(orthanc_factory, album, corpus)
     orthanc.stop()
     # What a power cut could do to the last commits: the outbox forgets two instances.
     outbox = orthanc.workdir / "kheops-state" / "outbox.sqlite3"
@@ -292,10 +297,7 @@ def test_forwarding_works_with_orthanc_authentication_enabled(
 def test_unsent_instances_stay_queued_across_a_clean_shutdown(
     orthanc_factory: OrthancFactory, album: Album, corpus: list[CorpusFile]
 ) -> None:
-    album.server.set_down(True)
-    orthanc = orthanc_factory(kheops=album.section())
-    orthanc.storescu([f.path for f in corpus])
-    wait_until(lambda: status(orthanc)["Counts"]["Queued"] == len(corpus))
+    orthanc = queued_while_kheops_is_down(orthanc_factory, album, corpus)
     orthanc.stop()
     assert orthanc.returncode == 0
 
