@@ -36,15 +36,16 @@ class Mode:
     sweep_workers: tuple[int, ...]
     sweep_batches: tuple[int, ...]
     sweep_latencies: tuple[float, ...]
+    sweep_repeat: int
     linger: tuple[int, ...]
 
 
-FULL = Mode(2000, 512, 20000, 3, (1, 2, 4, 8), (10, 25, 50, 100), (0.0, LATENCY), (50, 200, 500))
-QUICK = Mode(300, 512, 3000, 1, (1, 4), (10, 50), (LATENCY,), ())
+FULL = Mode(2000, 512, 20000, 3, (1, 2, 4, 8), (20, 50, 100), (0.0, LATENCY), 2, (50, 500))
+QUICK = Mode(300, 512, 3000, 1, (1, 4), (10, 50), (LATENCY,), 1, ())
 
 
 def tiny(instances: int) -> Mode:
-    return Mode(instances, 512, 10 * instances, 1, (2,), (10,), (LATENCY,), ())
+    return Mode(instances, 512, 10 * instances, 1, (2,), (10,), (LATENCY,), 1, ())
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -95,6 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sweep_workers=mode.sweep_workers,
         sweep_batches=mode.sweep_batches,
         sweep_latencies=mode.sweep_latencies,
+        sweep_repeat=mode.sweep_repeat,
         linger_values=mode.linger,
     )
     results = Results(corpus=corpus, small=small, plugin_settings=dict(args.plugin))

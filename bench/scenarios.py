@@ -126,6 +126,7 @@ class Settings:
     sweep_workers: Sequence[int] = (1, 2, 4, 8)
     sweep_batches: Sequence[int] = (10, 25, 50, 100)
     sweep_latencies: Sequence[float] = (0.0, 0.05)
+    sweep_repeat: int = 1
     linger_values: Sequence[int] = ()
 
 
@@ -270,6 +271,9 @@ class Bench:
                         # Sleep-bound at 50 ms (2000 x 50 ms): one run says it all.
                         if "per-instance" in contenders and (latency == 0 or last):
                             self._per_instance(latency)
+            # Peak RSS since start: storing, then every STOW of the rounds.
+            self._note_peak(dicomweb, "dicomweb")
+            self._note_peak(plugin, "drain")
         except BaseException:
             if plugin is not None:
                 self.retire(plugin)
@@ -282,6 +286,14 @@ class Bench:
             # No drain ran: let the stored backlog go before the sweep.
             wait_until(lambda: self._queued(plugin) == 0, timeout=_TIMEOUT)
         return plugin
+
+    def _note_peak(self, orthanc: OrthancProcess | None, key: str) -> None:
+        if orthanc is None:
+            return
+        peak = proc_status_bytes(orthanc.pid, "VmHWM") / 2**20
+        for run in self.runs():
+            if run.key == key and run.latency == 0:
+                run.notes.append(f"Orthanc peak RSS {peak:.0f} MB over the rounds")
 
     def _sink(self) -> None:
         batch, connections = self.settings.sink_batch, self.settings.sink_connections
@@ -390,33 +402,46 @@ class Bench:
     # --- 9: workers x batch size ----------------------------------------------------------
 
     def sweep(self, orthanc: OrthancProcess) -> list[SweepPoint]:
-        """Re-queue the stored corpus at once under each setting, time until it is all sent."""
-        points = []
+        """Re-queue the stored corpus at once under each setting, time until it is all sent.
+
+        Whole passes over the grid are repeated, so that a burst of noise spoils one point of a
+        pass rather than every repetition of one point; each point keeps its fastest pass.
+        """
+        best: dict[tuple[float, int, int], SweepPoint] = {}
         studies = orthanc.get("/studies").json()
-        for latency in self.settings.sweep_latencies:
-            with self._latency(latency):
-                for workers in self.settings.sweep_workers:
-                    for batch in self.settings.sweep_batches:
-                        orthanc.kill()  # the queue is empty: nothing to lose, 3.5 s saved
-                        orthanc.config["Kheops"].update(Workers=workers, BatchMaxInstances=batch)
-                        orthanc.start()
-                        wait_until(lambda: self._queued(orthanc) == 0, timeout=_TIMEOUT)
-                        baseline = self.kheops.stores()
-                        seconds, _ = timed_until(
-                            lambda: orthanc.post(
-                                "/kheops/send", json={"Resources": studies}
-                            ).raise_for_status(),
-                            self._arrived(baseline, len(self.corpus)),
-                            timeout=_TIMEOUT,
-                        )
-                        point = SweepPoint(workers, batch, latency, seconds, len(self.corpus))
-                        self.log(
-                            f"    workers {workers:>2} x batch {batch:>3} @ {latency * 1000:.0f} ms:"
-                            f" {seconds:6.2f} s, {point.rate:6.0f} instances/s"
-                        )
-                        points.append(point)
+        for number in range(1, self.settings.sweep_repeat + 1):
+            self.log(f"   pass {number} of {self.settings.sweep_repeat}")
+            for latency in self.settings.sweep_latencies:
+                with self._latency(latency):
+                    for workers in self.settings.sweep_workers:
+                        for batch in self.settings.sweep_batches:
+                            seconds = self._sweep_point(orthanc, studies, workers, batch)
+                            point = SweepPoint(workers, batch, latency, seconds, len(self.corpus))
+                            self.log(
+                                f"    workers {workers:>2} x batch {batch:>3}"
+                                f" @ {latency * 1000:.0f} ms: {seconds:6.2f} s,"
+                                f" {point.rate:6.0f} instances/s"
+                            )
+                            key = (latency, workers, batch)
+                            if key not in best or seconds < best[key].seconds:
+                                best[key] = point
         self.kheops.clear_requests()
-        return points
+        return list(best.values())
+
+    def _sweep_point(
+        self, orthanc: OrthancProcess, studies: list[str], workers: int, batch: int
+    ) -> float:
+        orthanc.kill()  # the queue is empty: nothing to lose, and 3.5 s saved
+        orthanc.config["Kheops"].update(Workers=workers, BatchMaxInstances=batch)
+        orthanc.start()
+        wait_until(lambda: self._queued(orthanc) == 0, timeout=_TIMEOUT)
+        baseline = self.kheops.stores()
+        seconds, _ = timed_until(
+            lambda: orthanc.post("/kheops/send", json={"Resources": studies}).raise_for_status(),
+            self._arrived(baseline, len(self.corpus)),
+            timeout=_TIMEOUT,
+        )
+        return seconds
 
     # --- 5 and 6: live forwarding, and what it costs the ingest --------------------------------
 
