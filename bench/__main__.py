@@ -38,14 +38,48 @@ class Mode:
     sweep_latencies: tuple[float, ...]
     sweep_repeat: int
     linger: tuple[int, ...]
+    # Orthanc's MaximumStorageCacheSize for the memory runs; None: Orthanc's default (128 MB)
+    memory_caches: tuple[int | None, ...] = (0,)
 
 
-FULL = Mode(2000, 512, 20000, 3, (1, 2, 4, 8), (20, 50, 100), (0.0, LATENCY), 2, (50, 500))
-QUICK = Mode(300, 512, 3000, 1, (1, 4), (10, 50), (LATENCY,), 1, ())
+FULL = Mode(
+    instances=2000,
+    size=512,
+    backlog=20000,
+    repeat=3,
+    sweep_workers=(1, 2, 4, 8),
+    sweep_batches=(20, 50, 100),
+    sweep_latencies=(0.0, LATENCY),
+    sweep_repeat=2,
+    linger=(50, 200, 500, 1000),
+    memory_caches=(0, None),
+)
+QUICK = Mode(
+    instances=300,
+    size=512,
+    backlog=3000,
+    repeat=1,
+    sweep_workers=(1, 4),
+    sweep_batches=(10, 50),
+    sweep_latencies=(LATENCY,),
+    sweep_repeat=1,
+    linger=(),
+)
 
 
 def tiny(instances: int) -> Mode:
-    return Mode(instances, 512, 10 * instances, 1, (2,), (10,), (LATENCY,), 1, ())
+    """For the smoke test: every scenario, on a corpus of a few dozen instances."""
+    return Mode(
+        instances=instances,
+        size=512,
+        backlog=10 * instances,
+        repeat=1,
+        sweep_workers=(2,),
+        sweep_batches=(10,),
+        sweep_latencies=(LATENCY,),
+        sweep_repeat=1,
+        linger=(),
+    )
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -98,6 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sweep_latencies=mode.sweep_latencies,
         sweep_repeat=mode.sweep_repeat,
         linger_values=mode.linger,
+        memory_caches=mode.memory_caches,
     )
     results = Results(corpus=corpus, small=small, plugin_settings=dict(args.plugin))
     shutil.rmtree(WORKDIR, ignore_errors=True)
@@ -138,7 +173,7 @@ def run_scenarios(
         bench.live_and_ingest()
     if "memory" in chosen and results.small is not None:
         log(f"7. memory with a backlog of {len(results.small)} small instances")
-        results.memory = bench.memory(results.small)
+        results.memory = bench.memory(results.small, cache_sizes=bench.settings.memory_caches)
     if "linger" in chosen:
         log("live forwarding: linger")
         results.linger = bench.linger(bench.settings.linger_values)

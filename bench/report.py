@@ -24,7 +24,7 @@ class Results:
     plugin_settings: dict[str, object]
     runs: list[Run] = field(default_factory=list)
     ingest: list[Run] = field(default_factory=list)
-    memory: Memory | None = None
+    memory: list[Memory] = field(default_factory=list)
     sweep: list[SweepPoint] = field(default_factory=list)
     linger: list[LingerPoint] = field(default_factory=list)
 
@@ -37,14 +37,22 @@ class Results:
 
 @dataclass(frozen=True)
 class Verdict:
+    """A target: a ratio that must reach `goal`, or a size in MB that must stay under it."""
+
     target: str
     measured: float | None
     goal: float
     explanation: str = ""
+    unit: str = "x"
 
     @property
     def met(self) -> bool | None:
-        return None if self.measured is None else self.measured >= self.goal
+        if self.measured is None:
+            return None
+        return self.measured >= self.goal if self.unit == "x" else self.measured <= self.goal
+
+    def shown(self, value: float) -> str:
+        return f"{value:.2f}x" if self.unit == "x" else f"{value:.0f} {self.unit}"
 
 
 def machine() -> str:
@@ -140,35 +148,43 @@ def ingest_table(results: Results) -> list[str]:
     return lines
 
 
-def memory_table(memory: Memory | None) -> list[str]:
-    if memory is None:
+def memory_table(memories: Sequence[Memory]) -> list[str]:
+    if not memories:
         return []
 
     def mb(value: int) -> str:
         return f"{value / _MB:.0f}"
 
-    rows = [
-        ("Plain Orthanc", memory.plain_idle, memory.plain_peak, memory.plain_growth),
+    lines = [
         (
-            "Orthanc + plugin, KHEOPS down",
-            memory.plugin_idle,
-            memory.plugin_peak,
-            memory.plugin_growth,
+            f"| RSS, backlog of {memories[0].backlog} small instances | Orthanc storage cache"
+            " | Idle (MB) | Peak (MB) | Growth (MB) |"
         ),
+        "|---|---|---:|---:|---:|",
     ]
-    return [
-        f"| RSS, backlog of {memory.backlog} small instances | Idle (MB) | Peak (MB) | Growth (MB) |",
-        "|---|---:|---:|---:|",
-        *(
-            f"| {name} | {mb(idle)} | {mb(peak)} | {mb(growth)} |"
+    for memory in memories:
+        rows = [
+            ("Plain Orthanc", memory.plain_idle, memory.plain_peak, memory.plain_growth),
+            (
+                "Orthanc + plugin, KHEOPS down",
+                memory.plugin_idle,
+                memory.plugin_peak,
+                memory.plugin_growth,
+            ),
+        ]
+        lines += [
+            f"| {name} | {memory.storage_cache} | {mb(idle)} | {mb(peak)} | {mb(growth)} |"
             for name, idle, peak, growth in rows
-        ),
+        ]
+    last = memories[-1]
+    lines += [
         "",
         (
-            f"{memory.queued} instances queued at the end; the outbox holds them in"
-            f" {memory.outbox_bytes / _MB:.1f} MB on disk."
+            f"{last.queued} instances queued at the end; the outbox holds them in"
+            f" {last.outbox_bytes / _MB:.1f} MB on disk."
         ),
     ]
+    return lines
 
 
 def sweep_table(points: Sequence[SweepPoint]) -> list[str]:
@@ -178,7 +194,10 @@ def sweep_table(points: Sequence[SweepPoint]) -> list[str]:
     lines = []
     for latency in sorted({p.latency for p in points}):
         lines += [
-            f"Backlog drain, instances/s, KHEOPS latency {latency * 1000:.0f} ms:",
+            (
+                "Backlog drain, instances/s (Orthanc's peak RSS during the drain),"
+                f" KHEOPS latency {latency * 1000:.0f} ms:"
+            ),
             "",
             "| Workers \\ batch | " + " | ".join(str(b) for b in batches) + " |",
             "|---:|" + "---:|" * len(batches),
@@ -191,7 +210,9 @@ def sweep_table(points: Sequence[SweepPoint]) -> list[str]:
                     for p in points
                     if p.workers == workers and p.batch == batch and p.latency == latency
                 ]
-                cells.append(f"{match[0].rate:.0f}" if match else "")
+                cells.append(
+                    f"{match[0].rate:.0f} ({match[0].peak_rss / _MB:.0f} MB)" if match else ""
+                )
             lines.append(f"| {workers} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines
@@ -272,16 +293,20 @@ def verdicts(results: Results, latency: float) -> list[Verdict]:
             _explain_ingest(live, plain),
         ),
     ]
-    memory = results.memory
-    if memory is not None:
-        headroom = 50 * _MB
+    if results.memory:
+        memory = results.memory[0]  # storage cache off: what the backlog itself costs
+        context = "; ".join(
+            f"with the storage cache at {m.storage_cache}, plain Orthanc grew"
+            f" {m.plain_growth / _MB:.0f} MB and Orthanc + plugin {m.plugin_growth / _MB:.0f} MB"
+            for m in results.memory
+        )
         found.append(
             Verdict(
-                f"RSS with a {memory.backlog}-instance backlog: 50 MB above idle, or less",
-                headroom / max(memory.plugin_growth, 1),
-                1.0,
-                f"grew {memory.plugin_growth / _MB:.0f} MB (plain Orthanc storing the same:"
-                f" {memory.plain_growth / _MB:.0f} MB)",
+                f"RSS growth with a {memory.backlog}-instance backlog (KHEOPS down)",
+                memory.plugin_growth / _MB,
+                50,
+                context,
+                unit="MB",
             )
         )
     return found
@@ -322,11 +347,10 @@ def _explain_ingest(live: Run | None, plain: Run | None) -> str:
 def verdict_table(items: Sequence[Verdict]) -> list[str]:
     lines = ["| Target | Measured | Goal | Verdict | Why |", "|---|---:|---:|---|---|"]
     for item in items:
-        measured = "not run" if item.measured is None else f"{item.measured:.2f}x"
+        measured = "not run" if item.measured is None else item.shown(item.measured)
+        goal = ("at least " if item.unit == "x" else "at most ") + item.shown(item.goal)
         verdict = {None: "not run", True: "met", False: "MISSED"}[item.met]
-        lines.append(
-            f"| {item.target} | {measured} | {item.goal:g}x | {verdict} | {item.explanation} |"
-        )
+        lines.append(f"| {item.target} | {measured} | {goal} | {verdict} | {item.explanation} |")
     return lines
 
 
@@ -336,7 +360,7 @@ def render(results: Results, *, quick: bool, latency: float) -> str:
         ["### Throughput", "", *throughput_table(results)],
         ["### Ingest cost", "", *ingest_table(results)],
     ]
-    if results.memory is not None:
+    if results.memory:
         sections.append(["### Memory", "", *memory_table(results.memory)])
     if results.sweep:
         sections.append(["### Workers x batch size", "", *sweep_table(results.sweep)])

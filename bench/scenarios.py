@@ -76,7 +76,10 @@ class Lag:
 
 @dataclass
 class Memory:
+    """RSS of a plain Orthanc and of one with the plugin, idle, then with the same backlog."""
+
     backlog: int
+    storage_cache: str  # Orthanc's own file cache setting for both: it dwarfs everything else
     plain_idle: int
     plain_peak: int
     plugin_idle: int
@@ -100,6 +103,7 @@ class SweepPoint:
     latency: float
     seconds: float
     instances: int
+    peak_rss: int  # of an Orthanc started for this point: what the drain itself needed
 
     @property
     def rate(self) -> float:
@@ -128,6 +132,7 @@ class Settings:
     sweep_latencies: Sequence[float] = (0.0, 0.05)
     sweep_repeat: int = 1
     linger_values: Sequence[int] = ()
+    memory_caches: Sequence[int | None] = (0,)
 
 
 class Bench:
@@ -416,11 +421,14 @@ class Bench:
                     for workers in self.settings.sweep_workers:
                         for batch in self.settings.sweep_batches:
                             seconds = self._sweep_point(orthanc, studies, workers, batch)
-                            point = SweepPoint(workers, batch, latency, seconds, len(self.corpus))
+                            peak = proc_status_bytes(orthanc.pid, "VmHWM")
+                            point = SweepPoint(
+                                workers, batch, latency, seconds, len(self.corpus), peak
+                            )
                             self.log(
                                 f"    workers {workers:>2} x batch {batch:>3}"
                                 f" @ {latency * 1000:.0f} ms: {seconds:6.2f} s,"
-                                f" {point.rate:6.0f} instances/s"
+                                f" {point.rate:6.0f} instances/s, peak RSS {peak / 2**20:.0f} MB"
                             )
                             key = (latency, workers, batch)
                             if key not in best or seconds < best[key].seconds:
@@ -517,13 +525,24 @@ class Bench:
 
     # --- 7: memory with a backlog on disk --------------------------------------------------------
 
-    def memory(self, small: Corpus) -> Memory:
-        """Peak RSS while a backlog of small instances piles up with KHEOPS down, against idle."""
-        plain_idle, plain_peak, _ = self._rss_with_backlog("memory-plain", small, kheops=None)
+    def memory(self, small: Corpus, *, cache_sizes: Sequence[int | None]) -> list[Memory]:
+        """Peak RSS while a backlog of small instances piles up with KHEOPS down, against idle.
+
+        Orthanc keeps recently stored files in its storage cache (MaximumStorageCacheSize,
+        128 MB by default), plugin or not: with the cache off, what remains is the plugin's.
+        """
+        return [self._memory(small, cache) for cache in cache_sizes]
+
+    def _memory(self, small: Corpus, cache: int | None) -> Memory:
+        extra = {} if cache is None else {"MaximumStorageCacheSize": cache}
+        label = "Orthanc's default" if cache is None else f"{cache} MB"
+        plain_idle, plain_peak, _ = self._rss_with_backlog(
+            "memory-plain", small, kheops=None, extra=extra
+        )
         self.kheops.set_down(True)
         try:
             plugin_idle, plugin_peak, orthanc = self._rss_with_backlog(
-                "memory-plugin", small, kheops=self.plugin_section(), keep=True
+                "memory-plugin", small, kheops=self.plugin_section(), extra=extra, keep=True
             )
             assert orthanc is not None
             try:
@@ -540,6 +559,7 @@ class Bench:
             self.kheops.set_down(False)
         return Memory(
             backlog=len(small),
+            storage_cache=label,
             plain_idle=plain_idle,
             plain_peak=plain_peak,
             plugin_idle=plugin_idle,
@@ -549,9 +569,15 @@ class Bench:
         )
 
     def _rss_with_backlog(
-        self, name: str, small: Corpus, *, kheops: Mapping[str, Any] | None, keep: bool = False
+        self,
+        name: str,
+        small: Corpus,
+        *,
+        kheops: Mapping[str, Any] | None,
+        extra: Mapping[str, Any],
+        keep: bool = False,
     ) -> tuple[int, int, OrthancProcess | None]:
-        orthanc = self._orthanc(name, kheops=kheops)
+        orthanc = self._orthanc(name, kheops=kheops, extra_config=extra)
         try:
             idle = _settled_rss(orthanc.pid)
             store_in_parallel(orthanc, small.paths, processes=_STORESCU_PROCESSES)

@@ -49,4 +49,6 @@ def test_the_bench_runs_every_scenario_on_a_tiny_corpus_and_prints_its_verdict(
     assert any("live" in row and "lag store -> album p50" in row for row in throughput)
     verdicts = table(result.stdout, "### Verdict")
     assert len(verdicts) == 6
-    assert all(re.search(r"\| \d+\.\d\dx \|", row) for row in verdicts)
+    assert all(re.search(r"\| (met|MISSED) \|", row) for row in verdicts)
+    assert sum(bool(re.search(r"\| \d+\.\d\dx \| at least ", row)) for row in verdicts) == 5
+    assert sum(bool(re.search(r"\| \d+ MB \| at most 50 MB \|", row)) for row in verdicts) == 1
