@@ -32,8 +32,8 @@ class KheopsConfig:
     enabled: bool = True
     workers: int = 4
     batch_max_instances: int = 50
-    batch_max_bytes: int = 64 * _MEGABYTE
-    batch_linger: float = 0.05
+    batch_max_bytes: int = 32 * _MEGABYTE
+    batch_linger: float = 0.5
     connect_timeout: float = 10.0
     request_timeout: float = 130.0
     retry_initial: float = 2.0
@@ -66,8 +66,8 @@ def load_config(
         enabled=section.get("Enabled", True),
         workers=section.get("Workers", 4),
         batch_max_instances=section.get("BatchMaxInstances", 50),
-        batch_max_bytes=int(section.get("BatchMaxMegabytes", 64) * _MEGABYTE),
-        batch_linger=section.get("BatchLingerMilliseconds", 50) / 1000,
+        batch_max_bytes=int(section.get("BatchMaxMegabytes", 32) * _MEGABYTE),
+        batch_linger=section.get("BatchLingerMilliseconds", 500) / 1000,
         connect_timeout=float(section.get("ConnectTimeoutSeconds", 10)),
         request_timeout=float(section.get("RequestTimeoutSeconds", 130)),
         retry_initial=float(section.get("RetryInitialSeconds", 2)),
