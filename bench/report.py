@@ -64,11 +64,14 @@ def machine() -> str:
             model = line.split(":", 1)[1].strip()
             break
     orthanc = _first_line(["/usr/sbin/Orthanc", "--version"])
+    plugins = _first_line(
+        ["dpkg-query", "-W", "-f=${Package} ${Version}, ", "orthanc-dicomweb", "orthanc-python"]
+    ).rstrip(", ")
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     return (
         f"{os.cpu_count()} cores ({model}), {memory / 2**30:.0f} GiB,"
         f" {platform.system()} {platform.release()}, Python {platform.python_version()},"
-        f" {orthanc}; load average at start {load}"
+        f" {orthanc} ({plugins}); load average at start {load}"
     )
 
 
@@ -78,8 +81,8 @@ def _first_line(command: list[str]) -> str:
             command, check=False, capture_output=True, text=True, timeout=10
         ).stdout
     except OSError:
-        return "Orthanc (version unknown)"
-    return output.splitlines()[0].strip() if output else "Orthanc (version unknown)"
+        return "unknown version"
+    return output.splitlines()[0].strip() if output else "unknown version"
 
 
 def header(results: Results, *, quick: bool) -> list[str]:

@@ -232,7 +232,9 @@ class Bench:
         if not parts:
             return "no request"
         per = sum(parts) / len(parts)
-        return f"{len(parts)} request{'s' * (len(parts) != 1)} of {per:.0f} parts on average"
+        if len(set(parts)) == 1:
+            return f"{len(parts)} request{'s' * (len(parts) != 1)} of {parts[0]} part{'s' * (parts[0] != 1)}"
+        return f"{len(parts)} requests of {per:.1f} parts on average"
 
     def _timed_store(self, orthanc: OrthancProcess, run: Run) -> None:
         meter = self._meter(orthanc)
