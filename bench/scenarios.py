@@ -243,6 +243,9 @@ class Bench:
         orthanc.storescu(list(self.corpus.paths))
         run.add(time.perf_counter() - began, meter.stop())
 
+    def _sent(self, orthanc: OrthancProcess) -> int:
+        return int(orthanc.get("/kheops/status").json()["Counts"]["Sent"])
+
     def _queued(self, orthanc: OrthancProcess) -> int:
         counts = orthanc.get("/kheops/status").json()["Counts"]
         return int(counts["Queued"]) + int(counts["InFlight"])
@@ -494,6 +497,12 @@ class Bench:
             end_cpu = meter.stop()
             ingest.add(stored, ingest_cpu)
             end_to_end.add(total, end_cpu)
+            # KHEOPS answers before the plugin records the verdict: wait for the last rows.
+            wait_until(
+                lambda: self._sent(orthanc) >= len(self.corpus),
+                timeout=_TIMEOUT,
+                message="every instance marked sent in the outbox",
+            )
             lag = read_lag(orthanc.workdir / "kheops-state" / "outbox.sqlite3")
             return lag, self._stow_requests()
         finally:
