@@ -148,6 +148,8 @@ class SqliteOutbox:
                 "INSERT OR IGNORE INTO instances (orthanc_id, state, size, queued_at, next_attempt)"
                 " VALUES (?, 'pending', ?, ?, ?)"
             )
+        if len(rows) == 1:
+            return self._file.write_one(sql, rows[0])
         with self._file.transaction() as db:
             before = db.total_changes
             db.executemany(sql, rows)

@@ -61,6 +61,16 @@ class StateFile:
                 raise
             self._db.execute("COMMIT")
 
+    def write_one(self, sql: str, parameters: tuple[object, ...]) -> int:
+        """One statement, committed on its own; the count of rows it changed.
+
+        SQLite makes a statement outside a transaction atomic by itself, so this is as durable
+        as `transaction()` with a third of the round trips: for the store callback, which
+        holds Orthanc's lock while it runs.
+        """
+        with self._lock:
+            return self._db.execute(sql, parameters).rowcount
+
     @contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:
         """The reading connection: it sees what was committed."""

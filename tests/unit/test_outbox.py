@@ -323,6 +323,15 @@ def test_the_reconciler_does_not_touch_instances_already_in_the_outbox(
     assert found["waiting"].size == 1
 
 
+def test_queuing_one_instance_counts_whether_it_changed_the_outbox(outbox: SqliteOutbox) -> None:
+    # One instance at a time is the store callback's path: one statement, no transaction.
+    assert outbox.enqueue([("a", 1)], now=T0, requeue=False) == 1
+    assert outbox.enqueue([("a", 2)], now=T0 + 1, requeue=False) == 0
+    assert outbox.lookup(["a"])["a"].size == 1
+    assert outbox.enqueue([("a", 3)], now=T0 + 2, requeue=True) == 1
+    assert outbox.lookup(["a"])["a"].size == 3
+
+
 # --- crash recovery and durability -----------------------------------------------------------------
 
 
