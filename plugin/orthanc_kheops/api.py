@@ -109,7 +109,7 @@ class ForwardingApi:
         ids = string_list(json_object(request), "Instances", required=False)
         moved = self._outbox.retry_failed(ids, now=self._clock())
         self._forwarder.check_token_now()
-        self._forwarder.notify()
+        self._forwarder.wake()
         return Response(200, {"Retried": moved})
 
     def send(self, request: Request, _: Sequence[str]) -> Response:
@@ -131,7 +131,7 @@ class ForwardingApi:
         self._outbox.enqueue(
             [(i.orthanc_id, i.size) for i in instances.values()], now=self._clock(), requeue=True
         )
-        self._forwarder.notify()
+        self._forwarder.wake()
         return Response(200, {"Queued": len(instances)})
 
 

@@ -91,6 +91,8 @@ class Forwarder:
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
         self._inflight = 0
+        self._stored_since_claim = 0
+        self._idle_on_empty_queue = False
         self._sent_log: collections.deque[tuple[float, int, int]] = collections.deque()
 
     # -- lifecycle ---------------------------------------------------------
@@ -113,9 +115,26 @@ class Forwarder:
             thread.join(max(0.0, deadline - time.monotonic()))
         self._threads.clear()
 
-    def notify(self) -> None:
-        """New instances were queued: wake an idle worker."""
+    def wake(self) -> None:
+        """Instances were queued or made due at once: idle workers look at the queue now."""
         self._wake.set()
+
+    def instance_stored(self) -> None:
+        """Orthanc stored an instance, and it is queued.
+
+        Idle workers are woken only when the queue was empty (to start lingering) or when
+        enough instances came for a full batch; otherwise the linger ends their wait. One
+        wake per stored instance would cost a claim per instance and per worker.
+        """
+        with self._lock:
+            self._stored_since_claim += 1
+            wake = (
+                self._idle_on_empty_queue
+                or self._stored_since_claim >= self._config.batch_max_instances
+            )
+            self._idle_on_empty_queue = False
+        if wake:
+            self._wake.set()
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -156,12 +175,19 @@ class Forwarder:
                     self.health.end_probe()
 
     def _take_turn(self, turn: Turn) -> None:
-        # A probe sends the oldest waiting instances even before their backoff ends.
-        batch = self._outbox.claim(
-            now=float("inf") if turn is Turn.PROBE else self._clock(),
-            max_count=self._config.batch_max_instances,
-            max_bytes=self._config.batch_max_bytes,
-        )
+        with self._lock:
+            self._stored_since_claim = 0
+        if turn is Turn.PROBE:
+            # The oldest waiting instance, even before its backoff ends, and only one: a
+            # probe that fails costs one instance an attempt and sends one file for nothing.
+            batch = self._outbox.claim(now=float("inf"), max_count=1, max_bytes=0)
+        else:
+            batch = self._outbox.claim(
+                now=self._clock(),
+                max_count=self._config.batch_max_instances,
+                max_bytes=self._config.batch_max_bytes,
+                linger=self._config.batch_linger,
+            )
         if not batch:
             if turn is Turn.PROBE:
                 self._probe_with_introspection()
@@ -191,15 +217,21 @@ class Forwarder:
         if self.health.record_success(now):
             woken = self._outbox.make_due(now=now)
             log.warning("KHEOPS is reachable again; %d waiting instances are due now", woken)
-            self._wake.set()
+            self.wake()
 
     def _idle(self) -> None:
-        """Wait for new instances or the next due retry, then linger to let a batch fill."""
+        """Wait until the oldest waiting instance has lingered, a batch fills, or one comes."""
+        with self._lock:
+            self._idle_on_empty_queue = True
         due = self._outbox.next_due()
-        wait = _IDLE_POLL if due is None else min(_IDLE_POLL, max(0.0, due - self._clock()))
+        if due is None:
+            wait = _IDLE_POLL
+        else:
+            with self._lock:
+                self._idle_on_empty_queue = False
+            wait = min(_IDLE_POLL, max(0.0, due + self._config.batch_linger - self._clock()))
         if self._wake.wait(wait):
             self._wake.clear()
-            self._stopping.wait(self._config.batch_linger)
 
     def _send(self, batch: Sequence[QueuedInstance]) -> None:
         with self._lock:
@@ -442,7 +474,7 @@ class Forwarder:
         elif self.health.resume(now):
             log.warning("KHEOPS accepts the token again; sending resumes")
             self._outbox.make_due(now=now)
-            self._wake.set()
+            self.wake()
 
     def check_token_now(self) -> None:
         """An administrator asked to retry: check a paused token without waiting."""
@@ -470,7 +502,7 @@ class Forwarder:
                 break
         if queued:
             log.warning("found %d stored instances missing from the queue; queued them", queued)
-            self._wake.set()
+            self.wake()
         return queued
 
 

@@ -82,7 +82,9 @@ class Retry:
 class Outbox(Protocol):
     def enqueue(self, items: Iterable[tuple[str, int]], *, now: float, requeue: bool) -> int: ...
 
-    def claim(self, *, now: float, max_count: int, max_bytes: int) -> list[QueuedInstance]: ...
+    def claim(
+        self, *, now: float, max_count: int, max_bytes: int, linger: float = 0.0
+    ) -> list[QueuedInstance]: ...
 
     def mark_sent(self, orthanc_ids: Sequence[str], *, now: float) -> None: ...
 
@@ -155,8 +157,15 @@ class SqliteOutbox:
             db.executemany(sql, rows)
             return db.total_changes - before
 
-    def claim(self, *, now: float, max_count: int, max_bytes: int) -> list[QueuedInstance]:
-        """Take due instances for one request: at most `max_count`, and `max_bytes` unless alone."""
+    def claim(
+        self, *, now: float, max_count: int, max_bytes: int, linger: float = 0.0
+    ) -> list[QueuedInstance]:
+        """Take due instances for one request: at most `max_count`, and `max_bytes` unless alone.
+
+        A batch that is not full is taken only once its oldest instance has been due for
+        `linger` seconds, so that instances arriving one by one travel together while none
+        waits longer than that.
+        """
         with self._file.transaction() as db:
             candidates = db.execute(
                 "SELECT * FROM instances WHERE state = 'pending' AND next_attempt <= ?"
@@ -174,6 +183,14 @@ class SqliteOutbox:
                     break
                 chosen.append(row)
                 total += row["size"]
+            # Stopped by the count, by the bytes or by a lone retry: waiting cannot make it bigger.
+            full = (
+                len(chosen) == max_count
+                or len(chosen) < len(candidates)
+                or any(row["alone"] for row in chosen)
+            )
+            if chosen and not full and chosen[0]["next_attempt"] > now - linger:
+                return []
             db.executemany(
                 "UPDATE instances SET state = 'inflight' WHERE orthanc_id = ?",
                 [(row["orthanc_id"],) for row in chosen],

@@ -133,7 +133,7 @@ class _Plugin:
             # The change log still has it: the reconciler will queue it.
             log.exception("could not queue instance %s now; it will be found later", instance_id)
             return
-        self.forwarder.notify()
+        self.forwarder.instance_stored()
 
     def on_change(self, change_type: int, level: int, resource_id: str) -> None:
         if change_type == orthanc.ChangeType.ORTHANC_STARTED:

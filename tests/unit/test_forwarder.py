@@ -292,7 +292,18 @@ class Rig:
     def queue(self, *numbers: int) -> None:
         sizes = [(orthanc_id(n), len(self.orthanc.files.get(orthanc_id(n), b""))) for n in numbers]
         self.outbox.enqueue(sizes, now=self.clock(), requeue=True)
-        self.forwarder.notify()
+        self.forwarder.wake()
+
+    def store(self, *numbers: int) -> None:
+        """As Orthanc's store callback does: queue each instance alone, then tell the forwarder."""
+        for n in numbers:
+            self.add(n, queue=False)
+            self.outbox.enqueue(
+                [(orthanc_id(n), len(self.orthanc.files[orthanc_id(n)]))],
+                now=self.clock(),
+                requeue=True,
+            )
+            self.forwarder.instance_stored()
 
     def row(self, n: int) -> QueuedInstance:
         return self.outbox.lookup([orthanc_id(n)])[orthanc_id(n)]
@@ -319,7 +330,7 @@ class Rig:
         """Move time on, and let waiting workers see it at once."""
         self.clock.advance(seconds)
         self.forwarder.health.wake_all()
-        self.forwarder.notify()
+        self.forwarder.wake()
 
 
 RigFactory = Callable[..., Rig]
@@ -569,6 +580,51 @@ def test_orthanc_busy_is_retried_without_counting_an_attempt(make_rig: RigFactor
     assert rig.row(1).attempts == 1
 
 
+# --- lingering -----------------------------------------------------------------------------------
+
+
+class _WatchedOutbox(SqliteOutbox):
+    """Counts the claims that left waiting instances where they were."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.held = 0
+
+    def claim(
+        self, *, now: float, max_count: int, max_bytes: int, linger: float = 0.0
+    ) -> list[QueuedInstance]:
+        batch = super().claim(now=now, max_count=max_count, max_bytes=max_bytes, linger=linger)
+        if not batch and self.counts()["pending"]:
+            self.held += 1
+        return batch
+
+
+def test_instances_stored_one_by_one_travel_together_once_the_first_has_lingered(
+    make_rig: RigFactory, tmp_path: Path
+) -> None:
+    outbox = _WatchedOutbox(tmp_path / "watched.sqlite3")
+    rig = started(make_rig(outbox=outbox, batch_linger=0.5, batch_max_instances=10))
+    rig.kheops.then = store_all
+    rig.store(1)
+    wait_until(lambda: outbox.held >= 1, timeout=TIMEOUT, message="first instance left to linger")
+    rig.store(2, 3)
+
+    rig.move_clock(0.5)
+
+    rig.await_counts("sent", sent=3)
+    assert rig.kheops.request_sizes() == [3]
+
+
+def test_a_full_batch_is_sent_without_waiting_for_the_linger(make_rig: RigFactory) -> None:
+    rig = started(make_rig(batch_linger=3600.0, batch_max_instances=2))
+    rig.kheops.then = store_all
+
+    rig.store(1, 2, 3)
+
+    rig.await_counts("a full batch sent, the rest lingering", sent=2, pending=1)
+    assert rig.kheops.request_sizes() == [2]
+
+
 # --- KHEOPS unreachable --------------------------------------------------------------------------
 
 
@@ -613,8 +669,10 @@ def test_kheops_unavailable_is_retried_and_recovery_makes_the_backlog_due(
     rig.await_counts("backlog sent after recovery", sent=4)
     assert rig.forwarder.health.state is State.SENDING
     assert {rig.row(n).attempts for n in failed} == {2}
-    assert rig.kheops.request_sizes() == [2, 2, 2]
-    assert sorted(sop_uid(n) for n in failed) == sorted(rig.kheops.requests[2])
+    # The probe carried one instance, one that had not failed yet: the oldest waiting.
+    assert rig.kheops.request_sizes() == [2, 1, 2, 1]
+    assert rig.kheops.requests[1][0] not in {sop_uid(n) for n in failed}
+    assert {sop_uid(n) for n in failed} <= set(rig.kheops.requests[2] + rig.kheops.requests[3])
 
 
 def test_the_start_and_the_end_of_an_outage_are_logged_once_each(
@@ -920,11 +978,13 @@ class _FlakyOutbox(SqliteOutbox):
         super().__init__(path)
         self.claims = 0
 
-    def claim(self, *, now: float, max_count: int, max_bytes: int) -> list[QueuedInstance]:
+    def claim(
+        self, *, now: float, max_count: int, max_bytes: int, linger: float = 0.0
+    ) -> list[QueuedInstance]:
         self.claims += 1
         if self.claims == 1:
             raise OSError("database or disk is full")
-        return super().claim(now=now, max_count=max_count, max_bytes=max_bytes)
+        return super().claim(now=now, max_count=max_count, max_bytes=max_bytes, linger=linger)
 
 
 def test_a_worker_exception_does_not_kill_the_thread(make_rig: RigFactory, tmp_path: Path) -> None:
@@ -1005,12 +1065,13 @@ def test_an_unexpected_error_in_the_start_up_token_check_does_not_stop_the_super
 
     rig.forwarder.start()
 
+    # The baseline is the reconciliation's last step: waiting for the call to Orthanc's
+    # change log alone would read the meta value before it is written.
     wait_until(
-        lambda: rig.orthanc.last_change_calls >= 1,
+        lambda: rig.outbox.get_meta("last_change") == 0,
         timeout=TIMEOUT,
         message="reconciliation after a failed start-up check",
     )
-    assert rig.outbox.get_meta("last_change") == 0
 
 
 def test_a_failing_reconciliation_waits_its_interval_before_the_next_try(

@@ -134,6 +134,46 @@ def test_an_alone_instance_ends_a_batch_that_already_has_others(outbox: SqliteOu
     assert _claim(outbox, now=T0 + 2) == ["after"]
 
 
+def test_a_batch_that_is_not_full_waits_until_its_oldest_instance_has_lingered(
+    outbox: SqliteOutbox,
+) -> None:
+    outbox.enqueue([("first", 1)], now=T0, requeue=True)
+    outbox.enqueue([("second", 1)], now=T0 + 0.3, requeue=True)
+
+    assert outbox.claim(now=T0 + 0.4, max_count=3, max_bytes=MB, linger=0.5) == []
+    assert _state(outbox, "first") == "pending"
+    claimed = outbox.claim(now=T0 + 0.5, max_count=3, max_bytes=MB, linger=0.5)
+    assert [i.orthanc_id for i in claimed] == ["first", "second"]
+
+
+def test_a_full_batch_is_taken_without_lingering(outbox: SqliteOutbox) -> None:
+    outbox.enqueue([("a", 1), ("b", 1), ("c", 1)], now=T0, requeue=True)
+
+    claimed = outbox.claim(now=T0, max_count=2, max_bytes=MB, linger=60)
+
+    assert [i.orthanc_id for i in claimed] == ["a", "b"]
+
+
+def test_a_batch_that_reached_the_byte_limit_is_taken_without_lingering(
+    outbox: SqliteOutbox,
+) -> None:
+    outbox.enqueue([("a", 40), ("b", 40), ("c", 40)], now=T0, requeue=True)
+
+    claimed = outbox.claim(now=T0, max_count=50, max_bytes=100, linger=60)
+
+    assert [i.orthanc_id for i in claimed] == ["a", "b"]
+
+
+def test_an_instance_retried_alone_is_taken_without_lingering(outbox: SqliteOutbox) -> None:
+    outbox.enqueue([("alone", 1)], now=T0, requeue=True)
+    _claim(outbox)
+    outbox.reschedule([Retry("alone", 0.0, "400", alone=True)], now=T0)
+
+    claimed = outbox.claim(now=T0, max_count=50, max_bytes=MB, linger=60)
+
+    assert [i.orthanc_id for i in claimed] == ["alone"]
+
+
 # --- outcomes ------------------------------------------------------------------------------------
 
 
