@@ -130,7 +130,7 @@ class KheopsClient:
         response = self._send(
             "POST",
             "/studies",
-            data=body.body,
+            data=body,  # iterable with a length: requests sends it piece by piece, unchunked
             headers={
                 "Authorization": f"Bearer {token.reveal()}",
                 "Content-Type": body.content_type,

@@ -4,15 +4,20 @@ Worker threads must not call the SDK's RestApi* functions (they can deadlock
 while a store callback is registered), so they use HTTP with the token that
 `GenerateRestApiAuthorizationToken()` gives, which works with Orthanc's
 authentication enabled.
+
+This client uses urllib3's connection pool directly rather than requests: every
+instance sent is one GET here, and requests' own work per request (sessions,
+hooks, header merging) cost 0.47 ms of CPU per 512 KB file against 0.30 ms.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
-import requests
-from urllib3.exceptions import HTTPError as Urllib3Error
+import urllib3
 
 from .masking import Secret
 
@@ -53,29 +58,27 @@ class ChangePage:
 
 class OrthancRest:
     def __init__(
-        self, url: str, *, authorization: Secret, session: requests.Session, timeout: float = 60
+        self, url: str, *, authorization: Secret, pool_size: int, timeout: float = 60
     ) -> None:
-        self._url = url.rstrip("/")
+        """`pool_size` connections are kept open, one per thread that reads at the same time."""
+        parts = urlsplit(url)
+        self._prefix = parts.path.rstrip("/")
         self._authorization = authorization
-        self._session = session
-        # Orthanc is on loopback: no proxy or .netrc applies, and looking them up again for
-        # every request costs about as much CPU as reading a 512 KB file.
-        self._session.trust_env = False
-        self._timeout = timeout
+        options: dict[str, object] = {
+            "maxsize": pool_size,
+            "retries": False,
+            "timeout": urllib3.Timeout(total=timeout),
+        }
+        if parts.scheme == "https":
+            # Orthanc on loopback, often with a self-signed certificate.
+            options["cert_reqs"] = "CERT_NONE"
+        self._pool = urllib3.connection_from_url(f"{parts.scheme}://{parts.netloc}", **options)
 
     def read_file(self, orthanc_id: str) -> bytes:
-        path = f"/instances/{orthanc_id}/file"
-        # One read of the whole body: requests' .content loops over 10 KB chunks in Python.
-        response = self._get(path, stream=True)
-        try:
-            return bytes(response.raw.read(decode_content=True))
-        except (Urllib3Error, OSError) as exc:
-            raise OrthancUnavailable(f"Orthanc REST {path}: {type(exc).__name__}") from exc
-        finally:
-            response.close()
+        return self._get(f"/instances/{orthanc_id}/file").data
 
     def get_json(self, path: str) -> object:
-        return self._get(path).json()
+        return self._json(path)
 
     def resource_level(self, orthanc_id: str) -> str:
         """The level of an Orthanc id: patients, studies, series or instances."""
@@ -90,9 +93,11 @@ class OrthancRest:
     def instances_of(self, level: str, orthanc_id: str) -> list[StoredInstance]:
         """Every instance below a resource, with its size."""
         if level == "instances":
-            documents: Sequence[object] = [self._get(f"/instances/{orthanc_id}").json()]
+            documents: object = [self._json(f"/instances/{orthanc_id}")]
         else:
-            documents = self._get(f"/{level}/{orthanc_id}/instances").json()
+            documents = self._json(f"/{level}/{orthanc_id}/instances")
+        if not isinstance(documents, Sequence):
+            raise OrthancUnavailable(f"Orthanc REST /{level}/{orthanc_id}: not a list")
         return [
             StoredInstance(orthanc_id=str(doc["ID"]), size=int(doc.get("FileSize", 0)))
             for doc in documents
@@ -100,7 +105,9 @@ class OrthancRest:
         ]
 
     def changes(self, since: int, *, limit: int = 1000) -> ChangePage:
-        document = self._get("/changes", params={"since": since, "limit": limit}).json()
+        document = self._json("/changes", {"since": since, "limit": limit})
+        if not isinstance(document, dict):
+            raise OrthancUnavailable("Orthanc REST /changes: not an object")
         return ChangePage(
             changes=tuple(
                 Change(seq=c["Seq"], change_type=c["ChangeType"], resource_id=c["ID"])
@@ -111,30 +118,36 @@ class OrthancRest:
         )
 
     def last_change(self) -> int:
-        return int(self._get("/changes", params={"last": ""}).json()["Last"])
+        document = self._json("/changes", {"last": ""})
+        if not isinstance(document, dict):
+            raise OrthancUnavailable("Orthanc REST /changes: not an object")
+        return int(document["Last"])
+
+    def _json(self, path: str, params: Mapping[str, object] | None = None) -> object:
+        try:
+            return json.loads(self._get(path, params).data)
+        except ValueError as exc:
+            raise OrthancUnavailable(f"Orthanc REST {path}: not JSON") from exc
 
     def _get(
-        self, path: str, params: dict[str, object] | None = None, *, stream: bool = False
-    ) -> requests.Response:
+        self, path: str, params: Mapping[str, object] | None = None
+    ) -> urllib3.BaseHTTPResponse:
         try:
-            response = self._session.get(
-                f"{self._url}{path}",
-                params=params,  # type: ignore[arg-type]
+            response = self._pool.request(
+                "GET",
+                f"{self._prefix}{path}",
+                fields={k: str(v) for k, v in (params or {}).items()},
                 # Orthanc gzips answers for clients that accept it (HttpCompressionEnabled):
                 # over loopback that only costs ~5 ms of CPU per 512 KB file on each side.
                 headers={
                     "Authorization": self._authorization.reveal(),
                     "Accept-Encoding": "identity",
                 },
-                timeout=self._timeout,
-                stream=stream,
             )
-        except requests.RequestException as exc:
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise OrthancUnavailable(f"Orthanc REST {path}: {type(exc).__name__}") from exc
-        if response.status_code != 200:
-            response.close()
-        if response.status_code == 404:
+        if response.status == 404:
             raise OrthancNotFound(f"Orthanc REST {path}: not found")
-        if response.status_code != 200:
-            raise OrthancUnavailable(f"Orthanc REST {path}: HTTP {response.status_code}")
+        if response.status != 200:
+            raise OrthancUnavailable(f"Orthanc REST {path}: HTTP {response.status}")
         return response

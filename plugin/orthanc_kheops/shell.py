@@ -80,7 +80,7 @@ class _Plugin:
         self.orthanc = OrthancRest(
             config.orthanc_url,
             authorization=Secret(orthanc.GenerateRestApiAuthorizationToken()),
-            session=make_session(pool_size=config.workers + 4, verify=False),
+            pool_size=config.workers + 4,
         )
         self.sharer = Sharer(
             config,

@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import traceback
-from collections import deque
-from collections.abc import Iterator
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -25,6 +20,7 @@ from orthanc_kheops.kheops import (
 )
 from orthanc_kheops.masking import Secret
 from orthanc_kheops.stow import StowAnswer
+from tests.recording_server import Answer, RecordingServer
 
 TOKEN = Secret("KbSVRVsa0rTCh6D5l9JnAb")
 SOURCE = Secret("See1fW5f2ZhxS6Q2nv0Xyz")
@@ -47,105 +43,6 @@ STORED_ANSWER = json.dumps(
         },
     }
 ).encode()
-
-
-@dataclass(frozen=True)
-class Received:
-    method: str
-    path: str
-    version: str
-    headers: dict[str, str]
-    body: bytes
-
-
-@dataclass(frozen=True)
-class Answer:
-    status: int
-    body: bytes = b""
-    content_type: str = "application/json"
-    drop: bool = False
-
-
-class RecordingServer:
-    """Answers each request with the next scripted Answer and records it.
-
-    An unscripted request gets 599 and is noted in `unexpected`, checked after each test.
-    """
-
-    def __init__(self) -> None:
-        self.received: list[Received] = []
-        self.unexpected: list[str] = []
-        self._answers: deque[Answer] = deque()
-        self._lock = threading.Lock()
-        recorder = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self) -> None:
-                recorder._serve(self)
-
-            do_PUT = do_GET = do_POST
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
-        )
-        self._thread.start()
-
-    @property
-    def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
-
-    def answer(self, *answers: Answer) -> None:
-        with self._lock:
-            self._answers.extend(answers)
-
-    def _serve(self, handler: BaseHTTPRequestHandler) -> None:
-        length = int(handler.headers.get("Content-Length", 0))
-        body = handler.rfile.read(length)
-        with self._lock:
-            self.received.append(
-                Received(
-                    method=handler.command,
-                    path=handler.path,
-                    version=handler.request_version,
-                    headers={k.lower(): v for k, v in handler.headers.items()},
-                    body=body,
-                )
-            )
-            answer = self._answers.popleft() if self._answers else None
-            if answer is None:
-                self.unexpected.append(f"{handler.command} {handler.path}")
-        if answer is None:
-            answer = Answer(599, b"no answer scripted", "text/plain")
-        if answer.drop:
-            handler.close_connection = True
-            handler.connection.shutdown(socket.SHUT_RDWR)
-            return
-        handler.send_response(answer.status)
-        handler.send_header("Content-Type", answer.content_type)
-        handler.send_header("Content-Length", str(len(answer.body)))
-        handler.end_headers()
-        handler.wfile.write(answer.body)
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(10)
-
-
-@pytest.fixture
-def server() -> Iterator[RecordingServer]:
-    recording = RecordingServer()
-    yield recording
-    recording.close()
-    assert recording.unexpected == [], "requests the test did not script"
 
 
 def _client(url: str, *, read_timeout: float = 10.0) -> KheopsClient:
@@ -184,6 +81,9 @@ def test_stow_posts_the_multipart_body_with_the_bearer_token(server: RecordingSe
         b"--" + boundary + b"\r\nContent-Type: application/dicom\r\n\r\nsecond\r\n"
         b"--" + boundary + b"--\r\n"
     )
+    # Some proxies in front of KHEOPS refuse chunked uploads: the length is always given.
+    assert request.headers["content-length"] == str(len(request.body))
+    assert "transfer-encoding" not in request.headers
     assert answer == StowAnswer(
         status=202,
         stored=frozenset({"1.2.3.4.5.6"}),

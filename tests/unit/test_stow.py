@@ -64,7 +64,7 @@ def _answer(
 def test_multipart_body_is_encoded_byte_by_byte_with_one_dicom_header_per_part() -> None:
     body = encode_multipart([b"first", b"\x00\x01\r\n--x"], boundary="b0und4ry")
 
-    assert body.body == (
+    assert b"".join(body) == (
         b"--b0und4ry\r\n"
         b"Content-Type: application/dicom\r\n"
         b"\r\n"
@@ -75,6 +75,13 @@ def test_multipart_body_is_encoded_byte_by_byte_with_one_dicom_header_per_part()
         b"\x00\x01\r\n--x\r\n"
         b"--b0und4ry--\r\n"
     )
+
+
+def test_multipart_body_knows_its_length_without_being_joined() -> None:
+    body = encode_multipart([b"first", b"second part", b"3"])
+
+    assert len(body) == len(b"".join(body))
+    assert b"second part" in body.chunks
 
 
 def test_multipart_content_type_names_the_dicom_type_and_the_boundary() -> None:
@@ -88,7 +95,7 @@ def test_multipart_body_is_read_back_by_a_mime_parser_into_the_same_parts() -> N
     body = encode_multipart(parts)
 
     message = BytesParser(policy=HTTP).parsebytes(
-        f"Content-Type: {body.content_type}\r\n\r\n".encode() + body.body
+        f"Content-Type: {body.content_type}\r\n\r\n".encode() + b"".join(body)
     )
 
     assert message.get_content_type() == "multipart/related"
@@ -104,8 +111,8 @@ def test_each_body_gets_its_own_random_boundary() -> None:
 
     assert first.content_type != second.content_type
     boundary = first.content_type.rsplit("boundary=", 1)[1]
-    assert first.body.startswith(f"--{boundary}\r\n".encode())
-    assert first.body.endswith(f"\r\n--{boundary}--\r\n".encode())
+    assert b"".join(first).startswith(f"--{boundary}\r\n".encode())
+    assert b"".join(first).endswith(f"\r\n--{boundary}--\r\n".encode())
 
 
 def test_a_request_without_instances_is_refused() -> None:
