@@ -66,7 +66,9 @@ class OrthancRest:
         self._authorization = authorization
         options: dict[str, object] = {
             "maxsize": pool_size,
-            "retries": False,
+            # Orthanc closes keep-alive connections after a second of silence: a GET that
+            # meets one closing is sent once more on a new connection.
+            "retries": urllib3.Retry(total=1, connect=1, read=1, redirect=0, status=0, other=0),
             "timeout": urllib3.Timeout(total=timeout),
         }
         if parts.scheme == "https":

@@ -98,8 +98,15 @@ def test_a_closed_port_means_orthanc_is_unavailable() -> None:
     assert AUTHORIZATION.reveal() not in str(caught.value)
 
 
-def test_a_dropped_connection_means_orthanc_is_unavailable(server: RecordingServer) -> None:
-    server.answer(Answer(200, drop=True))
+def test_a_connection_dropped_once_is_tried_again(server: RecordingServer) -> None:
+    server.answer(Answer(200, drop=True), Answer(200, FILE, "application/dicom"))
+
+    assert _client(server.url).read_file("abc-123") == FILE
+    assert len(server.received) == 2
+
+
+def test_a_connection_dropped_twice_means_orthanc_is_unavailable(server: RecordingServer) -> None:
+    server.answer(Answer(200, drop=True), Answer(200, drop=True))
 
     with pytest.raises(OrthancUnavailable):
         _client(server.url).read_file("abc-123")
