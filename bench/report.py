@@ -318,10 +318,12 @@ def verdicts(results: Results, latency: float) -> list[Verdict]:
 def _explain_against(run: Run | None, other: Run | None, who: str) -> str:
     if run is None or other is None or not run.cpu or not other.cpu:
         return ""
+    floor = _cpu_floor(run)
+    ceiling = f": at most {other.time / floor:.2f}x with every core busy" if floor > 0 else ""
     return (
         f"CPU s per 1000 instances: drain {_cpu(run)}, {who} {_cpu(other)}; the drain's CPU"
-        f" alone needs {_cpu_floor(run):.2f} s of wall time on {_cores()} cores, {who}"
-        f" took {other.time:.2f} s"
+        f" alone needs {floor:.2f} s of wall time on {_cores()} cores, {who}"
+        f" took {other.time:.2f} s{ceiling}"
     )
 
 
