@@ -370,7 +370,7 @@ class Bench:
         self.kheops.set_down(True)
         orthanc = self._orthanc("plugin", kheops=self.plugin_section())
         try:
-            self._timed_store(orthanc, self._ingest("down", "Orthanc + plugin, KHEOPS down"))
+            orthanc.storescu(list(self.corpus.paths))
         except BaseException:
             self.retire(orthanc)
             raise
@@ -459,9 +459,12 @@ class Bench:
     # --- 5 and 6: live forwarding, and what it costs the ingest --------------------------------
 
     def live_and_ingest(self) -> None:
-        """Interleaved: storescu into a plain Orthanc, then into one with the plugin forwarding."""
+        """Interleaved, round by round: storescu into a plain Orthanc, into one with the plugin
+        forwarding, and into one with the plugin while KHEOPS is down (an outage must not slow
+        Orthanc either)."""
         plain = self._ingest("plain", "Plain Orthanc")
         live = self._ingest("live", "Orthanc + plugin forwarding live")
+        down = self._ingest("down", "Orthanc + plugin, KHEOPS down")
         end_to_end = self._run("live", "This plugin, live: storescu -> all in the album")
         lags: list[Lag] = []
         for _ in range(self.settings.repeat):
@@ -470,6 +473,13 @@ class Bench:
                 self._timed_store(orthanc, plain)
             finally:
                 self.retire(orthanc)
+            self.kheops.set_down(True)
+            orthanc = self._orthanc("down", kheops=self.plugin_section())
+            try:
+                self._timed_store(orthanc, down)
+            finally:
+                self.retire(orthanc)
+                self.kheops.set_down(False)
             lag, requests = self._live_once(self.plugin_section(), live, end_to_end)
             lags.append(lag)
             if end_to_end.seconds[-1] == end_to_end.time:
