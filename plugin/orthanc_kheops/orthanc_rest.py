@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 import urllib3
@@ -107,9 +108,7 @@ class OrthancRest:
         ]
 
     def changes(self, since: int, *, limit: int = 1000) -> ChangePage:
-        document = self._json("/changes", {"since": since, "limit": limit})
-        if not isinstance(document, dict):
-            raise OrthancUnavailable("Orthanc REST /changes: not an object")
+        document = self._change_log({"since": since, "limit": limit})
         return ChangePage(
             changes=tuple(
                 Change(seq=c["Seq"], change_type=c["ChangeType"], resource_id=c["ID"])
@@ -120,10 +119,13 @@ class OrthancRest:
         )
 
     def last_change(self) -> int:
-        document = self._json("/changes", {"last": ""})
+        return int(self._change_log({"last": ""})["Last"])
+
+    def _change_log(self, params: Mapping[str, object]) -> dict[str, Any]:
+        document = self._json("/changes", params)
         if not isinstance(document, dict):
             raise OrthancUnavailable("Orthanc REST /changes: not an object")
-        return int(document["Last"])
+        return document
 
     def _json(self, path: str, params: Mapping[str, object] | None = None) -> object:
         try:
