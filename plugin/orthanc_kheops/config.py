@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .masking import Secret
+from .observability.masking import Secret
 from .schemas import SchemaError, validate
 
 SECTION = "Kheops"

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 import urllib3
 
-from .masking import Secret
+from .observability.masking import Secret
 
 LEVELS = ("patients", "studies", "series", "instances")
 

@@ -16,25 +16,25 @@ from typing import Any
 
 import orthanc
 
-from .api import ForwardingApi
-from .audit import audit_line
 from .config import SECTION, ConfigError, KheopsConfig, load_config
-from .forwarder import Forwarder
-from .kheops import KheopsClient, make_session
-from .masking import Redactor, Secret
-from .metrics import MetricsCollector, MetricsPublisher, rule_figures
+from .forwarding.forwarder import Forwarder
+from .kheops.client import KheopsClient, make_session
+from .observability.audit import audit_line
+from .observability.masking import Redactor, Secret
+from .observability.metrics import MetricsCollector, MetricsPublisher, rule_figures
 from .orthanc_rest import OrthancRest
-from .outbox import SqliteOutbox
-from .resources_api import ResourcesApi
-from .routing import Request, Response, Router
-from .rule_store import RuleStore
-from .rules import Rule, config_rules
-from .rules_api import RulesApi
-from .sharing import Sharer
+from .state.outbox import SqliteOutbox
+from .state.rule_store import RuleStore
+from .switching.rules import Rule, config_rules
+from .switching.sharing import Sharer
+from .web.forwarding_api import ForwardingApi
+from .web.resources_api import ResourcesApi
+from .web.routing import Request, Response, Router
+from .web.rules_api import RulesApi
 
 log = logging.getLogger("orthanc_kheops")
 
-_EXPLORER_JS = Path(__file__).with_name("explorer.js")
+_EXPLORER_JS = Path(__file__).parent / "web" / "explorer.js"
 
 _LEVELS = {
     "debug": logging.DEBUG,

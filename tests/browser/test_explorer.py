@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Locator, Page, expect
 
-from orthanc_kheops.masking import mask
+from orthanc_kheops.observability.masking import mask
 from tests.browser.explorer import Explorer, OpenExplorer, instance, save_screenshot
 from tests.corpus import new_uid
 from tests.orthanc_process import OrthancFactory, OrthancProcess

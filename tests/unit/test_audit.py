@@ -7,8 +7,8 @@ import logging
 
 import pytest
 
-from orthanc_kheops.audit import audit_line
-from orthanc_kheops.routing import Request, Response
+from orthanc_kheops.observability.audit import audit_line
+from orthanc_kheops.web.routing import Request, Response
 
 TOKEN = "KbSVRVsa0rTCh6D5l9JnAb"
 

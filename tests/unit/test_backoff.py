@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from orthanc_kheops.backoff import next_delay
+from orthanc_kheops.kheops.backoff import next_delay
 
 
 def _never_random() -> float:

@@ -10,7 +10,7 @@ from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from orthanc_kheops.conditions import (
+from orthanc_kheops.switching.conditions import (
     MAX_DEPTH,
     MAX_LENGTH,
     Condition,

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from orthanc_kheops.config import ConfigError, KheopsConfig, load_config
-from orthanc_kheops.masking import Secret
+from orthanc_kheops.observability.masking import Secret
 from orthanc_kheops.schemas import SchemaError, validate
 
 TOKEN = "KbSVRVsa0rTCh6D5l9JnAb"

@@ -20,9 +20,9 @@ import pydicom
 import pytest
 
 from orthanc_kheops.config import KheopsConfig
-from orthanc_kheops.forwarder import AfterStore, Forwarder, SentInstance, token_problem
-from orthanc_kheops.health import State
-from orthanc_kheops.kheops import (
+from orthanc_kheops.forwarding.forwarder import AfterStore, Forwarder, SentInstance, token_problem
+from orthanc_kheops.forwarding.health import State
+from orthanc_kheops.kheops.client import (
     Introspection,
     KheopsApi,
     KheopsError,
@@ -30,7 +30,8 @@ from orthanc_kheops.kheops import (
     KheopsUnauthorized,
     KheopsUnavailable,
 )
-from orthanc_kheops.masking import Secret
+from orthanc_kheops.kheops.stow import StowAnswer
+from orthanc_kheops.observability.masking import Secret
 from orthanc_kheops.orthanc_rest import (
     Change,
     ChangePage,
@@ -39,8 +40,7 @@ from orthanc_kheops.orthanc_rest import (
     OrthancUnavailable,
     StoredInstance,
 )
-from orthanc_kheops.outbox import QueuedInstance, SqliteOutbox
-from orthanc_kheops.stow import StowAnswer
+from orthanc_kheops.state.outbox import QueuedInstance, SqliteOutbox
 from tests.corpus import make_dataset, to_bytes
 from tests.waiting import wait_until
 
@@ -678,7 +678,7 @@ def test_kheops_unavailable_is_retried_and_recovery_makes_the_backlog_due(
 def test_the_start_and_the_end_of_an_outage_are_logged_once_each(
     make_rig: RigFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="orthanc_kheops.forwarder")
+    caplog.set_level(logging.WARNING, logger="orthanc_kheops.forwarding.forwarder")
     rig = make_rig(batch_max_instances=1)
     rig.kheops.script(unavailable, unavailable)
     rig.kheops.then = store_all

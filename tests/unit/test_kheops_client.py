@@ -8,7 +8,7 @@ import traceback
 
 import pytest
 
-from orthanc_kheops.kheops import (
+from orthanc_kheops.kheops.client import (
     Introspection,
     KheopsClient,
     KheopsError,
@@ -18,8 +18,8 @@ from orthanc_kheops.kheops import (
     KheopsUnavailable,
     make_session,
 )
-from orthanc_kheops.masking import Secret
-from orthanc_kheops.stow import StowAnswer
+from orthanc_kheops.kheops.stow import StowAnswer
+from orthanc_kheops.observability.masking import Secret
 from tests.recording_server import Answer, RecordingServer
 
 TOKEN = Secret("KbSVRVsa0rTCh6D5l9JnAb")

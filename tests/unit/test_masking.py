@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from orthanc_kheops.masking import Redactor, Secret, mask
+from orthanc_kheops.observability.masking import Redactor, Secret, mask
 
 TOKEN = "KbSVRVsa0rTCh6D5l9JnAb"
 OTHER = "See1fW5f2ZhxS6Q2nv0Xyz"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from orthanc_kheops.health import Health, Snapshot, State
-from orthanc_kheops.metrics import (
+from orthanc_kheops.forwarding.health import Health, Snapshot, State
+from orthanc_kheops.observability.metrics import (
     MetricsCollector,
     MetricsPublisher,
     RuleFigures,
@@ -16,9 +16,9 @@ from orthanc_kheops.metrics import (
     metric_values,
     rule_figures,
 )
-from orthanc_kheops.outbox import Retry, SqliteOutbox
-from orthanc_kheops.rule_store import RuleStore, ShareKey
-from orthanc_kheops.stats import TransferSnapshot, TransferStats
+from orthanc_kheops.observability.stats import TransferSnapshot, TransferStats
+from orthanc_kheops.state.outbox import Retry, SqliteOutbox
+from orthanc_kheops.state.rule_store import RuleStore, ShareKey
 from tests.waiting import wait_until
 
 T0 = 1_700_000_000.0
@@ -280,7 +280,7 @@ def test_a_failing_round_is_logged_once_and_the_thread_goes_on(
 
     published: list[tuple[str, float]] = []
     publisher = MetricsPublisher(collect, lambda n, v: published.append((n, v)), period=60)
-    with caplog.at_level("WARNING", logger="orthanc_kheops.metrics"):
+    with caplog.at_level("WARNING", logger="orthanc_kheops.observability.metrics"):
         for _ in range(4):
             publisher.publish_once()
 

@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from orthanc_kheops.masking import Secret
+from orthanc_kheops.observability.masking import Secret
 from orthanc_kheops.orthanc_rest import (
     Change,
     OrthancNotFound,

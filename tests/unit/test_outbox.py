@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from orthanc_kheops.outbox import SCHEMA_VERSION, Retry, SqliteOutbox
+from orthanc_kheops.state.outbox import SCHEMA_VERSION, Retry, SqliteOutbox
 
 T0 = 1_000_000.0
 MB = 1024 * 1024

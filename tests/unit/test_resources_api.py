@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 
 from orthanc_kheops.orthanc_rest import OrthancNotFound, OrthancRest, OrthancUnavailable
-from orthanc_kheops.outbox import SqliteOutbox
-from orthanc_kheops.resources_api import ResourcesApi, summarise
-from orthanc_kheops.routing import Request, Router
+from orthanc_kheops.state.outbox import SqliteOutbox
+from orthanc_kheops.web.resources_api import ResourcesApi, summarise
+from orthanc_kheops.web.routing import Request, Router
 
 T0 = 1_700_000_000.0
 STUDY = "aaaa1111-bbbb2222-cccc3333-dddd4444-eeee5555"

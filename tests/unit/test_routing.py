@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from orthanc_kheops.routing import (
+from orthanc_kheops.web.routing import (
     HttpError,
     Request,
     Response,

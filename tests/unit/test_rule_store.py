@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from orthanc_kheops.rule_store import (
+from orthanc_kheops.state.rule_store import (
     SCHEMA_VERSION,
     RuleStore,
     ShareCounts,

@@ -9,9 +9,10 @@ from typing import Any
 import pytest
 
 from orthanc_kheops.config import ConfigError, KheopsConfig, load_config
-from orthanc_kheops.kheops import Introspection
-from orthanc_kheops.masking import Secret
-from orthanc_kheops.rules import (
+from orthanc_kheops.kheops.client import Introspection
+from orthanc_kheops.kheops.stow import StowAnswer
+from orthanc_kheops.observability.masking import Secret
+from orthanc_kheops.switching.rules import (
     Albums,
     Rule,
     RuleError,
@@ -21,7 +22,6 @@ from orthanc_kheops.rules import (
     token_problem,
     verify_tokens,
 )
-from orthanc_kheops.stow import StowAnswer
 
 URL = "https://kheops.example.org"
 MAIN = "MainToken0123456789abcd"

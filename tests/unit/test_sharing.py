@@ -11,10 +11,9 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag
 
-from orthanc_kheops.conditions import Condition
 from orthanc_kheops.config import KheopsConfig, load_config
-from orthanc_kheops.forwarder import SentInstance
-from orthanc_kheops.kheops import (
+from orthanc_kheops.forwarding.forwarder import SentInstance
+from orthanc_kheops.kheops.client import (
     Introspection,
     KheopsError,
     KheopsNotFound,
@@ -22,11 +21,13 @@ from orthanc_kheops.kheops import (
     KheopsUnauthorized,
     KheopsUnavailable,
 )
-from orthanc_kheops.masking import Secret
+from orthanc_kheops.kheops.stow import StowAnswer
+from orthanc_kheops.observability.masking import Secret
 from orthanc_kheops.orthanc_rest import ChangePage, OrthancNotFound, OrthancRest, StoredInstance
-from orthanc_kheops.rule_store import RuleStore, ShareCounts, ShareKey, StoredRule
-from orthanc_kheops.rules import Rule, parse_rule
-from orthanc_kheops.sharing import (
+from orthanc_kheops.state.rule_store import RuleStore, ShareCounts, ShareKey, StoredRule
+from orthanc_kheops.switching.conditions import Condition
+from orthanc_kheops.switching.rules import Rule, parse_rule
+from orthanc_kheops.switching.sharing import (
     NOT_FOUND_ATTEMPTS,
     OrthancSeries,
     Sharer,
@@ -35,7 +36,6 @@ from orthanc_kheops.sharing import (
     read_instance,
     series_of,
 )
-from orthanc_kheops.stow import StowAnswer
 from tests.corpus import make_dataset, to_bytes
 from tests.waiting import wait_until
 

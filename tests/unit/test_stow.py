@@ -8,7 +8,7 @@ from email.policy import HTTP
 
 import pytest
 
-from orthanc_kheops.stow import (
+from orthanc_kheops.kheops.stow import (
     MalformedAnswer,
     StowAnswer,
     Verdict,

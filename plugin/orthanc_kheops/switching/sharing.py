@@ -34,20 +34,20 @@ from typing import cast
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from .backoff import next_delay
-from .conditions import Condition
-from .config import KheopsConfig
-from .forwarder import SentInstance
-from .kheops import (
+from ..config import KheopsConfig
+from ..forwarding.forwarder import SentInstance
+from ..kheops.backoff import next_delay
+from ..kheops.client import (
     KheopsApi,
     KheopsError,
     KheopsNotFound,
     KheopsRejected,
     KheopsUnauthorized,
 )
-from .masking import Secret
-from .orthanc_rest import OrthancNotFound, OrthancRest
-from .rule_store import RuleStore, ShareJob, ShareKey
+from ..observability.masking import Secret
+from ..orthanc_rest import OrthancNotFound, OrthancRest
+from ..state.rule_store import RuleStore, ShareJob, ShareKey
+from .conditions import Condition
 from .rules import Origin, Rule, RuleError, check_tokens, parse_rule
 
 log = logging.getLogger(__name__)

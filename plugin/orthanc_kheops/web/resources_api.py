@@ -14,9 +14,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
 
-from .api import iso
-from .orthanc_rest import OrthancNotFound, OrthancRest, OrthancUnavailable
-from .outbox import Outbox, QueuedInstance
+from ..orthanc_rest import OrthancNotFound, OrthancRest, OrthancUnavailable
+from ..state.outbox import Outbox, QueuedInstance
+from .forwarding_api import iso
 from .routing import HttpError, Request, Response, Router
 
 _RECENT_STUDIES = 50

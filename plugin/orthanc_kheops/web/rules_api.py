@@ -16,17 +16,24 @@ from typing import Any
 from pydicom.datadict import keyword_for_tag
 from pydicom.tag import BaseTag
 
-from .api import iso
-from .conditions import Condition, ConditionError, compile_condition, tag_value
-from .config import KheopsConfig
-from .kheops import KheopsApi, KheopsError
-from .masking import Secret, mask
-from .orthanc_rest import OrthancNotFound, OrthancRest, OrthancUnavailable
-from .outbox import Outbox
+from ..config import KheopsConfig
+from ..kheops.client import KheopsApi, KheopsError
+from ..observability.masking import Secret, mask
+from ..orthanc_rest import OrthancNotFound, OrthancRest, OrthancUnavailable
+from ..state.outbox import Outbox
+from ..state.rule_store import ShareCounts, ShareKey, StoredRule, tokens
+from ..switching.conditions import Condition, ConditionError, compile_condition, tag_value
+from ..switching.rules import CONFIG_KEY, Albums, Rule, RuleError, check_tokens, parse_rule
+from ..switching.sharing import (
+    OrthancSeries,
+    SeriesVerdict,
+    Sharer,
+    evaluate_series,
+    read_instance,
+    series_of,
+)
+from .forwarding_api import iso
 from .routing import HttpError, Request, Response, Router, json_object, string_list
-from .rule_store import ShareCounts, ShareKey, StoredRule, tokens
-from .rules import CONFIG_KEY, Albums, Rule, RuleError, check_tokens, parse_rule
-from .sharing import OrthancSeries, SeriesVerdict, Sharer, evaluate_series, read_instance, series_of
 
 _NAME = r"([^/]+)"
 

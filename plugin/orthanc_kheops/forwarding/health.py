@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .backoff import next_delay
+from ..kheops.backoff import next_delay
 
 _PROBE_INITIAL = 1.0
 

@@ -15,7 +15,7 @@ from typing import Protocol
 import requests
 from requests.adapters import HTTPAdapter
 
-from .masking import Secret
+from ..observability.masking import Secret
 from .stow import MalformedAnswer, StowAnswer, encode_multipart, parse_answer
 
 _RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})

@@ -6,10 +6,10 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
-from .config import KheopsConfig
-from .forwarder import Forwarder
-from .orthanc_rest import OrthancNotFound, OrthancRest, OrthancUnavailable, StoredInstance
-from .outbox import Outbox
+from ..config import KheopsConfig
+from ..forwarding.forwarder import Forwarder
+from ..orthanc_rest import OrthancNotFound, OrthancRest, OrthancUnavailable, StoredInstance
+from ..state.outbox import Outbox
 from .routing import HttpError, Request, Response, Router, json_object, string_list
 
 _QUEUE_STATES = ("pending", "failed", "sent")

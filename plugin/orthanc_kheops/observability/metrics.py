@@ -15,9 +15,9 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from .health import Health, Snapshot, State
-from .outbox import Outbox
-from .rule_store import RuleStore, ShareCounts
+from ..forwarding.health import Health, Snapshot, State
+from ..state.outbox import Outbox
+from ..state.rule_store import RuleStore, ShareCounts
 from .stats import TransferSnapshot, TransferStats
 
 log = logging.getLogger(__name__)

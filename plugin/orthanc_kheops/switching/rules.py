@@ -13,11 +13,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from ..config import ConfigError, KheopsConfig
+from ..kheops.client import Introspection, KheopsApi
+from ..observability.masking import Secret
+from ..schemas import SchemaError, field_path, validate
 from .conditions import Condition, ConditionError, compile_condition
-from .config import ConfigError, KheopsConfig
-from .kheops import Introspection, KheopsApi
-from .masking import Secret
-from .schemas import SchemaError, field_path, validate
 
 Origin = Literal["config", "api"]
 CONFIG_KEY = "Kheops.SwitchingAlbums"

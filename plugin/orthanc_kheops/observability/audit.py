@@ -13,7 +13,7 @@ import logging
 import re
 from collections.abc import Mapping
 
-from .routing import Request, Response
+from ..web.routing import Request, Response
 
 _RULE = re.compile(r"rules/([^/]+)\Z")
 _RULE_ACTION = re.compile(r"rules/([^/]+)/(apply|retry)\Z")

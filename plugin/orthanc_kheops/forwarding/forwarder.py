@@ -19,10 +19,9 @@ from io import BytesIO
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from .backoff import next_delay
-from .config import KheopsConfig
-from .health import Health, State, Turn
-from .kheops import (
+from ..config import KheopsConfig
+from ..kheops.backoff import next_delay
+from ..kheops.client import (
     Introspection,
     KheopsApi,
     KheopsError,
@@ -30,10 +29,11 @@ from .kheops import (
     KheopsUnauthorized,
     KheopsUnavailable,
 )
-from .orthanc_rest import OrthancError, OrthancNotFound, OrthancRest
-from .outbox import Outbox, QueuedInstance, Retry
-from .stats import TransferStats
-from .stow import Judgement, StowAnswer, Verdict, judge
+from ..kheops.stow import Judgement, StowAnswer, Verdict, judge
+from ..observability.stats import TransferStats
+from ..orthanc_rest import OrthancError, OrthancNotFound, OrthancRest
+from ..state.outbox import Outbox, QueuedInstance, Retry
+from .health import Health, State, Turn
 
 log = logging.getLogger(__name__)
 

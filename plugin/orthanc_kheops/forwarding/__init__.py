@@ -1,0 +1,1 @@
+"""Forwarding: the workers that send queued instances, and the health of the link to KHEOPS."""

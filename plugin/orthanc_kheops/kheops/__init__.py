@@ -1,0 +1,1 @@
+"""Talking to KHEOPS: the HTTP client, STOW-RS encoding and answers, the retry delays."""

@@ -1,0 +1,1 @@
+"""Metrics, transfer statistics, audit lines and the masking of secrets."""

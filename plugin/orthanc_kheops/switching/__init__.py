@@ -1,0 +1,1 @@
+"""Switching albums: the condition language, the rules, and the worker that shares series."""

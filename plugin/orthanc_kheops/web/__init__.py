@@ -1,0 +1,1 @@
+"""The REST API under /kheops/ and the Orthanc Explorer extension."""
