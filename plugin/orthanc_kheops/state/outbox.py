@@ -79,42 +79,101 @@ class Retry:
     counts_as_attempt: bool = True
 
 
+class StoreUnavailable(Exception):
+    """The store cannot be read or written right now (disk full, I/O error, lost connection).
+
+    Every back-end raises this, never its driver's own errors, so that callers can report
+    the problem and try the same call again; nothing the call was about is lost.
+    """
+
+
 class Outbox(Protocol):
-    def enqueue(self, items: Iterable[tuple[str, int]], *, now: float, requeue: bool) -> int: ...
+    """The queue of instances to send: the contract every back-end keeps.
+
+    A row moves pending -> inflight (claimed, with a lease) -> sent, or to failed with a
+    reason. Times are seconds on the caller's clock. Every method may raise
+    `StoreUnavailable`; a call that raised changed nothing.
+    """
+
+    def enqueue(self, items: Iterable[tuple[str, int]], *, now: float, requeue: bool) -> int:
+        """Queue (Orthanc id, size in bytes) pairs; the count of rows changed.
+
+        `requeue` resets rows already sent or failed (a file stored again); without it rows
+        already known are left alone (the reconciler). A row in flight stays with its worker
+        and goes back to pending after its verdict.
+        """
+        ...
 
     def claim(
         self, *, now: float, max_count: int, max_bytes: int, linger: float = 0.0
-    ) -> list[QueuedInstance]: ...
+    ) -> list[QueuedInstance]:
+        """Take the longest-waiting due instances for one request; they are in flight.
 
-    def mark_sent(self, orthanc_ids: Sequence[str], *, now: float) -> None: ...
+        At most `max_count`, and at most `max_bytes` unless one instance alone is larger. A
+        batch that is not full is taken only once its oldest instance has been due for
+        `linger` seconds. An instance marked `alone` travels alone.
+        """
+        ...
 
-    def mark_failed(self, reasons: Mapping[str, str], *, now: float) -> None: ...
+    def mark_sent(self, orthanc_ids: Sequence[str], *, now: float) -> None:
+        """KHEOPS confirmed these instances: sent, one more attempt, no error."""
+        ...
 
-    def reschedule(self, retries: Sequence[Retry], *, now: float) -> None: ...
+    def mark_failed(self, reasons: Mapping[str, str], *, now: float) -> None:
+        """These instances cannot be sent: failed with their reason, until someone retries."""
+        ...
 
-    def release(self, orthanc_ids: Sequence[str]) -> None: ...
+    def reschedule(self, retries: Sequence[Retry], *, now: float) -> None:
+        """Claimed instances wait `delay` and are tried again; a row not in flight is kept."""
+        ...
 
-    def set_sop_uids(self, uids: Mapping[str, str]) -> None: ...
+    def release(self, orthanc_ids: Sequence[str]) -> None:
+        """Claimed instances go back to pending untouched (shutdown, paused sending)."""
+        ...
 
-    def recover_interrupted(self) -> int: ...
+    def set_sop_uids(self, uids: Mapping[str, str]) -> None:
+        """Remember the SOP Instance UID read from each file (for the queue listing)."""
+        ...
 
-    def make_due(self, *, now: float) -> int: ...
+    def recover_interrupted(self) -> int:
+        """At start-up: rows in flight when the process died are pending again; how many."""
+        ...
 
-    def retry_failed(self, orthanc_ids: Sequence[str] | None, *, now: float) -> int: ...
+    def make_due(self, *, now: float) -> int:
+        """KHEOPS is back: every waiting instance is due now; how many were waiting."""
+        ...
 
-    def counts(self) -> dict[str, int]: ...
+    def retry_failed(self, orthanc_ids: Sequence[str] | None, *, now: float) -> int:
+        """Failed instances (all, or those named) are pending again with no attempts."""
+        ...
 
-    def next_due(self) -> float | None: ...
+    def counts(self) -> dict[str, int]:
+        """How many instances are in each state of `STATES`."""
+        ...
 
-    def entries(self, state: str, *, limit: int, offset: int = 0) -> list[QueuedInstance]: ...
+    def next_due(self) -> float | None:
+        """When the earliest pending instance is due; None when nothing is pending."""
+        ...
 
-    def lookup(self, orthanc_ids: Sequence[str]) -> dict[str, QueuedInstance]: ...
+    def entries(self, state: str, *, limit: int, offset: int = 0) -> list[QueuedInstance]:
+        """One page of a state: pending by due time, others most recently finished first."""
+        ...
 
-    def get_meta(self, key: str) -> object | None: ...
+    def lookup(self, orthanc_ids: Sequence[str]) -> dict[str, QueuedInstance]:
+        """The rows of these Orthanc ids, for those the outbox knows (any number of ids)."""
+        ...
 
-    def set_meta(self, key: str, value: object) -> None: ...
+    def get_meta(self, key: str) -> object | None:
+        """A JSON value kept with the queue (reconciler position, counters); None if unset."""
+        ...
 
-    def close(self) -> None: ...
+    def set_meta(self, key: str, value: object) -> None:
+        """Keep a JSON value; None deletes the key."""
+        ...
+
+    def close(self) -> None:
+        """Release the store; the object is not used afterwards."""
+        ...
 
 
 class SqliteOutbox:
