@@ -590,10 +590,8 @@ class _WatchedOutbox(SqliteOutbox):
         super().__init__(path)
         self.held = 0
 
-    def claim(
-        self, *, now: float, max_count: int, max_bytes: int, linger: float = 0.0
-    ) -> list[QueuedInstance]:
-        batch = super().claim(now=now, max_count=max_count, max_bytes=max_bytes, linger=linger)
+    def claim(self, **kwargs: Any) -> list[QueuedInstance]:
+        batch = super().claim(**kwargs)
         if not batch and self.counts()["pending"]:
             self.held += 1
         return batch
@@ -915,7 +913,7 @@ def test_reconcile_queues_new_instances_missing_from_the_outbox(make_rig: RigFac
     rig = make_rig()
     rig.outbox.set_meta("last_change", 3)
     rig.outbox.enqueue([("already-sent", 10)], now=T0, requeue=True)
-    rig.outbox.claim(now=T0, max_count=1, max_bytes=100)
+    rig.outbox.claim(now=T0, lease=60, max_count=1, max_bytes=100)
     rig.outbox.mark_sent(["already-sent"], now=T0)
     rig.orthanc.page_size = 2
     rig.orthanc.change_log = _changes(
@@ -978,13 +976,11 @@ class _FlakyOutbox(SqliteOutbox):
         super().__init__(path)
         self.claims = 0
 
-    def claim(
-        self, *, now: float, max_count: int, max_bytes: int, linger: float = 0.0
-    ) -> list[QueuedInstance]:
+    def claim(self, **kwargs: Any) -> list[QueuedInstance]:
         self.claims += 1
         if self.claims == 1:
             raise OSError("database or disk is full")
-        return super().claim(now=now, max_count=max_count, max_bytes=max_bytes, linger=linger)
+        return super().claim(**kwargs)
 
 
 def test_a_worker_exception_does_not_kill_the_thread(make_rig: RigFactory, tmp_path: Path) -> None:
@@ -1122,7 +1118,13 @@ def test_stop_lets_the_current_request_finish_and_leaves_the_rest_pending(
         timeout=TIMEOUT,
         message="threads ended",
     )
-    assert rig.outbox.counts() == {"pending": 3, "inflight": 0, "sent": 2, "failed": 0}
+    assert rig.outbox.counts() == {
+        "pending": 3,
+        "inflight": 0,
+        "sent": 2,
+        "failed": 0,
+        "deleted": 0,
+    }
     assert rig.kheops.request_sizes() == [2]
 
 
@@ -1140,7 +1142,7 @@ def test_instances_in_flight_at_a_crash_are_sent_after_restart(
     path = tmp_path / "crash.sqlite3"
     before = SqliteOutbox(path)
     before.enqueue([(orthanc_id(1), 10), (orthanc_id(2), 10)], now=T0, requeue=True)
-    before.claim(now=T0, max_count=50, max_bytes=1000)
+    before.claim(now=T0, lease=60, max_count=50, max_bytes=1000)
     before.close()
 
     rig = make_rig(outbox=SqliteOutbox(path))

@@ -94,6 +94,9 @@ class Forwarder:
         self._stored_since_claim = 0
         self._idle_on_empty_queue = False
         self._sent_log: collections.deque[tuple[float, int, int]] = collections.deque()
+        # Longer than a worker can take with one batch (reading, connecting, the answer): a
+        # claim still held after this was lost (a hung worker, a write that failed).
+        self._lease = 2 * (config.connect_timeout + config.request_timeout) + 60.0
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -180,10 +183,13 @@ class Forwarder:
         if turn is Turn.PROBE:
             # The oldest waiting instance, even before its backoff ends, and only one: a
             # probe that fails costs one instance an attempt and sends one file for nothing.
-            batch = self._outbox.claim(now=float("inf"), max_count=1, max_bytes=0)
+            batch = self._outbox.claim(
+                now=self._clock(), lease=self._lease, max_count=1, max_bytes=0, due_by=float("inf")
+            )
         else:
             batch = self._outbox.claim(
                 now=self._clock(),
+                lease=self._lease,
                 max_count=self._config.batch_max_instances,
                 max_bytes=self._config.batch_max_bytes,
                 linger=self._config.batch_linger,
