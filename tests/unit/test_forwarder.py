@@ -198,6 +198,8 @@ class FakeOrthanc(OrthancRest):
         self.last_change_error: Exception | None = None
         self.last_change_calls = 0
         self.pages_read: list[int] = []
+        self.statistics: dict[str, int] = {"CountInstances": 0}
+        self.system_error: Exception | None = None
 
     def fail_reads(self, orthanc_id: str, *errors: Exception) -> None:
         with self._lock:
@@ -240,13 +242,25 @@ class FakeOrthanc(OrthancRest):
         )
 
     def get_json(self, path: str) -> object:
-        raise NotImplementedError("get_json")
+        if path == "/system":  # Orthanc answers: its REST API is where OrthancUrl says
+            if self.system_error is not None:
+                raise self.system_error
+            return {"Version": "1.10.1"}
+        if path == "/statistics":
+            return self.statistics
+        raise NotImplementedError(f"get_json {path}")
 
     def resource_level(self, orthanc_id: str) -> str:
         raise NotImplementedError("resource_level")
 
     def instances_of(self, level: str, orthanc_id: str) -> list[StoredInstance]:
-        raise NotImplementedError("instances_of")
+        if level != "instances":
+            raise NotImplementedError(f"instances_of {level}")
+        with self._lock:
+            data = self.files.get(orthanc_id)
+        if data is None:
+            raise OrthancNotFound(f"Orthanc REST /instances/{orthanc_id}: not found")
+        return [StoredInstance(orthanc_id, len(data))]
 
 
 def sop_uid(n: int) -> str:
@@ -532,20 +546,51 @@ def test_a_batch_kheops_cannot_read_is_split_and_only_the_bad_instance_fails(
     assert {rig.row(n).attempts for n in (1, 2, 3)} == {1}
 
 
-def test_an_instance_deleted_from_orthanc_is_failed_as_deleted(make_rig: RigFactory) -> None:
+def test_an_instance_deleted_from_orthanc_before_it_was_sent_leaves_the_queue_quietly(
+    make_rig: RigFactory, caplog: pytest.LogCaptureFixture
+) -> None:
     rig = make_rig()
     rig.kheops.then = store_all
-    rig.add(1)
-    rig.add(2, queue=False)
-    rig.queue(2)
+    rig.add(1, 2)
     del rig.orthanc.files[orthanc_id(2)]
 
     started(rig)
 
-    rig.await_counts("verdicts recorded", sent=1, failed=1)
-    assert rig.row(2).state == "failed"
-    assert "deleted" in (rig.row(2).last_error or "")
+    rig.await_counts("verdicts recorded", sent=1, failed=0, deleted=1, pending=0)
+    assert rig.outbox.lookup([orthanc_id(2)]) == {}
     assert rig.kheops.stored == [sop_uid(1)]
+    assert [
+        r for r in caplog.records if r.levelno >= logging.WARNING and "deleted" in r.message
+    ] == []
+
+
+def test_a_404_for_everything_is_not_taken_for_deletions(make_rig: RigFactory) -> None:
+    """A wrong OrthancUrl prefix answers 404 for every file and for /system too."""
+    rig = make_rig()
+    rig.queue(1)
+    rig.orthanc.system_error = OrthancNotFound("Orthanc REST /system: not found")
+
+    started(rig)
+
+    wait_until(lambda: rig.orthanc.reads, timeout=TIMEOUT, message="file read")
+    rig.await_counts("kept", pending=1, deleted=0)
+    assert "OrthancUrl" in (rig.row(1).last_error or "")
+
+
+def test_deleting_instances_in_orthanc_takes_the_unsent_ones_off_the_queue(
+    make_rig: RigFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    rig = make_rig(storage_recycling="MaximumPatientCount 1")
+    rig.add(1, 2)
+
+    gone = rig.forwarder.instances_deleted([orthanc_id(1), orthanc_id(2), "never-queued"])
+
+    assert gone == 2
+    assert rig.outbox.counts()["deleted"] == 2
+    errors = [r.message for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1
+    assert "storage recycling (MaximumPatientCount 1)" in errors[0]
+    assert "never reached KHEOPS" in errors[0]
 
 
 def test_a_file_that_is_not_dicom_is_failed(make_rig: RigFactory) -> None:
@@ -923,7 +968,10 @@ def test_reconcile_queues_new_instances_missing_from_the_outbox(make_rig: RigFac
         (6, "NewInstance", "already-sent"),
         (7, "StableStudy", "a-study"),
         (8, "NewInstance", "missing-2"),
+        (9, "NewInstance", "deleted-since"),
     )
+    rig.orthanc.files["missing-1"] = dicom_file(1)
+    rig.orthanc.files["missing-2"] = dicom_file(2) * 3
 
     queued = rig.forwarder.reconcile()
 
@@ -934,7 +982,9 @@ def test_reconcile_queues_new_instances_missing_from_the_outbox(make_rig: RigFac
         "missing-2": "pending",
         "already-sent": "sent",
     }
-    assert rig.outbox.get_meta("last_change") == 8
+    # With their real size, so that the byte bound of a request holds for them too.
+    assert found["missing-2"].size == 3 * len(dicom_file(2))
+    assert rig.outbox.get_meta("last_change") == 9
     assert rig.orthanc.pages_read == [3, 5, 7]
     assert rig.forwarder.reconcile() == 0
 
@@ -1170,4 +1220,4 @@ def test_throughput_counts_what_was_sent_in_the_last_minute(make_rig: RigFactory
     assert bytes_per_second == pytest.approx((len(dicom_file(1)) + len(dicom_file(2))) / 60)
     rig.clock.advance(61)
     assert rig.forwarder.throughput() == (0.0, 0.0)
-    assert rig.forwarder.inflight == 0
+    assert rig.outbox.counts()["inflight"] == 0

@@ -149,6 +149,7 @@ def test_every_name_is_in_prometheus_style_with_a_unit_or_total() -> None:
         assert base.endswith(("_total", "_seconds", "_sum", "_count", "_instances")) or base in {
             "kheops_token_accepted",
             "kheops_state",
+            "kheops_state_writable",
             "kheops_rule_shares",
             "kheops_rule_failing",
         }, base
