@@ -205,15 +205,17 @@ class Forwarder:
                 max_bytes=self._config.batch_max_bytes,
                 linger=self._config.batch_linger,
             )
-        self._store_works()
         if not batch:
             if turn is Turn.PROBE:
                 self._probe_with_introspection()
             else:
                 self._idle()
             return
+        self._store_works()  # only now: a claim that changed no row succeeds on a full disk
         try:
             self._send(batch)
+        except StoreUnavailable:
+            raise  # Orthanc stops while the disk is full: the rows are recovered at start
         except Exception as exc:
             log.exception("unexpected error while sending %d instances", len(batch))
             self._retry_all(batch, f"internal error: {type(exc).__name__}: {exc}")
@@ -550,10 +552,11 @@ class Forwarder:
                     self._guarded(lambda: self._check_token(first=False), "token check")
             self._stopping.wait(min(1.0, max(0.05, min(next_check, next_reconcile) - now)))
 
-    @staticmethod
-    def _guarded(step: Callable[[], object], what: str) -> None:
+    def _guarded(self, step: Callable[[], object], what: str) -> None:
         try:
             step()
+        except StoreUnavailable as exc:
+            self._store_failed(exc)  # logged once per problem, not once per step
         except Exception:
             log.exception("%s failed; trying again later", what)
 
