@@ -661,6 +661,7 @@ class Forwarder:
             pruned += step
             if step < _PRUNE_STEP:
                 break
+            time.sleep(0)  # let a waiting writer (the store callback) take the lock first
         if pruned:
             log.info("forgot %d instances sent more than the retention ago", pruned)
         return pruned

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -430,6 +431,7 @@ class SqliteOutbox:
             total += moved
             if moved < _CHUNK:
                 return total
+            time.sleep(0)  # let a waiting writer (the store callback) take the lock first
 
     def forget_deleted(self, orthanc_ids: Sequence[str]) -> int:
         with self._file.transaction() as db:
