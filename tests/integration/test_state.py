@@ -157,7 +157,7 @@ def test_a_new_queue_over_instances_orthanc_already_holds_says_how_to_queue_them
     orthanc.start()
 
     line = wait_until(
-        lambda: next((x for x in orthanc.log.splitlines() if "not queued" in x), None),
+        lambda: next((x for x in orthanc.log.splitlines() if "not queued" in x), ""),
         message="the log says what is not queued",
     )
     assert "2 instances that are not queued" in line and "POST /kheops/send" in line
