@@ -117,6 +117,7 @@ class Forwarder:
         recovered = self._outbox.recover_interrupted()
         if recovered:
             log.info("%d instances were in flight when Orthanc stopped; queued again", recovered)
+        self._catch_up_with_a_clock_step_back()
         for index in range(self._config.workers):
             self._spawn(self._work, f"kheops-sender-{index + 1}")
         self._spawn(self._supervise, "kheops-supervisor")
@@ -590,8 +591,23 @@ class Forwarder:
         if self.health.state is State.PAUSED:
             self._check_token(first=False)
 
+    def _catch_up_with_a_clock_step_back(self) -> None:
+        """The system clock is behind the last time the plugin ran (it was stepped back while
+        Orthanc was stopped): what was due then is due now, not once the clock catches up."""
+        seen = self._outbox.get_meta("clock")
+        now = self._clock()
+        if isinstance(seen, int | float) and now < seen:
+            woken = self._outbox.make_due(now=now)
+            log.warning(
+                "the system clock is %.0f s behind the last time the plugin ran; %d waiting"
+                " instances are due now",
+                seen - now,
+                woken,
+            )
+
     def reconcile(self) -> int:
         """Queue instances that Orthanc's change log has and the outbox lacks."""
+        self._outbox.set_meta("clock", self._clock())  # see _catch_up_with_a_clock_step_back
         since = self._outbox.get_meta("last_change")
         last = self._orthanc.last_change()
         if not isinstance(since, int) or since > last:
