@@ -299,11 +299,12 @@ class Forwarder:
         failed: dict[str, str] = {}
         later: list[Retry] = []
         deleted: list[str] = []
+        left: list[str] = []
         budget = self._config.batch_max_bytes
         for item in batch:
             if loaded and budget <= 0:
-                # The sizes in the queue were wrong: never hold more than the bound.
-                later.append(Retry(item.orthanc_id, 0.0, "", counts_as_attempt=False))
+                # The sizes in the queue were wrong: never hold more than the bound in memory.
+                left.append(item.orthanc_id)
                 continue
             try:
                 data = self._orthanc.read_file(item.orthanc_id)
@@ -331,6 +332,8 @@ class Forwarder:
             self.stats.record_failed(len(failed))
         if later:
             self._write(lambda: self._outbox.reschedule(later, now=now))
+        if left:
+            self._write(lambda: self._outbox.release(left))
         unknown = {x.item.orthanc_id: x.sop_uid for x in loaded if x.item.sop_uid != x.sop_uid}
         if unknown:
             self._write(lambda: self._outbox.set_sop_uids(unknown))
