@@ -191,6 +191,9 @@ class _Plugin:
         )
         try:
             response = self.router.handle(call)
+        except StoreUnavailable as exc:  # a full disk: nothing was changed, the caller may retry
+            message = f"the plugin's state cannot be written now: {exc}; try again later"
+            response = Response(503, {"HttpStatus": 503, "Message": message})
         except Exception as exc:
             log.exception("REST %s failed", uri)
             response = Response(500, {"HttpStatus": 500, "Message": self.redactor.redact(str(exc))})

@@ -76,8 +76,11 @@ def test_a_state_directory_that_fills_while_instances_are_in_flight_loses_nothin
     )
     assert "database or disk is full" in problem["Error"]
     late_uid, late = single_instance(patient_id="P-FULL")
-    orthanc.upload(late)  # Orthanc still takes it; the queue cannot: its change log keeps it
+    late_id = orthanc.upload(late)  # Orthanc takes it; the queue cannot: its change log keeps it
     assert "cannot write the queue" in orthanc.log
+    backfill = orthanc.post("/kheops/send", json={"Resources": [late_id]})
+    assert backfill.status_code == 503, backfill.text
+    assert "cannot be written now" in backfill.json()["Message"]
 
     album.server.set_latency(0.0)
     filler.unlink()
