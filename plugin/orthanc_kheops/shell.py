@@ -27,7 +27,10 @@ from .state.outbox import SqliteOutbox
 from .state.rule_store import RuleStore
 from .switching.rules import Rule, config_rules
 from .switching.sharing import Sharer
+from .web.app_files import ENTRY_PAGE, app_file
 from .web.forwarding_api import ForwardingApi
+from .web.labels import LabelKeeper, LabelThread, OrthancLabels
+from .web.oe2_api import Oe2Api
 from .web.resources_api import ResourcesApi
 from .web.routing import Request, Response, Router
 from .web.rules_api import RulesApi
@@ -35,6 +38,7 @@ from .web.rules_api import RulesApi
 log = logging.getLogger("orthanc_kheops")
 
 _EXPLORER_JS = Path(__file__).parent / "web" / "explorer.js"
+_LABEL_SECONDS = 5
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -107,13 +111,15 @@ class _Plugin:
             remember_secret=redactor.add,
         )
         rules_api.register(self.router)
-        ForwardingApi(
+        forwarding_api = ForwardingApi(
             config,
             outbox=self.outbox,
             forwarder=self.forwarder,
             orthanc=self.orthanc,
             rules_summary=rules_api.summary,
-        ).register(self.router)
+        )
+        forwarding_api.register(self.router)
+        Oe2Api(forwarding_api).register(self.router)
         ResourcesApi(outbox=self.outbox, orthanc=self.orthanc).register(self.router)
         collector = MetricsCollector(
             outbox=self.outbox,
@@ -122,6 +128,9 @@ class _Plugin:
             rules=lambda: rule_figures(self.sharer.store, self.sharer.failing()),
         )
         self.metrics = MetricsPublisher(collector.values, _set_metric)
+        labels = OrthancLabels(self.orthanc)
+        keeper = LabelKeeper(outbox=self.outbox, orthanc=labels, sent_label=config.sent_label)
+        self.labels = LabelThread(keeper, labels, interval=_LABEL_SECONDS)
 
     def on_stored_instance(self, dicom: Any, instance_id: str) -> None:
         """Runs under Orthanc's lock: record the instance and return."""
@@ -138,6 +147,7 @@ class _Plugin:
     def on_change(self, change_type: int, level: int, resource_id: str) -> None:
         if change_type == orthanc.ChangeType.ORTHANC_STARTED:
             self.metrics.start()  # Orthanc takes metrics only once it has started
+            self.labels.start()
             if self.config.enabled:
                 self.sharer.start()
                 self.forwarder.start()
@@ -151,6 +161,7 @@ class _Plugin:
         elif change_type == orthanc.ChangeType.ORTHANC_STOPPED:
             self.forwarder.stop(timeout=10)
             self.sharer.stop(timeout=10)
+            self.labels.stop(timeout=10)
             self.metrics.stop()
             log.warning("forwarding stopped; unsent instances stay queued")
 
@@ -172,6 +183,23 @@ class _Plugin:
             line = audit_line(call, response)
             if line is not None:
                 log.log(*line)
+
+    def on_app(self, output: Any, uri: str, **request: Any) -> None:
+        """GET /kheops/app/{file}: the web app's files, straight from the package."""
+        if request["method"] != "GET":
+            output.SendMethodNotAllowed("GET")
+            return
+        found = app_file(request["groups"][0])
+        if found is None:
+            _answer(output, Response(404, {"HttpStatus": 404, "Message": f"no file {uri}"}))
+            return
+        output.SetHttpHeader("Cache-Control", "no-cache")  # a new plugin version shows at once
+        output.AnswerBuffer(found.body, found.content_type)
+
+
+def _to_app(output: Any, uri: str, **request: Any) -> None:
+    """/kheops/app and /kheops/app/ (Orthanc sees them as one URI): a page that opens the app."""
+    output.AnswerBuffer(ENTRY_PAGE, "text/html; charset=utf-8")
 
 
 def _set_metric(name: str, value: float) -> None:
@@ -212,7 +240,12 @@ def install() -> None:
     plugin = _Plugin(config, redactor, rules)
     orthanc.RegisterOnStoredInstanceCallback(plugin.on_stored_instance)
     orthanc.RegisterOnChangeCallback(plugin.on_change)
+    # Orthanc gives a URI to the first pattern that matches it: the app's come first.
+    orthanc.RegisterRestCallback("/kheops/app", _to_app)
+    orthanc.RegisterRestCallback("/kheops/app/(.*)", plugin.on_app)
     orthanc.RegisterRestCallback("/kheops/(.*)", plugin.on_rest)
+    if hasattr(orthanc, "SetRootUri"):  # OE2's and Explorer's plugin lists link to the app
+        orthanc.SetRootUri("/kheops/app/index.html")
     orthanc.ExtendOrthancExplorer(_EXPLORER_JS.read_text(encoding="utf-8"))
     log.warning("plugin loaded; state in %s", config.state_directory)
 
