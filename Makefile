@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEBIAN_PACKAGES := orthanc orthanc-python orthanc-dicomweb dcmtk python3-venv chromium
 
-.PHONY: install demo test lint bench bench-quick clean
+.PHONY: install demo test lint bench bench-quick screenshots clean
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,11 @@ lint: install
 
 test: lint
 	$(PY) -m pytest
+
+# The browser tests write their pictures into build/screenshots/; this publishes them.
+screenshots: install
+	$(PY) -m pytest -q -m browser -k screenshots
+	mkdir -p docs/screenshots && cp build/screenshots/*.png docs/screenshots/
 
 bench: install
 	$(PY) -m bench
