@@ -57,12 +57,11 @@ class Oe2Api:
         body = json.dumps({"Resources": ids}).encode()
         answer = self._forwarding.send(Request("POST", "send", body=body), ())
         queued = answer.body["Queued"] if isinstance(answer.body, dict) else 0
-        what = f"{len(ids)} studies" if len(ids) > 1 else "it"
         return Response(
             200,
             {
                 "Queued": queued,
                 "Resources": len(ids),
-                "Message": f"{queued} instance{'' if queued == 1 else 's'} of {what} queued for KHEOPS",
+                "Message": f"{queued} instance{'' if queued == 1 else 's'} queued for KHEOPS",
             },
         )
