@@ -253,7 +253,9 @@ def test_a_condition_that_raises_is_reported_and_does_not_stop_the_other_rules()
     found, errors = matching_shares([broken, _rule("all", "")], [_instance("s")])
 
     assert set(found) == {ShareKey("all", "1.2.3", _uid("s"))}
-    assert [(rule.name, instance.series_uid) for rule, instance, _ in errors] == [("broken", _uid("s"))]
+    assert [(rule.name, instance.series_uid) for rule, instance, _ in errors] == [
+        ("broken", _uid("s"))
+    ]
 
 
 # --- after_store --------------------------------------------------------------------------------
