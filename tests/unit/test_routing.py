@@ -47,7 +47,11 @@ def test_an_unknown_route_is_a_404_naming_it() -> None:
     response = _router().handle(Request("GET", "nowhere"))
 
     assert response.status == 404
-    assert response.body == {"HttpStatus": 404, "Message": "no route GET /kheops/nowhere"}
+    assert response.body == {
+        "HttpStatus": 404,
+        "Message": "no route GET /kheops/nowhere",
+        "Field": "path",
+    }
 
 
 def test_a_known_route_with_another_method_is_a_405_listing_the_allowed_ones() -> None:

@@ -112,7 +112,7 @@ class ResourcesApi:
         try:
             return self._orthanc.get_json(path)
         except OrthancNotFound:
-            raise HttpError(404, f"Orthanc has no {path.lstrip('/')}") from None
+            raise HttpError(404, f"Orthanc has no {path.lstrip('/')}", field="id") from None
         except OrthancUnavailable as exc:
             raise HttpError(503, f"Orthanc did not answer: {exc}") from None
 

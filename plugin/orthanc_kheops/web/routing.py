@@ -164,7 +164,7 @@ class Router:
                     " changed, try again once the state directory is writable",
                 ).response()
         shown = request.path if len(request.path) <= 80 else f"{request.path[:80]}…"
-        return HttpError(404, f"no route {request.method} /kheops/{shown}").response()
+        return HttpError(404, f"no route {request.method} /kheops/{shown}", field="path").response()
 
     def reply(self, request: Request) -> Reply:
         """The answer to any request, encoded and redacted; never raises."""
