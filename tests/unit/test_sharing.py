@@ -624,3 +624,92 @@ def test_a_deleted_or_unreadable_instance_reads_as_none() -> None:
 
     assert read_instance(orthanc, "deleted") is None
     assert read_instance(orthanc, "junk") is None
+
+
+# --- the rule in force --------------------------------------------------------------------------
+
+
+def _in_orthanc(world: _World, instance: SentInstance, modality: str) -> None:
+    """Orthanc holds the instance, so that its series can be evaluated again."""
+    world.orthanc.levels[instance.orthanc_id] = "instances"
+    world.orthanc.documents[f"/instances/{instance.orthanc_id}"] = {"ParentSeries": "S"}
+    world.orthanc.documents["/series/S"] = {"ID": "S", "Instances": [instance.orthanc_id]}
+    world.orthanc.files[instance.orthanc_id] = to_bytes(
+        make_dataset(
+            patient_id="P",
+            patient_name="A^B",
+            study_uid=instance.study_uid,
+            series_uid=instance.series_uid,
+            modality=modality,
+        )
+    )
+
+
+def test_a_pending_share_the_changed_condition_refuses_is_dropped_not_made(world: _World) -> None:
+    world.add_rule("r", CT)
+    ct = _instance("a")
+    _in_orthanc(world, ct, "CT")
+    world.sharer.after_store([ct])
+
+    world.add_rule("r", MR)
+    world.sharer.step()
+
+    assert world.kheops.shares == []
+    assert world.counts("r") == ShareCounts()
+
+
+def test_a_pending_share_the_changed_condition_still_matches_is_made(world: _World) -> None:
+    world.add_rule("r", CT)
+    ct = _instance("a")
+    _in_orthanc(world, ct, "CT")
+    world.sharer.after_store([ct])
+
+    world.add_rule("r", f"{CT} || {MR}")
+    world.sharer.step()
+
+    assert world.counts("r") == ShareCounts(shared=1)
+
+
+def test_a_share_queued_from_an_older_snapshot_of_the_rules_is_evaluated_again(
+    world: _World,
+) -> None:
+    """after_store evaluated rules read before a PUT; the PUT's condition decides."""
+    world.add_rule("r", CT)
+    snapshot = world.sharer.rules
+    world.add_rule("r", MR)  # the PUT lands while after_store runs on the older snapshot
+    ct = _instance("a")
+    _in_orthanc(world, ct, "CT")
+    keys, _ = matching_shares(snapshot.values(), [ct])
+    world.store.add_shares(keys, now=T0)
+
+    world.sharer.step()
+
+    assert world.kheops.shares == []
+
+
+def test_a_series_with_a_uid_kheops_cannot_carry_fails_at_once_with_the_reason(
+    world: _World,
+) -> None:
+    world.add_rule("all")
+    crafted = SentInstance("x-1", "1.2.3.4", "1.2.3", "1.2.3.4#x", Dataset())
+
+    world.sharer.after_store([crafted])
+    world.sharer.step()
+
+    assert world.kheops.shares == []
+    assert world.counts("all") == ShareCounts(failed=1)
+    error = world.stored("all").last_error
+    assert error is not None and "is not a DICOM UID" in error
+
+
+def test_a_404_while_the_source_token_cannot_send_marks_the_rule_failing(world: _World) -> None:
+    world.add_rule("all")
+    world.sharer.after_store([_instance("a")])
+    world.kheops.tokens[MAIN] = Introspection(True, frozenset({"read", "write"}), "MAIN")
+    world.kheops.answers = [KheopsNotFound("share: KHEOPS answered 404")]
+
+    world.sharer.step()
+
+    reason = world.sharer.failing()["all"]
+    assert "lacks the send permission" in reason and "404" in reason
+    assert world.counts("all") == ShareCounts(pending=1)
