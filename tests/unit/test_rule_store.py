@@ -18,6 +18,7 @@ from orthanc_kheops.state.rule_store import (
     ShareCounts,
     ShareKey,
     StoredRule,
+    destination_identity,
 )
 
 T0 = 1_000_000.0
@@ -160,6 +161,19 @@ def test_a_new_destination_forgets_every_share_pending_ones_included(store: Rule
     )
 
     assert (dropped, _states(store)) == (1, {})
+
+
+def test_a_new_token_of_the_same_album_keeps_the_pending_shares_for_it(store: RuleStore) -> None:
+    _save(store)
+    store.add_shares({_key("waiting"): Decision("", destination_identity(TOKEN_A), "i")}, now=T0)
+
+    dropped = store.save_rule(
+        "r", origin="api", document=_doc(token=TOKEN_B), albums=("DEST", "MAIN"), now=T0
+    )
+
+    [job] = store.due_shares(["r"], now=T0, limit=10)
+    assert dropped == 0
+    assert job.decision == Decision("", destination_identity(TOKEN_B), "i")
 
 
 def test_a_share_records_what_it_was_decided_under(store: RuleStore) -> None:

@@ -164,9 +164,10 @@ class RuleStore:
     ) -> int:
         """Create or replace a rule; it is no longer failing (its tokens were just checked).
 
-        When the destination token changes, the rule's shares are forgotten, pending ones
-        included (they were decided for the old album), so that the series they were about
-        are shared into the new album when they next grow. Returns the pending shares dropped.
+        When the destination token changes, the rule's finished shares are forgotten, so that
+        the series they were about are shared into the new album when they next grow; pending
+        ones are dropped too (they were decided for the old album) unless the new token names
+        the same album. Returns the pending shares dropped.
         """
         with self._file.transaction() as db:
             return self._save(db, name, origin=origin, document=document, albums=albums, now=now)
@@ -184,11 +185,25 @@ class RuleStore:
         old = db.execute("SELECT * FROM rules WHERE name = ?", (name,)).fetchone()
         previous = json.loads(old["document"]) if old is not None else {}
         dropped = 0
-        if old is not None and previous.get("DestinationToken") != document.get("DestinationToken"):
-            dropped = db.execute(
-                "SELECT COUNT(*) FROM shares WHERE rule = ? AND state = 'pending'", (name,)
-            ).fetchone()[0]
-            db.execute("DELETE FROM shares WHERE rule = ?", (name,))
+        old_token, new_token = previous.get("DestinationToken"), document.get("DestinationToken")
+        if old is not None and old_token != new_token:
+            if albums is not None and albums[0] == old["destination_album"]:
+                # A new token of the same album: the pending decisions still hold.
+                db.execute(
+                    "UPDATE shares SET destination = ? WHERE rule = ? AND state = 'pending'"
+                    " AND destination = ?",
+                    (
+                        destination_identity(str(new_token)),
+                        name,
+                        destination_identity(str(old_token)),
+                    ),
+                )
+                db.execute("DELETE FROM shares WHERE rule = ? AND state != 'pending'", (name,))
+            else:
+                dropped = db.execute(
+                    "SELECT COUNT(*) FROM shares WHERE rule = ? AND state = 'pending'", (name,)
+                ).fetchone()[0]
+                db.execute("DELETE FROM shares WHERE rule = ?", (name,))
         if albums is None and old is not None and tokens(previous) == tokens(document):
             albums = (old["destination_album"], old["source_album"])
         destination, source = albums if albums is not None else (None, None)
