@@ -32,7 +32,7 @@ from .web.forwarding_api import ForwardingApi
 from .web.labels import LabelKeeper, LabelThread, OrthancLabels
 from .web.oe2_api import Oe2Api
 from .web.resources_api import ResourcesApi
-from .web.routing import Reply, Request, Router
+from .web.routing import HttpError, Reply, Request, Router
 from .web.rules_api import RulesApi
 
 log = logging.getLogger("orthanc_kheops")
@@ -189,7 +189,8 @@ class _Plugin:
             return
         found = app_file(request["groups"][0])
         if found is None:
-            _answer(output, Response(404, {"HttpStatus": 404, "Message": f"no file {uri}"}))
+            missing = HttpError(404, "the app has no such file", field="file").response()
+            _answer(output, Reply(missing, missing.encoded()))
             return
         output.SetHttpHeader("Cache-Control", "no-cache")  # a new plugin version shows at once
         output.AnswerBuffer(found.body, found.content_type)

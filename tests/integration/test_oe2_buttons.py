@@ -25,6 +25,7 @@ pytestmark = pytest.mark.integration
 README = Path(__file__).resolve().parents[2] / "README.md"
 OE2_PAGE = "/ui/app/index.html"
 CREDENTIALS = ("admin", "kheops-oe2-test")
+UNKNOWN = "00000000-00000000-00000000-00000000-00000000"
 
 
 def custom_buttons() -> dict[str, list[dict[str, Any]]]:
@@ -125,7 +126,8 @@ def test_each_button_of_the_readme_block_does_what_its_tooltip_says(
     # What OE2 sends in the unhappy cases gets a 400 or 404 that says why, and queues nothing.
     for selected, status, words in (
         ([], 400, "no study is selected"),
-        (["0000-unknown"], 404, "unknown Orthanc id '0000-unknown'"),
+        (["0000-unknown"], 400, "is not an Orthanc id"),
+        ([UNKNOWN], 404, f"unknown Orthanc id '{UNKNOWN}'"),
     ):
         answer = press(orthanc, buttons["bulk-studies"][0], uuid=None, selected=selected)
         assert answer.status_code == status
