@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
 
 from orthanc_kheops.state.outbox import SqliteOutbox
-from orthanc_kheops.web.labels import FAILED_LABEL, SENT_LABEL, LabelKeeper
+from orthanc_kheops.web.labels import FAILED_LABEL, SENT_LABEL, LabelKeeper, LabelThread
 
 
 class FakeOrthanc:
@@ -122,3 +123,38 @@ def test_without_the_setting_no_study_is_labelled_sent(
     outbox.mark_sent(["b1"], now=2.0)
     LabelKeeper(outbox=outbox, orthanc=orthanc, sent_label=False).run_once()
     assert orthanc.labels["study-b"] == set()
+
+
+class NoLabels(FakeOrthanc):
+    """An Orthanc before 1.12, or one that cannot be asked."""
+
+    def __init__(self, answer: bool | Exception) -> None:
+        super().__init__({})
+        self.answer = answer
+
+    def has_labels(self) -> bool:
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+    def studies_labelled(self, label: str) -> set[str]:
+        raise AssertionError("an Orthanc without labels is never asked for them")
+
+
+@pytest.mark.parametrize(
+    ("answer", "said"),
+    [
+        (False, "this Orthanc has no labels (1.12+): studies are not labelled"),
+        (OSError("refused"), "could not tell whether Orthanc has labels (refused)"),
+    ],
+)
+def test_on_an_orthanc_without_labels_the_thread_says_so_and_ends(
+    outbox: SqliteOutbox, answer: bool | Exception, said: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    orthanc = NoLabels(answer)
+    keeper = LabelKeeper(outbox=outbox, orthanc=orthanc, sent_label=True)
+    labels = LabelThread(keeper, orthanc, interval=0.01)
+    with caplog.at_level(logging.INFO, logger="orthanc_kheops"):
+        labels.start()
+        labels.stop(timeout=5)
+    assert said in caplog.text
