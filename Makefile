@@ -16,6 +16,9 @@ $(VENV)/.installed: pyproject.toml
 	  echo "Installing Debian packages: $$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
+	@# npm fetches axe-core for the browser tests; any npm will do (Debian's, or Node's own).
+	@command -v npm >/dev/null || { echo "Installing Debian package: npm"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm; }
 	$(SYSTEM_PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q --group dev
