@@ -45,6 +45,7 @@ class KheopsConfig:
     reconcile_interval: float = 60.0
     verify_tls: bool | str = True
     log_level: str = "info"
+    sent_label: bool = False
     # Raw rules hold DestinationToken/SourceToken in clear: keep them out of repr().
     switching_albums: tuple[Mapping[str, Any], ...] = field(default=(), repr=False)
 
@@ -81,6 +82,7 @@ def load_config(
         reconcile_interval=float(section.get("ReconcileSeconds", 60)),
         verify_tls=_verify_tls(section.get("VerifyTls", True), config_directory),
         log_level=section.get("LogLevel", "info"),
+        sent_label=section.get("SentLabel", False),
         switching_albums=tuple(section.get("SwitchingAlbums", ())),
     )
 

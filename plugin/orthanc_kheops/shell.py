@@ -29,14 +29,18 @@ from .state.rule_store import RuleStore
 from .state.store_health import StoreHealth
 from .switching.rules import Rule, config_rules
 from .switching.sharing import Sharer
+from .web.app_files import ENTRY_PAGE, app_file
 from .web.forwarding_api import ForwardingApi
+from .web.labels import LabelKeeper, LabelThread, OrthancLabels
+from .web.oe2_api import Oe2Api
 from .web.resources_api import ResourcesApi
-from .web.routing import Request, Response, Router
+from .web.routing import HttpError, Reply, Request, Router
 from .web.rules_api import RulesApi
 
 log = logging.getLogger("orthanc_kheops")
 
 _EXPLORER_JS = Path(__file__).parent / "web" / "explorer.js"
+_LABEL_SECONDS = 5
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -103,7 +107,7 @@ class _Plugin:
             clock=self.clock,
             store_health=self.store_health,
         )
-        self.router = Router()
+        self.router = Router(redact=redactor.redact)
         rules_api = RulesApi(
             config,
             sharer=self.sharer,
@@ -111,16 +115,19 @@ class _Plugin:
             orthanc=self.orthanc,
             outbox=self.outbox,
             remember_secret=redactor.add,
+            known_secret=redactor.knows,
         )
         rules_api.register(self.router)
-        ForwardingApi(
+        forwarding_api = ForwardingApi(
             config,
             outbox=self.outbox,
             forwarder=self.forwarder,
             orthanc=self.orthanc,
             rules_summary=rules_api.summary,
             clock=self.clock,
-        ).register(self.router)
+        )
+        forwarding_api.register(self.router)
+        Oe2Api(forwarding_api).register(self.router)
         ResourcesApi(outbox=self.outbox, orthanc=self.orthanc).register(self.router)
         collector = MetricsCollector(
             outbox=self.outbox,
@@ -131,6 +138,9 @@ class _Plugin:
             store_health=self.store_health,
         )
         self.metrics = MetricsPublisher(collector.values, _set_metric)
+        labels = OrthancLabels(self.orthanc)
+        keeper = LabelKeeper(outbox=self.outbox, orthanc=labels, sent_label=config.sent_label)
+        self.labels = LabelThread(keeper, labels, interval=_LABEL_SECONDS)
 
     def on_stored_instance(self, dicom: Any, instance_id: str) -> None:
         """Runs under Orthanc's lock: record the instance and return."""
@@ -166,6 +176,7 @@ class _Plugin:
                 log.exception("could not take deleted instance %s off the queue", resource_id)
         elif change_type == orthanc.ChangeType.ORTHANC_STARTED:
             self.metrics.start()  # Orthanc takes metrics only once it has started
+            self.labels.start()
             if self.config.enabled:
                 self.sharer.start()
                 self.forwarder.start()
@@ -179,6 +190,7 @@ class _Plugin:
         elif change_type == orthanc.ChangeType.ORTHANC_STOPPED:
             self.forwarder.stop(timeout=10)
             self.sharer.stop(timeout=10)
+            self.labels.stop(timeout=10)
             self.metrics.stop()
             log.warning("forwarding stopped; unsent instances stay queued")
 
@@ -189,31 +201,43 @@ class _Plugin:
             query=dict(request.get("get") or {}),
             body=request.get("body") or b"",
         )
-        try:
-            response = self.router.handle(call)
-        except StoreUnavailable as exc:  # a full disk: nothing was changed, the caller may retry
-            message = f"the plugin's state cannot be written now: {exc}; try again later"
-            response = Response(503, {"HttpStatus": 503, "Message": message})
-        except Exception as exc:
-            log.exception("REST %s failed", uri)
-            response = Response(500, {"HttpStatus": 500, "Message": self.redactor.redact(str(exc))})
-        _answer(output, response)
+        reply = self.router.reply(call)  # never raises: every error is an answer
+        response = reply.response
+        _answer(output, reply)
         if call.method != "GET":
             self.metrics.wake()
             line = audit_line(call, response)
             if line is not None:
                 log.log(*line)
 
+    def on_app(self, output: Any, uri: str, **request: Any) -> None:
+        """GET /kheops/app/{file}: the web app's files, straight from the package."""
+        if request["method"] != "GET":
+            output.SendMethodNotAllowed("GET")
+            return
+        found = app_file(request["groups"][0])
+        if found is None:
+            missing = HttpError(404, "the app has no such file", field="file").response()
+            _answer(output, Reply(missing, missing.encoded()))
+            return
+        output.SetHttpHeader("Cache-Control", "no-cache")  # a new plugin version shows at once
+        output.AnswerBuffer(found.body, found.content_type)
+
+
+def _to_app(output: Any, uri: str, **request: Any) -> None:
+    """/kheops/app and /kheops/app/ (Orthanc sees them as one URI): a page that opens the app."""
+    output.AnswerBuffer(ENTRY_PAGE, "text/html; charset=utf-8")
+
 
 def _set_metric(name: str, value: float) -> None:
     orthanc.SetMetricsValue(name, value, orthanc.MetricsType.DEFAULT)
 
 
-def _answer(output: Any, response: Response) -> None:
+def _answer(output: Any, reply: Reply) -> None:
+    response, body = reply.response, reply.body
     if response.status == 405:
         output.SendMethodNotAllowed(",".join(response.allowed))
         return
-    body = response.encoded()
     if response.status == 200:
         output.AnswerBuffer(body, "application/json")
         return
@@ -243,7 +267,12 @@ def install() -> None:
     plugin = _Plugin(config, redactor, rules)
     orthanc.RegisterOnStoredInstanceCallback(plugin.on_stored_instance)
     orthanc.RegisterOnChangeCallback(plugin.on_change)
+    # Orthanc gives a URI to the first pattern that matches it: the app's come first.
+    orthanc.RegisterRestCallback("/kheops/app", _to_app)
+    orthanc.RegisterRestCallback("/kheops/app/(.*)", plugin.on_app)
     orthanc.RegisterRestCallback("/kheops/(.*)", plugin.on_rest)
+    if hasattr(orthanc, "SetRootUri"):  # OE2's and Explorer's plugin lists link to the app
+        orthanc.SetRootUri("/kheops/app/index.html")
     orthanc.ExtendOrthancExplorer(_EXPLORER_JS.read_text(encoding="utf-8"))
     log.warning("plugin loaded; state in %s", config.state_directory)
 
