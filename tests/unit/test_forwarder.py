@@ -198,6 +198,7 @@ class FakeOrthanc(OrthancRest):
         self.last_change_error: Exception | None = None
         self.last_change_calls = 0
         self.pages_read: list[int] = []
+        self.api_error: OrthancUnavailable | None = None  # check_api raises it when set
 
     def fail_reads(self, orthanc_id: str, *errors: Exception) -> None:
         with self._lock:
@@ -214,6 +215,10 @@ class FakeOrthanc(OrthancRest):
         if data is None:
             raise OrthancNotFound(f"Orthanc REST /instances/{orthanc_id}/file: not found")
         return data
+
+    def check_api(self) -> None:
+        if self.api_error is not None:
+            raise self.api_error
 
     def last_change(self) -> int:
         with self._lock:
@@ -482,7 +487,7 @@ def test_instance_refused_with_292_is_failed_while_the_rest_are_sent(make_rig: R
     rig.await_counts("verdicts recorded", sent=2, failed=1)
     assert rig.states(1, 2, 3) == {1: "sent", 2: "failed", 3: "sent"}
     reason = rig.row(2).last_error or ""
-    assert "not authorized (292)" in reason
+    assert "not authorized (292, 0x0124)" in reason
     assert rig.row(2).attempts == 1
     assert {s.orthanc_id for s in rig.after_store} == {orthanc_id(1), orthanc_id(3)}
     assert rig.forwarder.health.snapshot().last_error == reason
@@ -556,7 +561,7 @@ def test_a_file_that_is_not_dicom_is_failed(make_rig: RigFactory) -> None:
     started(rig)
 
     rig.await_counts("failed", failed=1)
-    assert "cannot be read as DICOM" in (rig.row(1).last_error or "")
+    assert "not a DICOM file" in (rig.row(1).last_error or "")
     assert rig.kheops.requests == []
 
 
@@ -574,7 +579,7 @@ def test_orthanc_busy_is_retried_without_counting_an_attempt(make_rig: RigFactor
     )
     assert rig.row(1).attempts == 0
 
-    rig.move_clock(1)
+    rig.move_clock(2)
 
     rig.await_counts("sent", sent=1)
     assert rig.row(1).attempts == 1
