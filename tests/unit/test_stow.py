@@ -53,7 +53,7 @@ def _answer(
     status: int,
     *,
     stored: tuple[str, ...] = (),
-    failed: dict[str, int] | None = None,
+    failed: dict[str, int | None] | None = None,
     other: tuple[int, ...] = (),
 ) -> StowAnswer:
     return StowAnswer(

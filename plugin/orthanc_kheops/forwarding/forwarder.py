@@ -531,9 +531,7 @@ class Forwarder:
             self._outbox.mark_failed(gave_up, now=now)
             self.stats.record_failed(len(gave_up))
 
-    def _backoff(
-        self, item: QueuedInstance, error: str, *, at_least: float | None = None
-    ) -> Retry:
+    def _backoff(self, item: QueuedInstance, error: str, *, at_least: float | None = None) -> Retry:
         delay = next_delay(
             item.attempts + 1,
             initial=self._config.retry_initial,
