@@ -553,7 +553,7 @@ class Forwarder:
             # rather than being retried on every loop, and cannot hold up the other step.
             if now >= next_reconcile:
                 next_reconcile = now + self._config.reconcile_interval
-                self._guarded(self.reconcile, "reconciliation")
+                self._guarded(self._reconcile_watched, "reconciliation")
             if now >= next_check:
                 next_check = now + self._config.token_recheck
                 if self.health.state is State.PAUSED:
@@ -599,6 +599,17 @@ class Forwarder:
         """An administrator asked to retry: check a paused token without waiting."""
         if self.health.state is State.PAUSED:
             self._check_token(first=False)
+
+    def _reconcile_watched(self) -> None:
+        """Reconcile; Orthanc's REST failing shows in the state (once), not as a traceback."""
+        try:
+            self.reconcile()
+        except OrthancError as exc:
+            if self.health.record_orthanc_unavailable(str(exc), self._clock()):
+                log.error("cannot read Orthanc's change log: %s", exc)
+            return
+        if self.health.record_orthanc_available(self._clock()):
+            log.warning("Orthanc's REST API answers again; sending resumes")
 
     def reconcile(self) -> int:
         """Queue instances that Orthanc's change log has and the outbox lacks."""

@@ -8,6 +8,7 @@ from text that is about to leave the process (log lines, error details).
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Iterable
 from urllib.parse import urlsplit, urlunsplit
@@ -33,6 +34,14 @@ def mask_url(url: str) -> str:
     if "@" in netloc:
         netloc = "…@" + netloc.rsplit("@", 1)[1]
     return urlunsplit((parts.scheme, netloc, parts.path, "…" if parts.query else "", ""))
+
+
+_USERINFO = re.compile(r"(?<=://)[^/@\s?#]*@")
+
+
+def mask_credentials(text: str) -> str:
+    """Text with the user:password@ part of any URL in it masked (for configuration errors)."""
+    return _USERINFO.sub("…@", text)
 
 
 class Secret:
