@@ -103,6 +103,7 @@ class Forwarder:
         self._inflight = 0
         self._stored_since_claim = 0
         self._idle_on_empty_queue = False
+        self._reconcile_failed = False
         self._sent_log: collections.deque[tuple[float, int, int]] = collections.deque()
 
     # -- lifecycle ---------------------------------------------------------
@@ -605,11 +606,14 @@ class Forwarder:
         try:
             self.reconcile()
         except OrthancError as exc:
+            self._reconcile_failed = True
             if self.health.record_orthanc_unavailable(str(exc), self._clock()):
                 log.error("cannot read Orthanc's change log: %s", exc)
             return
-        if self.health.record_orthanc_available(self._clock()):
+        # Only a spell this step saw ends here: the workers end the spells they see.
+        if self._reconcile_failed and self.health.record_orthanc_available(self._clock()):
             log.warning("Orthanc's REST API answers again; sending resumes")
+        self._reconcile_failed = False
 
     def reconcile(self) -> int:
         """Queue instances that Orthanc's change log has and the outbox lacks."""
