@@ -151,10 +151,20 @@ def _meta_end(data: bytes) -> int:
 
 
 def unknown_vr_file(n: int) -> bytes:
-    """Orthanc takes it; pydicom raises NotImplementedError on its first element."""
+    """The unknown VR "ZZ" on the first element, in the long form: Orthanc (DCMTK) stores such a
+    file, pydicom raises NotImplementedError."""
     data = dicom_file(n)
     end = _meta_end(data)
-    return data[: end + 4] + b"ZZ" + data[end + 6 :]
+    tag, length = data[end : end + 4], int(struct.unpack("<H", data[end + 6 : end + 8])[0])
+    value = data[end + 8 : end + 8 + length]
+    return (
+        data[:end]
+        + tag
+        + b"ZZ\x00\x00"
+        + struct.pack("<I", length)
+        + value
+        + data[end + 8 + length :]
+    )
 
 
 def odd_group_length_file(n: int) -> bytes:

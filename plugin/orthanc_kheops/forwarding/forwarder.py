@@ -606,9 +606,15 @@ class Forwarder:
         try:
             self.reconcile()
         except OrthancError as exc:
+            error: OrthancError = exc
+            if isinstance(exc, OrthancNotFound):  # /changes always exists: is the URL wrong?
+                try:
+                    self._orthanc.check_api()
+                except OrthancError as wrong_url:
+                    error = wrong_url
             self._reconcile_failed = True
-            if self.health.record_orthanc_unavailable(str(exc), self._clock()):
-                log.error("cannot read Orthanc's change log: %s", exc)
+            if self.health.record_orthanc_unavailable(str(error), self._clock()):
+                log.error("cannot read Orthanc's change log: %s", error)
             return
         # Only a spell this step saw ends here: the workers end the spells they see.
         if self._reconcile_failed and self.health.record_orthanc_available(self._clock()):
