@@ -252,7 +252,12 @@ class Sharer:
         now = self._clock()
         if now < self._pause_until:
             return False
-        jobs = self.store.due_shares(self._eligible(), now=now, limit=_BATCH)
+        if self._outages:
+            # A probe: the oldest waiting share alone, even before its backoff ends, so that
+            # sharing resumes once the pause ends rather than when the backoffs do.
+            jobs = self.store.due_shares(self._eligible(), now=float("inf"), limit=1)
+        else:
+            jobs = self.store.due_shares(self._eligible(), now=now, limit=_BATCH)
         for job in jobs:
             if self._stopping.is_set() or self._clock() < self._pause_until:
                 break
