@@ -208,3 +208,25 @@ def test_a_state_directory_that_is_a_file_stops_orthanc_with_one_line_and_no_tra
     )
     assert 'File "' not in str(error.value)
     assert "Traceback" not in str(error.value)
+
+
+def test_a_burst_of_503s_with_the_default_backoff_does_not_hold_delivery_back(
+    orthanc_factory: OrthancFactory, album: Album, tmp_path: Path
+) -> None:
+    files = write_corpus(tmp_path / "corpus", studies=2, series=2, instances=5, seed=5)
+    album.server.fail_next(5, status=503, method="POST", path_prefix="/api/studies")
+    orthanc = orthanc_factory(
+        kheops=album.section(
+            Workers=4, BatchMaxInstances=2, RetryInitialSeconds=2, RetryMaximumSeconds=300
+        )
+    )
+    orthanc.storescu([f.path for f in files])
+
+    # With the default backoff, instances that met 503s wait seconds to minutes: only the
+    # probe, at most 5 s apart, and the backlog made due when it goes through bring them back.
+    wait_until(
+        lambda: album.holds([f.sop_uid for f in files]),
+        timeout=20,
+        message="every instance soon after the burst",
+    )
+    assert orthanc.log.count("KHEOPS is unreachable") <= 1

@@ -664,6 +664,7 @@ def test_kheops_unavailable_is_retried_and_recovery_makes_the_backlog_due(
         assert row.next_attempt >= T0 + 300
         assert "503" in (row.last_error or "")
     assert rig.outbox.get_meta("retries") == 2
+    rig.await_state(State.UNREACHABLE)  # rescheduled first, then the outage is recorded
     health = rig.forwarder.health.snapshot()
     assert health.state is State.UNREACHABLE
     assert "503" in (health.last_error or "")
@@ -711,6 +712,7 @@ def test_a_failed_probe_keeps_kheops_unreachable_and_counts_another_attempt(
 
     started(rig)
     wait_until(lambda: rig.row(1).attempts == 1, timeout=TIMEOUT, message="first failure")
+    rig.await_state(State.UNREACHABLE)  # rescheduled first, then the outage is recorded
 
     rig.move_clock(2)  # past the first probe (1 s at most)
     wait_until(lambda: rig.row(1).attempts == 2, timeout=TIMEOUT, message="probe failed")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import threading
 from io import BytesIO
 
 import pydicom
@@ -117,6 +118,7 @@ def test_an_answer_that_is_not_kheops_is_retried_with_backoff_and_the_status_say
     rig.add(1)
 
     wait_until(lambda: rig.row(1).attempts == 1, timeout=TIMEOUT, message="retried")
+    rig.await_state(State.UNREACHABLE)
     row = rig.row(1)
     assert (row.state, row.last_error) == ("pending", HTML)
     assert row.next_attempt > T0
@@ -348,6 +350,7 @@ def test_retry_after_is_honoured_for_the_instances_and_the_probe(make_rig: RigFa
     rig.add(1)
 
     wait_until(lambda: rig.row(1).attempts == 1, timeout=TIMEOUT, message="rescheduled")
+    rig.await_state(State.UNREACHABLE)
     assert rig.row(1).next_attempt >= T0 + 120
     introspections = rig.kheops.introspections
 
@@ -425,6 +428,37 @@ def test_after_a_long_outage_a_probe_comes_at_most_every_few_seconds(make_rig: R
     rig.await_counts("sent within one probe interval", sent=1)
     assert rig.forwarder.health.state is State.SENDING
     assert PROBE_MAXIMUM <= 5
+
+
+def test_a_request_that_began_before_the_recovery_neither_restarts_the_outage_nor_waits_long(
+    make_rig: RigFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="orthanc_kheops.forwarding.forwarder")
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_503(uids: list[str]) -> StowAnswer:
+        entered.set()
+        release.wait(TIMEOUT)
+        raise KheopsUnavailable("STOW-RS: KHEOPS answered 503", status=503)
+
+    rig = make_rig(workers=2, batch_max_instances=1, retry_initial=1.0, retry_maximum=300.0)
+    rig.kheops.script(slow_503, raising(KheopsUnavailable, "STOW-RS: 503", status=503))
+    rig.kheops.then = store_all
+    rig.add(1, 2, 3)
+    started(rig)
+    entered.wait(TIMEOUT)
+    rig.await_state(State.UNREACHABLE)  # the second request's 503 began the outage
+
+    rig.move_clock(PROBE_MAXIMUM)  # the probe goes through: the outage is over
+    rig.await_state(State.SENDING)
+    release.set()  # ... and the request that began before it fails now
+
+    wait_until(lambda: rig.outbox.counts()["inflight"] == 0, timeout=TIMEOUT, message="done")
+    assert rig.forwarder.health.state is State.SENDING
+    slow = next(n for n in (1, 2, 3) if rig.row(n).state == "pending")
+    assert rig.row(slow).next_attempt <= T0 + PROBE_MAXIMUM + 1.0  # the first delay, not a backoff
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("KHEOPS is unreachable" in m for m in messages) == 1
 
 
 # --- 9. Orthanc's own REST API -----------------------------------------------------------------

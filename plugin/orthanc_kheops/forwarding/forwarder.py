@@ -226,25 +226,32 @@ class Forwarder:
             return False
         return True
 
-    def _unavailable(self, exc: KheopsError) -> None:
+    def _unavailable(self, exc: KheopsError, started: float | None = None) -> None:
+        """`started`: when the failed request began; one older than the last recovery is stale."""
         error = str(exc)
         retry_after = exc.retry_after if isinstance(exc, KheopsUnavailable) else None
         if retry_after is not None:
             retry_after = min(retry_after, self._config.retry_maximum)
         if isinstance(exc, KheopsBadAnswer):
             if self.health.record_unavailable(
-                error, self._clock(), retry_after=retry_after, detail=f"{error}; retrying"
+                error,
+                self._clock(),
+                retry_after=retry_after,
+                detail=f"{error}; retrying",
+                started=started,
             ):
                 log.error("what answers at Kheops.Url is not KHEOPS; retrying: %s", error)
-        elif self.health.record_unavailable(error, self._clock(), retry_after=retry_after):
+        elif self.health.record_unavailable(
+            error, self._clock(), retry_after=retry_after, started=started
+        ):
             log.warning("KHEOPS is unreachable; instances stay queued and are retried: %s", error)
 
     def _redirected(self, exc: KheopsRedirected) -> None:
         if self.health.record_refused(str(exc), self._clock(), why=_REDIRECT_WHY):
             log.error("sending is paused, nothing is lost: %s", exc)
 
-    def _recovered(self, now: float) -> None:
-        if self.health.record_success(now):
+    def _recovered(self, now: float, started: float | None = None) -> None:
+        if self.health.record_success(now, started=started):
             woken = self._outbox.make_due(now=now)
             log.warning("KHEOPS is reachable again; %d waiting instances are due now", woken)
             self.wake()
@@ -338,6 +345,7 @@ class Forwarder:
 
     def _post(self, loaded: Sequence[_Loaded]) -> None:
         items = [x.item for x in loaded]
+        started = self._clock()
         try:
             answer = self._stow([x.data for x in loaded])
         except KheopsRedirected as exc:
@@ -360,16 +368,21 @@ class Forwarder:
             self._rejected(items, str(exc))
             return
         except KheopsUnavailable as exc:
-            # Rescheduled before the outage is recorded: a success of another worker in
-            # between then makes these due again rather than leaving them to their backoff.
-            self._retry_all(items, str(exc), at_least=exc.retry_after)
-            self._unavailable(exc)
+            if self.health.began_before_recovery(started):
+                # Failed in an outage that has ended since: try again soon, not after a
+                # backoff that nothing would cut short.
+                self._retry_all(items, str(exc), at_least=exc.retry_after, first_delay=True)
+            else:
+                # Rescheduled before the outage is recorded: a success of another worker in
+                # between then makes these due again rather than leaving them to their backoff.
+                self._retry_all(items, str(exc), at_least=exc.retry_after)
+            self._unavailable(exc, started)
             return
         except KheopsError as exc:
             self._retry_all(items, str(exc))
             return
         now = self._clock()
-        self._recovered(now)
+        self._recovered(now, started)
         verdicts = judge([x.sop_uid for x in loaded], answer)
         if self._token_lost(loaded, verdicts):
             return
@@ -509,9 +522,15 @@ class Forwarder:
         self.health.record_error(error, now)
 
     def _retry_all(
-        self, items: Sequence[QueuedInstance], error: str, *, at_least: float | None = None
+        self,
+        items: Sequence[QueuedInstance],
+        error: str,
+        *,
+        at_least: float | None = None,
+        first_delay: bool = False,
     ) -> None:
-        """Each instance waits its backoff, or `at_least` (a Retry-After) when that is longer."""
+        """Each instance waits its backoff (the first one with `first_delay`), or `at_least`
+        (a Retry-After) when that is longer."""
         now = self._clock()
         retries: list[Retry] = []
         gave_up: dict[str, str] = {}
@@ -523,7 +542,7 @@ class Forwarder:
                     f"gave up after {attempts} attempts over {age / 3600:.1f} h: {error}"
                 )
                 continue
-            retries.append(self._backoff(item, error, at_least=at_least))
+            retries.append(self._backoff(item, error, at_least=at_least, first=first_delay))
         if retries:
             self._outbox.reschedule(retries, now=now)
         if gave_up:
@@ -532,9 +551,16 @@ class Forwarder:
             self._outbox.mark_failed(gave_up, now=now)
             self.stats.record_failed(len(gave_up))
 
-    def _backoff(self, item: QueuedInstance, error: str, *, at_least: float | None = None) -> Retry:
+    def _backoff(
+        self,
+        item: QueuedInstance,
+        error: str,
+        *,
+        at_least: float | None = None,
+        first: bool = False,
+    ) -> Retry:
         delay = next_delay(
-            item.attempts + 1,
+            1 if first else item.attempts + 1,
             initial=self._config.retry_initial,
             maximum=self._config.retry_maximum,
         )

@@ -100,10 +100,21 @@ class Health:
                 self._probing = False
                 self._condition.notify_all()
 
-    def record_success(self, now: float) -> bool:
-        """A request went through; True when this ends an outage."""
+    def began_before_recovery(self, started: float) -> bool:
+        """Whether a request began before sending last resumed: its failure is from the outage."""
+        with self._condition:
+            return self._state is State.SENDING and started < self._since
+
+    def record_success(self, now: float, *, started: float | None = None) -> bool:
+        """A request went through; True when this ends an outage.
+
+        One that began before the outage did (`started`) tells nothing about its end: the
+        probe does.
+        """
         with self._condition:
             self._last_success_at = now
+            if self._state is State.UNREACHABLE and started is not None and started < self._since:
+                return False
             self._probing = False
             self._failures = 0
             if self._state is not State.UNREACHABLE:
@@ -118,13 +129,19 @@ class Health:
         *,
         retry_after: float | None = None,
         detail: str | None = None,
+        started: float | None = None,
     ) -> bool:
         """KHEOPS could not be reached; True when this starts an outage.
 
         The next probe waits the growing probe delay, or `retry_after` when KHEOPS asked
-        for longer (bounded by the probe maximum's caller, RetryMaximumSeconds).
+        for longer (bounded by the caller, by RetryMaximumSeconds). A request that began
+        before sending last resumed (`started`) failed in the outage that ended: it starts
+        no new one, so that one outage is one outage in the log.
         """
         with self._condition:
+            if self._state is State.SENDING and started is not None and started < self._since:
+                self._note_error(error, now)
+                return False
             self._probing = False
             self._failures += 1
             self._note_error(error, now)
