@@ -135,11 +135,13 @@ class Health:
 
         The next probe waits the growing probe delay, or `retry_after` when KHEOPS asked
         for longer (bounded by the caller, by RetryMaximumSeconds). A request that began
-        before sending last resumed (`started`) failed in the outage that ended: it starts
-        no new one, so that one outage is one outage in the log.
+        before the state last changed (`started`) was in flight when it did: it starts no
+        new outage (one outage is one outage in the log) and does not delay the probe.
         """
         with self._condition:
-            if self._state is State.SENDING and started is not None and started < self._since:
+            if started is not None and started < self._since:
+                # Began before the outage started (or ended): in flight when it did, it
+                # neither starts another one nor pushes the next probe away.
                 self._note_error(error, now)
                 return False
             self._probing = False
