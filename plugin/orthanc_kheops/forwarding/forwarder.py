@@ -104,6 +104,7 @@ class Forwarder:
         self._stored_since_claim = 0
         self._idle_on_empty_queue = False
         self._reconcile_failed = False
+        self._told_rights_lost = False
         self._sent_log: collections.deque[tuple[float, int, int]] = collections.deque()
 
     # -- lifecycle ---------------------------------------------------------
@@ -409,11 +410,13 @@ class Forwarder:
             return True
         problem = token_problem(introspection)
         if problem is None:
-            log.error(
-                "KHEOPS refused every instance of %d series with 292 although the token looks"
-                " valid: has the token's creator lost the album's admin rights?",
-                len(series),
-            )
+            if not self._told_rights_lost:  # once, until KHEOPS stores an instance again
+                self._told_rights_lost = True
+                log.error(
+                    "KHEOPS refused every instance of %d series with 292 although the token"
+                    " looks valid: has the token's creator lost the album's admin rights?",
+                    len(series),
+                )
             return False
         self._outbox.release([x.item.orthanc_id for x in loaded])
         self.introspection = introspection
@@ -462,6 +465,7 @@ class Forwarder:
         if sent and not self._hand_on(sent):
             sent = []
         if sent:
+            self._told_rights_lost = False
             self._outbox.mark_sent([x.item.orthanc_id for x in sent], now=now)
             self.stats.record_sent(len(sent), now=now)
             with self._lock:
