@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,8 +23,11 @@ from .observability.audit import audit_line
 from .observability.masking import Redactor, Secret
 from .observability.metrics import MetricsCollector, MetricsPublisher, rule_figures
 from .orthanc_rest import OrthancRest
+from .state.clock import SteadyClock
+from .state.errors import StoreUnavailable
 from .state.outbox import SqliteOutbox
 from .state.rule_store import RuleStore
+from .state.store_health import StoreHealth
 from .switching.rules import Rule, config_rules
 from .switching.sharing import Sharer
 from .web.forwarding_api import ForwardingApi
@@ -70,6 +72,8 @@ class _Plugin:
     def __init__(self, config: KheopsConfig, redactor: Redactor, rules: Sequence[Rule]) -> None:
         self.config = config
         self.redactor = redactor
+        self.clock = SteadyClock()
+        self.store_health = StoreHealth()
         self.outbox = SqliteOutbox(config.state_directory / "outbox.sqlite3")
         session = make_session(pool_size=config.workers + 4, verify=config.verify_tls)
         self.kheops = KheopsClient(
@@ -97,6 +101,8 @@ class _Plugin:
             orthanc=self.orthanc,
             kheops=self.kheops,
             after_store=self.sharer.after_store,
+            clock=self.clock,
+            store_health=self.store_health,
         )
         self.router = Router()
         rules_api = RulesApi(
@@ -114,6 +120,7 @@ class _Plugin:
             forwarder=self.forwarder,
             orthanc=self.orthanc,
             rules_summary=rules_api.summary,
+            clock=self.clock,
         ).register(self.router)
         ResourcesApi(outbox=self.outbox, orthanc=self.orthanc).register(self.router)
         collector = MetricsCollector(
@@ -121,6 +128,8 @@ class _Plugin:
             stats=self.forwarder.stats,
             health=self.forwarder.health,
             rules=lambda: rule_figures(self.sharer.store, self.sharer.failing()),
+            clock=self.clock,  # the forwarder's: the age of the last send is a difference
+            store_health=self.store_health,
         )
         self.metrics = MetricsPublisher(collector.values, _set_metric)
 
@@ -128,8 +137,19 @@ class _Plugin:
         """Runs under Orthanc's lock: record the instance and return."""
         try:
             self.outbox.enqueue(
-                [(instance_id, dicom.GetInstanceSize())], now=time.time(), requeue=True
+                [(instance_id, dicom.GetInstanceSize())], now=self.clock(), requeue=True
             )
+        except StoreUnavailable as exc:
+            # The change log still has it: the reconciler queues it once writing works again.
+            if self.store_health.failed(
+                f"cannot queue instance {instance_id}: {exc}", self.clock()
+            ):
+                log.error(
+                    "cannot queue instances now (%s); they are queued from Orthanc's change log"
+                    " once the state directory can be written again",
+                    exc,
+                )
+            return
         except Exception:
             # The change log still has it: the reconciler will queue it.
             log.exception("could not queue instance %s now; it will be found later", instance_id)
@@ -137,7 +157,15 @@ class _Plugin:
         self.forwarder.instance_stored()
 
     def on_change(self, change_type: int, level: int, resource_id: str) -> None:
-        if change_type == orthanc.ChangeType.ORTHANC_STARTED:
+        if change_type == orthanc.ChangeType.DELETED and level == orthanc.ResourceType.INSTANCE:
+            try:
+                self.forwarder.instances_deleted([resource_id])
+            except StoreUnavailable as exc:
+                # Its row stays; the worker that reads it finds the 404 and forgets it then.
+                self.store_health.failed(f"cannot note a deleted instance: {exc}", self.clock())
+            except Exception:
+                log.exception("could not take deleted instance %s off the queue", resource_id)
+        elif change_type == orthanc.ChangeType.ORTHANC_STARTED:
             self.metrics.start()  # Orthanc takes metrics only once it has started
             if self.config.enabled:
                 self.sharer.start()
@@ -164,6 +192,9 @@ class _Plugin:
         )
         try:
             response = self.router.handle(call)
+        except StoreUnavailable as exc:  # a full disk: nothing was changed, the caller may retry
+            message = f"the plugin's state cannot be written now: {exc}; try again later"
+            response = Response(503, {"HttpStatus": 503, "Message": message})
         except Exception as exc:
             log.exception("REST %s failed", uri)
             response = Response(500, {"HttpStatus": 500, "Message": self.redactor.redact(str(exc))})
