@@ -250,7 +250,7 @@ def test_the_study_page_says_why_its_instances_failed_and_retries_them(
 
     box = page.locator("#study .kheops-box")
     expect(box.locator(".kheops-summary")).to_have_text("Failed: 1 failed")
-    expect(box.locator(".kheops-reasons")).to_contain_text("not authorized (292)")
+    expect(box.locator(".kheops-reasons")).to_contain_text("not authorized (292, 0x0124)")
     kheops.server.set_down(True)
     box.locator(".kheops-retry-resource").click()
 
