@@ -230,3 +230,18 @@ def test_a_burst_of_503s_with_the_default_backoff_does_not_hold_delivery_back(
         message="every instance soon after the burst",
     )
     assert orthanc.log.count("KHEOPS is unreachable") <= 1
+
+
+def test_an_orthanc_url_that_refuses_the_plugin_shows_why_and_fails_nothing(
+    orthanc_factory: OrthancFactory, album: Album
+) -> None:
+    # OrthancUrl names another Orthanc, one with authentication: the token this Orthanc
+    # generates for the plugin means nothing there.
+    other = orthanc_factory(credentials=("admin", "s3cret"))
+    orthanc = orthanc_factory(kheops=album.section(OrthancUrl=other.url))
+    orthanc.upload(single_instance()[1])
+
+    shown = status_when(orthanc, "orthanc-unavailable", Failed=0)
+
+    assert "refuses the plugin (401)" in shown["StateDetail"]
+    assert "Kheops.OrthancUrl must be this Orthanc's own address" in shown["StateDetail"]
