@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import orthanc
 
@@ -234,22 +235,31 @@ def install() -> None:
         check_environment(config, configuration)
         rules = config_rules(config)
     except ConfigError as exc:
-        orthanc.LogError(f"KHEOPS: invalid configuration: {exc}")
-        # Orthanc must refuse to start, with the line above and no traceback of ours.
-        sys.tracebacklimit = 0
-        raise ConfigError("the Kheops section is invalid (see the line above)") from None
+        _refuse_to_start(str(exc))
     redactor = Redactor([config.token])
     handler = _OrthancLogHandler(redactor)
     handler.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(handler)
     log.setLevel(_LEVELS[config.log_level])
     log.propagate = False
-    plugin = _Plugin(config, redactor, rules)
+    try:
+        plugin = _Plugin(config, redactor, rules)
+    except (OSError, sqlite3.Error) as exc:  # a state file that cannot be opened
+        _refuse_to_start(
+            f"{SECTION}.StateDirectory: cannot open the state in {config.state_directory}: {exc}"
+        )
     orthanc.RegisterOnStoredInstanceCallback(plugin.on_stored_instance)
     orthanc.RegisterOnChangeCallback(plugin.on_change)
     orthanc.RegisterRestCallback("/kheops/(.*)", plugin.on_rest)
     orthanc.ExtendOrthancExplorer(_EXPLORER_JS.read_text(encoding="utf-8"))
     log.warning("plugin loaded; state in %s", config.state_directory)
+
+
+def _refuse_to_start(problem: str) -> NoReturn:
+    """Orthanc must refuse to start, with one line that names the field and no traceback."""
+    orthanc.LogError(f"KHEOPS: invalid configuration: {problem}")
+    sys.tracebacklimit = 0
+    raise ConfigError("the Kheops section is invalid (see the line above)") from None
 
 
 def _config_directory() -> Path:

@@ -245,3 +245,20 @@ def test_an_orthanc_url_that_refuses_the_plugin_shows_why_and_fails_nothing(
 
     assert "refuses the plugin (401)" in shown["StateDetail"]
     assert "Kheops.OrthancUrl must be this Orthanc's own address" in shown["StateDetail"]
+
+
+def test_a_state_file_that_is_not_a_database_stops_orthanc_with_one_line(
+    orthanc_factory: OrthancFactory, album: Album, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "outbox.sqlite3").write_bytes(b"this is not an SQLite file, but it is long enough" * 4)
+
+    with pytest.raises(OrthancStartError) as error:
+        orthanc_factory(kheops=album.section(StateDirectory=str(state)), verbose=False)
+
+    assert (
+        f"KHEOPS: invalid configuration: Kheops.StateDirectory: cannot open the state in {state}"
+        in str(error.value)
+    )
+    assert 'File "' not in str(error.value)
