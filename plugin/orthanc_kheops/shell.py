@@ -210,7 +210,9 @@ def install() -> None:
     plugin = _Plugin(config, redactor, rules)
     orthanc.RegisterOnStoredInstanceCallback(plugin.on_stored_instance)
     orthanc.RegisterOnChangeCallback(plugin.on_change)
-    orthanc.RegisterRestCallback("/kheops/(.*)", plugin.on_rest)
+    # Printable ASCII only (every route is): the Python plugin answers 500 itself for a URI that
+    # is not UTF-8, before any plugin code runs; left unmatched, Orthanc answers 404.
+    orthanc.RegisterRestCallback("/kheops/([ -~]*)", plugin.on_rest)
     orthanc.ExtendOrthancExplorer(_EXPLORER_JS.read_text(encoding="utf-8"))
     log.warning("plugin loaded; state in %s", config.state_directory)
 
