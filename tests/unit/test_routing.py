@@ -230,3 +230,10 @@ def test_an_unexpected_error_is_a_500_without_its_text() -> None:
     reply = router.reply(Request("GET", "status"))
 
     assert reply.response.status == 500 and b"secret detail" not in reply.body
+
+
+def test_text_utf8_cannot_carry_is_escaped_not_a_crash() -> None:
+    """A rule saved by an older version with a lone surrogate must not make GET /rules a 500."""
+    encoded = Response(200, {"Condition": "x\ud800"}).encoded()
+
+    assert json.loads(encoded) == {"Condition": "x\ud800"}
