@@ -78,8 +78,10 @@ def test_no_request_the_document_describes_or_breaks_gets_a_5xx_or_a_token(
         if 400 <= response.status_code < 500 and response.status_code != 405:
             field = response.json().get("Field")
             assert isinstance(field, str) and field, f"{case.method} {case.path}: {text[:300]}"
-        # The answer is one the document lists, of the shape it gives.
-        case.validate_response(response, checks=_CONFORMANCE)
+        if mode is GenerationMode.POSITIVE:
+            # The answer is one the document lists, of the shape it gives. (Not for negative
+            # cases: Orthanc reads a path step of "\\" or "..." itself, onto another route.)
+            case.validate_response(response, checks=_CONFORMANCE)
 
     request()
 

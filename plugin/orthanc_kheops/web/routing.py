@@ -167,7 +167,7 @@ class Router:
             response = self.handle(request)
             text = response.encoded().decode("utf-8")
         except Exception:
-            log.exception("REST %s /kheops/%s failed", request.method, excerpt(request.path))
+            log.exception("REST %s /kheops/%s failed", request.method, request.path[:80])
             response = Response(
                 500,
                 {"HttpStatus": 500, "Message": "internal error; see Orthanc's log for details"},
