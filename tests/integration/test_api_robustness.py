@@ -215,3 +215,11 @@ def test_the_dry_run_on_an_instance_with_a_malformed_value_answers_with_the_prob
     assert series["Matches"] is False
     assert "BytesLengthException" in series["Error"]
     assert series["Values"]["Rows"].startswith("(unreadable")
+
+
+@pytest.mark.parametrize("value", [{}, [], 3, None])
+def test_a_token_field_of_another_type_is_a_400_naming_it(api: Env, value: object) -> None:
+    response = api.call("POST", "/kheops/rules", json={"Name": "typed", "DestinationToken": value})
+
+    assert response.status_code == 400, response.text
+    assert response.json()["Field"] == "DestinationToken"
