@@ -39,10 +39,13 @@ class KheopsConfig:
     retry_initial: float = 2.0
     retry_maximum: float = 300.0
     maximum_age: float | None = None
+    sent_retention: float | None = 30 * 86400.0
+    storage_recycling: str | None = None
     token_recheck: float = 30.0
     reconcile_interval: float = 60.0
     verify_tls: bool | str = True
     log_level: str = "info"
+    sent_label: bool = False
     # Raw rules hold DestinationToken/SourceToken in clear: keep them out of repr().
     switching_albums: tuple[Mapping[str, Any], ...] = field(default=(), repr=False)
 
@@ -73,10 +76,13 @@ def load_config(
         retry_initial=float(section.get("RetryInitialSeconds", 2)),
         retry_maximum=float(section.get("RetryMaximumSeconds", 300)),
         maximum_age=(section.get("MaximumAgeHours", 0) * 3600) or None,
+        sent_retention=(section.get("SentRetentionDays", 30) * 86400) or None,
+        storage_recycling=_storage_recycling(orthanc_configuration),
         token_recheck=float(section.get("TokenRecheckSeconds", 30)),
         reconcile_interval=float(section.get("ReconcileSeconds", 60)),
         verify_tls=_verify_tls(section.get("VerifyTls", True), config_directory),
         log_level=section.get("LogLevel", "info"),
+        sent_label=section.get("SentLabel", False),
         switching_albums=tuple(section.get("SwitchingAlbums", ())),
     )
 
@@ -89,6 +95,14 @@ def _state_directory(
         return _resolve(Path(explicit), config_directory)
     storage = Path(orthanc.get("StorageDirectory", "OrthancStorage"))
     return _resolve(storage, config_directory) / "kheops"
+
+
+def _storage_recycling(orthanc: Mapping[str, Any]) -> str | None:
+    """Orthanc's recycling settings when they can delete instances, in words; else None."""
+    if orthanc.get("MaximumStorageMode", "Recycle") != "Recycle":
+        return None
+    keys = ("MaximumPatientCount", "MaximumStorageSize")
+    return ", ".join(f"{key} {orthanc[key]}" for key in keys if orthanc.get(key)) or None
 
 
 def _verify_tls(value: bool | str, config_directory: Path) -> bool | str:

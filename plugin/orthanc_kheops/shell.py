@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,18 +22,25 @@ from .observability.audit import audit_line
 from .observability.masking import Redactor, Secret
 from .observability.metrics import MetricsCollector, MetricsPublisher, rule_figures
 from .orthanc_rest import OrthancRest
+from .state.clock import SteadyClock
+from .state.errors import StoreUnavailable
 from .state.outbox import SqliteOutbox
 from .state.rule_store import RuleStore
+from .state.store_health import StoreHealth
 from .switching.rules import Rule, config_rules
 from .switching.sharing import Sharer
+from .web.app_files import ENTRY_PAGE, app_file
 from .web.forwarding_api import ForwardingApi
+from .web.labels import LabelKeeper, LabelThread, OrthancLabels
+from .web.oe2_api import Oe2Api
 from .web.resources_api import ResourcesApi
-from .web.routing import Request, Response, Router
+from .web.routing import HttpError, Request, Response, Router
 from .web.rules_api import RulesApi
 
 log = logging.getLogger("orthanc_kheops")
 
 _EXPLORER_JS = Path(__file__).parent / "web" / "explorer.js"
+_LABEL_SECONDS = 5
 
 # A URI that is not UTF-8 (a lone surrogate, a stray byte) gets a 500 from the Python plugin
 # itself, before any plugin code runs: the route matches well-formed UTF-8 only (in boost's
@@ -78,6 +84,8 @@ class _Plugin:
     def __init__(self, config: KheopsConfig, redactor: Redactor, rules: Sequence[Rule]) -> None:
         self.config = config
         self.redactor = redactor
+        self.clock = SteadyClock()
+        self.store_health = StoreHealth()
         self.outbox = SqliteOutbox(config.state_directory / "outbox.sqlite3")
         session = make_session(pool_size=config.workers + 4, verify=config.verify_tls)
         self.kheops = KheopsClient(
@@ -105,6 +113,8 @@ class _Plugin:
             orthanc=self.orthanc,
             kheops=self.kheops,
             after_store=self.sharer.after_store,
+            clock=self.clock,
+            store_health=self.store_health,
         )
         self.router = Router(redact=redactor.redact)
         rules_api = RulesApi(
@@ -117,28 +127,47 @@ class _Plugin:
             known_secret=redactor.knows,
         )
         rules_api.register(self.router)
-        ForwardingApi(
+        forwarding_api = ForwardingApi(
             config,
             outbox=self.outbox,
             forwarder=self.forwarder,
             orthanc=self.orthanc,
             rules_summary=rules_api.summary,
-        ).register(self.router)
+            clock=self.clock,
+        )
+        forwarding_api.register(self.router)
+        Oe2Api(forwarding_api).register(self.router)
         ResourcesApi(outbox=self.outbox, orthanc=self.orthanc).register(self.router)
         collector = MetricsCollector(
             outbox=self.outbox,
             stats=self.forwarder.stats,
             health=self.forwarder.health,
             rules=lambda: rule_figures(self.sharer.store, self.sharer.failing()),
+            clock=self.clock,  # the forwarder's: the age of the last send is a difference
+            store_health=self.store_health,
         )
         self.metrics = MetricsPublisher(collector.values, _set_metric)
+        labels = OrthancLabels(self.orthanc)
+        keeper = LabelKeeper(outbox=self.outbox, orthanc=labels, sent_label=config.sent_label)
+        self.labels = LabelThread(keeper, labels, interval=_LABEL_SECONDS)
 
     def on_stored_instance(self, dicom: Any, instance_id: str) -> None:
         """Runs under Orthanc's lock: record the instance and return."""
         try:
             self.outbox.enqueue(
-                [(instance_id, dicom.GetInstanceSize())], now=time.time(), requeue=True
+                [(instance_id, dicom.GetInstanceSize())], now=self.clock(), requeue=True
             )
+        except StoreUnavailable as exc:
+            # The change log still has it: the reconciler queues it once writing works again.
+            if self.store_health.failed(
+                f"cannot queue instance {instance_id}: {exc}", self.clock()
+            ):
+                log.error(
+                    "cannot queue instances now (%s); they are queued from Orthanc's change log"
+                    " once the state directory can be written again",
+                    exc,
+                )
+            return
         except Exception:
             # The change log still has it: the reconciler will queue it.
             log.exception("could not queue instance %s now; it will be found later", instance_id)
@@ -146,8 +175,17 @@ class _Plugin:
         self.forwarder.instance_stored()
 
     def on_change(self, change_type: int, level: int, resource_id: str) -> None:
-        if change_type == orthanc.ChangeType.ORTHANC_STARTED:
+        if change_type == orthanc.ChangeType.DELETED and level == orthanc.ResourceType.INSTANCE:
+            try:
+                self.forwarder.instances_deleted([resource_id])
+            except StoreUnavailable as exc:
+                # Its row stays; the worker that reads it finds the 404 and forgets it then.
+                self.store_health.failed(f"cannot note a deleted instance: {exc}", self.clock())
+            except Exception:
+                log.exception("could not take deleted instance %s off the queue", resource_id)
+        elif change_type == orthanc.ChangeType.ORTHANC_STARTED:
             self.metrics.start()  # Orthanc takes metrics only once it has started
+            self.labels.start()
             if self.config.enabled:
                 self.sharer.start()
                 self.forwarder.start()
@@ -161,6 +199,7 @@ class _Plugin:
         elif change_type == orthanc.ChangeType.ORTHANC_STOPPED:
             self.forwarder.stop(timeout=10)
             self.sharer.stop(timeout=10)
+            self.labels.stop(timeout=10)
             self.metrics.stop()
             log.warning("forwarding stopped; unsent instances stay queued")
 
@@ -178,6 +217,24 @@ class _Plugin:
             line = audit_line(call, response)
             if line is not None:
                 log.log(*line)
+
+    def on_app(self, output: Any, uri: str, **request: Any) -> None:
+        """GET /kheops/app/{file}: the web app's files, straight from the package."""
+        if request["method"] != "GET":
+            output.SendMethodNotAllowed("GET")
+            return
+        found = app_file(request["groups"][0])
+        if found is None:
+            missing = HttpError(404, "the app has no such file", field="file").response()
+            _answer(output, missing)
+            return
+        output.SetHttpHeader("Cache-Control", "no-cache")  # a new plugin version shows at once
+        output.AnswerBuffer(found.body, found.content_type)
+
+
+def _to_app(output: Any, uri: str, **request: Any) -> None:
+    """/kheops/app and /kheops/app/ (Orthanc sees them as one URI): a page that opens the app."""
+    output.AnswerBuffer(ENTRY_PAGE, "text/html; charset=utf-8")
 
 
 def _set_metric(name: str, value: float) -> None:
@@ -218,7 +275,12 @@ def install() -> None:
     plugin = _Plugin(config, redactor, rules)
     orthanc.RegisterOnStoredInstanceCallback(plugin.on_stored_instance)
     orthanc.RegisterOnChangeCallback(plugin.on_change)
+    # Orthanc gives a URI to the first pattern that matches it: the app's come first.
+    orthanc.RegisterRestCallback("/kheops/app", _to_app)
+    orthanc.RegisterRestCallback(f"/kheops/app/({_UTF8}*)", plugin.on_app)
     orthanc.RegisterRestCallback(f"/kheops/({_UTF8}*)", plugin.on_rest)
+    if hasattr(orthanc, "SetRootUri"):  # OE2's and Explorer's plugin lists link to the app
+        orthanc.SetRootUri("/kheops/app/index.html")
     orthanc.ExtendOrthancExplorer(_EXPLORER_JS.read_text(encoding="utf-8"))
     log.warning("plugin loaded; state in %s", config.state_directory)
 

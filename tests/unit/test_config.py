@@ -313,3 +313,29 @@ def test_no_error_message_repeats_a_token(section: dict[str, Any], secret: str) 
 )
 def test_a_bad_token_is_explained_without_its_value(section: dict[str, Any], message: str) -> None:
     assert _error(section) == message
+
+
+def test_sent_instances_are_kept_thirty_days_unless_told() -> None:
+    assert _load(_section()).sent_retention == 30 * 86400
+    assert _load(_section(SentRetentionDays=2)).sent_retention == 2 * 86400
+    assert _load(_section(SentRetentionDays=0)).sent_retention is None
+    assert "Kheops.SentRetentionDays" in _error(_section(SentRetentionDays=-1))
+
+
+@pytest.mark.parametrize(
+    ("orthanc", "expected"),
+    [
+        ({}, None),
+        ({"MaximumPatientCount": 0, "MaximumStorageSize": 0}, None),
+        ({"MaximumPatientCount": 5}, "MaximumPatientCount 5"),
+        (
+            {"MaximumPatientCount": 5, "MaximumStorageSize": 100},
+            "MaximumPatientCount 5, MaximumStorageSize 100",
+        ),
+        ({"MaximumStorageSize": 100, "MaximumStorageMode": "Reject"}, None),
+    ],
+)
+def test_storage_recycling_is_known_when_orthanc_may_delete_instances_by_itself(
+    orthanc: dict[str, Any], expected: str | None
+) -> None:
+    assert _load(_section(), **orthanc).storage_recycling == expected

@@ -149,6 +149,7 @@ def test_every_name_is_in_prometheus_style_with_a_unit_or_total() -> None:
         assert base.endswith(("_total", "_seconds", "_sum", "_count", "_instances")) or base in {
             "kheops_token_accepted",
             "kheops_state",
+            "kheops_state_writable",
             "kheops_rule_shares",
             "kheops_rule_failing",
         }, base
@@ -194,7 +195,7 @@ def outbox(tmp_path: Path) -> SqliteOutbox:
 def test_the_collector_reads_the_outbox_and_the_forwarder_state(outbox: SqliteOutbox) -> None:
     outbox.enqueue([("a", 10), ("b", 10), ("c", 10)], now=T0, requeue=True)
     outbox.mark_failed({"c": "292"}, now=T0)
-    claimed = outbox.claim(now=T0, max_count=10, max_bytes=1 << 20)
+    claimed = outbox.claim(now=T0, lease=60, max_count=10, max_bytes=1 << 20)
     outbox.reschedule([Retry(i.orthanc_id, 0.0, "503") for i in claimed], now=T0)
     stats = TransferStats(now=T0)
     stats.record_sent(1, now=T0 + 5)
@@ -299,3 +300,19 @@ def test_stopping_the_publisher_ends_its_thread_at_once() -> None:
     publisher.stop(timeout=10)
 
     assert not thread.is_alive()
+
+
+def test_instances_deleted_before_they_were_sent_and_a_full_disk_show_in_the_metrics() -> None:
+    result = metric_values(
+        queue={"pending": 1, "deleted": 4},
+        retries=0,
+        transfer=TransferSnapshot(started_at=T0),
+        health=snapshot(State.SENDING),
+        rules=[],
+        now=T0,
+        store_writable=False,
+    )
+
+    assert result["kheops_instances_deleted_unsent_total"] == 4
+    assert result["kheops_state_writable"] == 0
+    assert values()["kheops_state_writable"] == 1

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import pytest
 
+from orthanc_kheops.state.errors import StoreUnavailable
 from orthanc_kheops.web.routing import (
     MAXIMUM_BODY_BYTES,
     HttpError,
@@ -172,6 +173,20 @@ def test_a_state_that_cannot_be_written_is_a_503_with_the_cause() -> None:
     assert response.status == 503
     assert isinstance(response.body, dict)
     assert "database or disk is full" in str(response.body["Message"])
+
+
+def test_a_store_that_is_unavailable_is_a_503_whatever_the_back_end() -> None:
+    def handler(request: Request, groups: Sequence[str]) -> Response:
+        raise StoreUnavailable("database or disk is full")
+
+    router = Router()
+    router.add("POST", "send", handler)
+
+    response = router.handle(Request("POST", "send", body=b"{}"))
+
+    assert response.status == 503
+    assert isinstance(response.body, dict)
+    assert "cannot be written now" in str(response.body["Message"])
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from ..observability.masking import excerpt
+from ..state.errors import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -151,11 +152,11 @@ class Router:
                 return handler(request, match.groups())
             except HttpError as error:
                 return error.response()
-            except sqlite3.Error as exc:
+            except (sqlite3.Error, StoreUnavailable) as exc:
                 log.error("the plugin's state cannot be read or written: %s", exc)
                 return HttpError(
                     503,
-                    f"the plugin's state cannot be read or written ({exc}); nothing was"
+                    f"the plugin's state cannot be written now ({exc}); nothing was"
                     " changed, try again once the state directory is writable",
                 ).response()
         shown = request.path if len(request.path) <= 80 else f"{request.path[:80]}…"
