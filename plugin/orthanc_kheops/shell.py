@@ -36,13 +36,22 @@ from .web.forwarding_api import ForwardingApi
 from .web.labels import LabelKeeper, LabelThread, OrthancLabels
 from .web.oe2_api import Oe2Api
 from .web.resources_api import ResourcesApi
-from .web.routing import HttpError, Reply, Request, Router
+from .web.routing import HttpError, Request, Response, Router
 from .web.rules_api import RulesApi
 
 log = logging.getLogger("orthanc_kheops")
 
 _EXPLORER_JS = Path(__file__).parent / "web" / "explorer.js"
 _LABEL_SECONDS = 5
+
+# A URI that is not UTF-8 (a lone surrogate, a stray byte) gets a 500 from the Python plugin
+# itself, before any plugin code runs: the route matches well-formed UTF-8 only (in boost's
+# byte escapes), and Orthanc answers 404 to the rest.
+_UTF8 = (
+    r"(?:[\x01-\x7f]|[\xc2-\xdf][\x80-\xbf]|\xe0[\xa0-\xbf][\x80-\xbf]"
+    r"|[\xe1-\xec\xee\xef][\x80-\xbf]{2}|\xed[\x80-\x9f][\x80-\xbf]"
+    r"|\xf0[\x90-\xbf][\x80-\xbf]{2}|[\xf1-\xf3][\x80-\xbf]{3}|\xf4[\x80-\x8f][\x80-\xbf]{2})"
+)
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -203,9 +212,8 @@ class _Plugin:
             query=dict(request.get("get") or {}),
             body=request.get("body") or b"",
         )
-        reply = self.router.reply(call)  # never raises: every error is an answer
-        response = reply.response
-        _answer(output, reply)
+        response = self.router.reply(call)  # never raises: every error is an answer
+        _answer(output, response)
         if call.method != "GET":
             self.metrics.wake()
             line = audit_line(call, response)
@@ -220,7 +228,7 @@ class _Plugin:
         found = app_file(request["groups"][0])
         if found is None:
             missing = HttpError(404, "the app has no such file", field="file").response()
-            _answer(output, Reply(missing, missing.encoded()))
+            _answer(output, missing)
             return
         output.SetHttpHeader("Cache-Control", "no-cache")  # a new plugin version shows at once
         output.AnswerBuffer(found.body, found.content_type)
@@ -235,11 +243,11 @@ def _set_metric(name: str, value: float) -> None:
     orthanc.SetMetricsValue(name, value, orthanc.MetricsType.DEFAULT)
 
 
-def _answer(output: Any, reply: Reply) -> None:
-    response, body = reply.response, reply.body
+def _answer(output: Any, response: Response) -> None:
     if response.status == 405:
         output.SendMethodNotAllowed(",".join(response.allowed))
         return
+    body = response.encoded()
     if response.status == 200:
         output.AnswerBuffer(body, "application/json")
         return
@@ -276,8 +284,8 @@ def install() -> None:
     orthanc.RegisterOnChangeCallback(plugin.on_change)
     # Orthanc gives a URI to the first pattern that matches it: the app's come first.
     orthanc.RegisterRestCallback("/kheops/app", _to_app)
-    orthanc.RegisterRestCallback("/kheops/app/(.*)", plugin.on_app)
-    orthanc.RegisterRestCallback("/kheops/(.*)", plugin.on_rest)
+    orthanc.RegisterRestCallback(f"/kheops/app/({_UTF8}*)", plugin.on_app)
+    orthanc.RegisterRestCallback(f"/kheops/({_UTF8}*)", plugin.on_rest)
     if hasattr(orthanc, "SetRootUri"):  # OE2's and Explorer's plugin lists link to the app
         orthanc.SetRootUri("/kheops/app/index.html")
     orthanc.ExtendOrthancExplorer(_EXPLORER_JS.read_text(encoding="utf-8"))

@@ -3,8 +3,9 @@ is explained: a real Orthanc with the plugin, and the KHEOPS test server."""
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -104,19 +105,19 @@ def test_a_configuration_rule_changed_at_start_does_not_share_what_it_no_longer_
 
 
 def _crafted(study: str, series: str, modality: str = "CT") -> bytes:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # pydicom warns about the invalid UI value
-        return to_bytes(
-            make_dataset(
-                patient_id="P-SWITCH",
-                patient_name="SWITCH^ONE",
-                study_uid=study,
-                series_uid=series,
-                modality=modality,
-            )
+    return to_bytes(
+        make_dataset(
+            patient_id="P-SWITCH",
+            patient_name="SWITCH^ONE",
+            study_uid=study,
+            series_uid=series,
+            modality=modality,
         )
+    )
 
 
+# pydicom, here and in the KHEOPS test server, warns about the invalid UI values.
+@pytest.mark.filterwarnings("ignore:.*Invalid value for VR UI")
 def test_a_crafted_uid_shares_nothing_but_what_matches_and_fails_with_the_reason(
     env: Env, start: Callable[..., OrthancProcess]
 ) -> None:
@@ -154,3 +155,51 @@ def test_a_source_token_stripped_of_send_marks_the_rule_failing_naming_the_reaso
     env.await_shared("r", 1)
     assert env.kheops.album_series(album) == {(study, series)}
     wait_until(lambda: env.rule("r")["State"] == "active")
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MB file system for the plugin's state, to fill up (a tmpfs: needs root)."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
+        capture_output=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode(errors='replace')[:200]}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _fill(folder: Path) -> Path:
+    filler = folder / "filler"
+    with filler.open("wb") as out:
+        try:
+            while True:
+                out.write(b"\0" * 65536)
+                out.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def test_a_rule_saved_while_the_disk_is_full_is_a_503_with_the_cause_and_nothing_is_saved(
+    small_disk: Path, env: Env, start: Callable[..., OrthancProcess]
+) -> None:
+    token = env.album()[1]
+    start(StateDirectory=str(small_disk / "state"))
+    filler = _fill(small_disk)
+
+    full = env.call("POST", "/kheops/rules", json={"Name": "full", "DestinationToken": token})
+    listed = env.call("GET", "/kheops/rules")
+    filler.unlink()
+    saved = env.call("POST", "/kheops/rules", json={"Name": "full", "DestinationToken": token})
+
+    assert full.status_code == 503, full.text
+    assert "disk is full" in full.json()["Message"]
+    assert listed.status_code == 200 and listed.json() == []
+    assert saved.status_code == 201, saved.text
