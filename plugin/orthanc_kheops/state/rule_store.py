@@ -16,7 +16,7 @@ condition text the series matched, a digest of the destination token, the Orthan
 instance that matched). Saving a rule with another destination drops its pending rows; the share
 worker re-evaluates a row whose condition is not the rule's any more (see `Sharer`).
 
-Schema versions: 1 had no decision columns; `_migrate` brings a version 1 file to 2, whose
+Schema versions: 1 had no decision columns; `_v1_to_v2` brings a version 1 file to 2, whose
 pending rows then have no decision and are re-evaluated or dropped, never shared on trust.
 """
 
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .state_file import StateFile
+from .state_file import Migration, StateFile
 
 SCHEMA_VERSION = 2
 SHARE_STATES = ("pending", "shared", "failed")
@@ -67,14 +67,15 @@ CREATE TABLE IF NOT EXISTS shares (
 );
 CREATE INDEX IF NOT EXISTS shares_due ON shares (state, next_attempt);
 """
-_MIGRATIONS = {
-    # version reached: the statements that reach it from the one before
-    2: (
-        "ALTER TABLE shares ADD COLUMN condition TEXT",
-        "ALTER TABLE shares ADD COLUMN destination TEXT",
-        "ALTER TABLE shares ADD COLUMN instance_id TEXT",
-    ),
-}
+
+
+def _v1_to_v2(db: sqlite3.Connection) -> None:
+    """Version 2 records what each share job was decided under; version 1 jobs have none."""
+    for column in ("condition", "destination", "instance_id"):
+        db.execute(f"ALTER TABLE shares ADD COLUMN {column} TEXT")
+
+
+_MIGRATIONS: dict[int, Migration] = {1: _v1_to_v2}
 
 
 @dataclass(frozen=True)
@@ -138,8 +139,9 @@ class RuleStore:
     """Rules and share jobs in their own state file (see `StateFile`), owner-only: it holds tokens."""
 
     def __init__(self, path: Path) -> None:
-        _migrate(path)
-        self._file = StateFile(path, schema=_SCHEMA, version=SCHEMA_VERSION, private=True)
+        self._file = StateFile(
+            path, schema=_SCHEMA, version=SCHEMA_VERSION, migrations=_MIGRATIONS, private=True
+        )
 
     # -- rules ---------------------------------------------------------------------------
 
@@ -495,33 +497,6 @@ def _row(key: ShareKey, decision: Decision, now: float) -> tuple[object, ...]:
         decision.destination,
         decision.instance_id,
     )
-
-
-def _migrate(path: Path) -> None:
-    """Bring an existing file of an older schema version to SCHEMA_VERSION, one step at a time."""
-    if not path.exists() or path.stat().st_size == 0:
-        return
-    db = sqlite3.connect(path, isolation_level=None)
-    try:
-        has_meta = db.execute(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
-        ).fetchone()
-        row = (
-            has_meta
-            and db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        )
-        version = json.loads(row[0]) if row else None
-        while isinstance(version, int) and version in range(1, SCHEMA_VERSION):
-            version += 1
-            db.execute("BEGIN IMMEDIATE")
-            for statement in _MIGRATIONS[version]:
-                db.execute(statement)
-            db.execute(
-                "UPDATE meta SET value = ? WHERE key = 'schema_version'", (json.dumps(version),)
-            )
-            db.execute("COMMIT")
-    finally:
-        db.close()
 
 
 def _job(row: sqlite3.Row) -> ShareJob:
