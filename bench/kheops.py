@@ -1,12 +1,11 @@
-"""The KHEOPS test server in its own process, steered through its /_test control API.
+"""The benchmark's KHEOPS (bench/sink.py) in its own process, steered through /_test routes.
 
 A separate process, so that its GIL is shared neither with the bench's clients nor with the
-plugin: on two cores, one Python process parsing every STOW part is the sink.
+plugin: on two cores, one Python process reading every STOW part's header is the sink.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -17,16 +16,16 @@ from typing import Any, Self
 
 import requests
 
+from bench.sink import LISTENING
 from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 ALBUM = "BenchAlbum01"
 TOKEN = "BenchMainAlbumToken001"
-_LISTENING = "KHEOPS test server listening on "
 
 
 class KheopsProcess:
-    """`python -m tests.kheops_server` with one album and its write token."""
+    """`python -m bench.sink` with one album and its write token."""
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
@@ -36,18 +35,9 @@ class KheopsProcess:
 
     def start(self, timeout: float = 30) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        seed = self.workdir / "seed.json"
-        seed.write_text(
-            json.dumps(
-                {
-                    "albums": [ALBUM],
-                    "tokens": [{"token": TOKEN, "album_id": ALBUM, "scope": ["read", "write"]}],
-                }
-            )
-        )
         log = (self.workdir / "kheops.log").open("ab")
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "tests.kheops_server", "--port", "0", "--seed", str(seed)],
+            [sys.executable, "-m", "bench.sink", "--album", ALBUM, "--token", TOKEN],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=log,
@@ -60,9 +50,9 @@ class KheopsProcess:
         while time.monotonic() < deadline:
             line = self._process.stdout.readline()
             if not line:
-                raise RuntimeError(f"the KHEOPS test server exited; see {self.workdir}/kheops.log")
-            if line.startswith(_LISTENING):
-                self.url = line[len(_LISTENING) :].strip()
+                raise RuntimeError(f"the KHEOPS sink exited; see {self.workdir}/kheops.log")
+            if line.startswith(LISTENING):
+                self.url = line[len(LISTENING) :].strip()
                 break
         wait_until(lambda: self._control("GET", "health").ok, timeout=timeout)
 
