@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -22,6 +23,21 @@ from tests.waiting import wait_until
 ROOT = Path(__file__).resolve().parent.parent
 ALBUM = "BenchAlbum01"
 TOKEN = "BenchMainAlbumToken001"
+
+
+@dataclass(frozen=True)
+class Window:
+    """When the accepted STOW-RS requests of a run began and ended, on the monotonic clock
+    that the bench and the sink share: a run is timed by what the sink saw, not by polling."""
+
+    first_started: float
+    first_ended: float  # the first instance stored
+    last_ended: float  # the last instance stored
+    parts: tuple[int, ...]
+
+    @property
+    def seconds(self) -> float:
+        return self.last_ended - self.first_started
 
 
 class KheopsProcess:
@@ -117,6 +133,26 @@ class KheopsProcess:
             and entry["path"] == "/api/studies"
             and entry["status"] == 200
         ]
+
+    def stow_window(self) -> Window:
+        """The accepted STOW-RS requests since the last clear, timed on the sink's clock."""
+        response = self._control("GET", "requests?full=1")
+        response.raise_for_status()
+        accepted = [
+            entry
+            for entry in response.json()["requests"]
+            if entry["method"] == "POST"
+            and entry["path"] == "/api/studies"
+            and entry["status"] in (200, 202)
+        ]
+        if not accepted:
+            return Window(0.0, 0.0, 0.0, ())
+        return Window(
+            first_started=min(float(e["started"]) for e in accepted),
+            first_ended=min(float(e["ended"]) for e in accepted),
+            last_ended=max(float(e["ended"]) for e in accepted),
+            parts=tuple(int(e["part_count"]) for e in accepted),
+        )
 
     def clear_requests(self) -> None:
         self._control("DELETE", "requests").raise_for_status()

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import requests
@@ -32,6 +32,7 @@ VARIANTS = (
     "thread-get-changes",
     "thread-dicom-for-instance",
     "thread-put-metadata",
+    "thread-modify",
     "thread-store",
     "thread-delete",
     "get-in-store-callback",
@@ -54,13 +55,15 @@ def run_variant(variant: str, files: Sequence[Path], python_plugin: Path) -> tup
     orthanc.start()
     half = len(files) // 2
     began = time.monotonic()
-    pool = ThreadPoolExecutor(max_workers=5)
+    pool = ThreadPoolExecutor(max_workers=6)
     try:
         uploads = [pool.submit(_upload, orthanc, list(files[i:half:4])) for i in range(4)]
         dimse = pool.submit(orthanc.storescu, list(files[half:]), timeout=_STALL * 3)
+        polls = pool.submit(_poll, orthanc, [*uploads, dimse])
         for future in uploads:
             future.result()
         dimse.result()
+        polls.result()
         counts = orthanc.get("/sdk-threads/counts", timeout=_STALL).json()
     except (requests.Timeout, subprocess.TimeoutExpired, TimeoutError) as exc:
         stalled = time.monotonic() - began
@@ -79,6 +82,13 @@ def run_variant(variant: str, files: Sequence[Path], python_plugin: Path) -> tup
         f"{counts['stored']} stored, {counts['calls']} SDK calls returned,"
         f" {counts['errors']} raised, in {seconds:.1f} s"
     )
+
+
+def _poll(orthanc: OrthancProcess, stores: Sequence[Future[None]]) -> None:
+    """Call the plugin's REST route all along: Orthanc's HTTP threads take the GIL too."""
+    while not all(future.done() for future in stores):
+        orthanc.get("/sdk-threads/counts", timeout=_STALL).raise_for_status()
+        time.sleep(0.02)
 
 
 def _upload(orthanc: OrthancProcess, files: Sequence[Path]) -> None:

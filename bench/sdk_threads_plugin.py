@@ -51,6 +51,9 @@ def one_call(instance_id: str) -> None:
         orthanc.GetDicomForInstance(instance_id)
     elif VARIANT == "thread-put-metadata":
         orthanc.RestApiPut(f"/instances/{instance_id}/metadata/1025", b"x")
+    elif VARIANT == "thread-modify":
+        body = json.dumps({"Replace": {"PatientName": "COPY"}, "Force": True}).encode()
+        orthanc.RestApiPost(f"/instances/{instance_id}/modify", body)
     elif VARIANT == "thread-store":
         body = json.dumps({"Replace": {"PatientName": "COPY"}, "Force": True}).encode()
         orthanc.RestApiPost(

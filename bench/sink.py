@@ -39,10 +39,14 @@ _UNREADABLE = 0xC000
 
 @dataclass
 class Recorded:
+    """One request; `started` and `ended` are this machine's monotonic clock, as the bench's."""
+
     method: str
     path: str
     status: int
     part_count: int
+    started: float = 0.0
+    ended: float = 0.0
 
 
 @dataclass
@@ -139,6 +143,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         state: SinkState = self.server.state  # type: ignore[attr-defined]
+        self._started = time.monotonic()
         url = urlsplit(self.path)
         if url.path.startswith("/_test/"):
             self._control(state, url.path[len("/_test/") :], url.query)
@@ -164,11 +169,14 @@ class _Handler(BaseHTTPRequestHandler):
             self._drain_body()
             self._answer(404, {"message": f"no route {self.command} {url.path}"})
         with state.lock:
-            state.requests.append(Recorded(self.command, url.path, self._status, 0))
+            state.requests.append(
+                Recorded(self.command, url.path, self._status, 0, self._started, time.monotonic())
+            )
 
     do_POST = do_PUT = do_DELETE = do_GET
 
     _status = 0
+    _started = 0.0
 
     # --- bodies ------------------------------------------------------------------------------
 
@@ -219,7 +227,9 @@ class _Handler(BaseHTTPRequestHandler):
             status = 401 if not authorized else 400
             self._answer(status, {"message": "token refused" if not authorized else "no boundary"})
             with state.lock:
-                state.requests.append(Recorded("POST", "/api/studies", status, 0))
+                state.requests.append(
+                    Recorded("POST", "/api/studies", status, 0, self._started, time.monotonic())
+                )
             return
         stored: list[tuple[str, str]] = []
         unreadable = 0
@@ -238,6 +248,7 @@ class _Handler(BaseHTTPRequestHandler):
         with state.lock:
             state.stores += len(stored)
             state.instances.update(uid for _, uid in stored)
+            ended = time.monotonic()
         answer: dict[str, Any] = {}
         if stored:
             answer["00081199"] = {
@@ -258,7 +269,9 @@ class _Handler(BaseHTTPRequestHandler):
         status = 200 if stored and not unreadable else 202 if stored else 409
         self._answer(status, answer, "application/dicom+json")
         with state.lock:
-            state.requests.append(Recorded("POST", "/api/studies", status, splitter.parts))
+            state.requests.append(
+                Recorded("POST", "/api/studies", status, splitter.parts, self._started, ended)
+            )
 
     # --- control -----------------------------------------------------------------------------
 
@@ -282,6 +295,8 @@ class _Handler(BaseHTTPRequestHandler):
                             "path": r.path,
                             "status": r.status,
                             "part_count": r.part_count,
+                            "started": r.started,
+                            "ended": r.ended,
                         }
                         for r in state.requests
                     ]
