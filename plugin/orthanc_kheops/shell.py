@@ -22,7 +22,7 @@ from .kheops.client import KheopsClient, make_session
 from .observability.audit import audit_line
 from .observability.masking import Redactor, Secret
 from .observability.metrics import MetricsCollector, MetricsPublisher, rule_figures
-from .orthanc_rest import OrthancRest
+from .orthanc_rest import OrthancNotFound, OrthancRest, OrthancUnavailable
 from .state.outbox import SqliteOutbox
 from .state.rule_store import RuleStore
 from .switching.rules import Rule, config_rules
@@ -81,6 +81,8 @@ class _Plugin:
             config.orthanc_url,
             authorization=Secret(orthanc.GenerateRestApiAuthorizationToken()),
             pool_size=config.workers + 4,
+            reader=_read_dicom,
+            reader_max_bytes=None if _allows_threads() else _GIL_READ_MAX_BYTES,
         )
         self.sharer = Sharer(
             config,
@@ -96,6 +98,7 @@ class _Plugin:
             orthanc=self.orthanc,
             kheops=self.kheops,
             after_store=self.sharer.after_store,
+            header_needed=lambda: any(rule.enabled for rule in list(self.sharer.rules.values())),
         )
         self.router = Router()
         rules_api = RulesApi(
@@ -172,6 +175,29 @@ class _Plugin:
             line = audit_line(call, response)
             if line is not None:
                 log.log(*line)
+
+
+# Without Python.AllowThreads the GIL is held while Orthanc reads a file for GetDicomForInstance,
+# and store callbacks wait for it: about 0.1 ms for 1 MB. Larger files go over loopback.
+_GIL_READ_MAX_BYTES = 1 << 20
+_UNKNOWN_RESOURCE = 17  # OrthancPluginErrorCode_UnknownResource
+
+
+def _allows_threads() -> bool:
+    """Python.AllowThreads (python plugin 4.3+): SDK calls release the GIL."""
+    python = json.loads(orthanc.GetConfiguration()).get("Python")
+    return isinstance(python, dict) and python.get("AllowThreads") is True
+
+
+def _read_dicom(orthanc_id: str) -> bytes:
+    """An instance's file, in-process: safe from worker threads, as it writes nothing."""
+    try:
+        return orthanc.GetDicomForInstance(orthanc_id)
+    except orthanc.OrthancException as exc:
+        code = exc.args[0] if exc.args else None
+        if code == _UNKNOWN_RESOURCE:
+            raise OrthancNotFound(f"Orthanc has no instance {orthanc_id}") from exc
+        raise OrthancUnavailable(f"Orthanc could not read instance {orthanc_id}: {exc}") from exc
 
 
 def _set_metric(name: str, value: float) -> None:

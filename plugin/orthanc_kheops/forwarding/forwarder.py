@@ -33,6 +33,7 @@ from ..kheops.stow import Judgement, StowAnswer, Verdict, judge
 from ..observability.stats import TransferStats
 from ..orthanc_rest import OrthancError, OrthancNotFound, OrthancRest
 from ..state.outbox import Outbox, QueuedInstance, Retry
+from .file_meta import sop_instance_uid
 from .health import Health, State, Turn
 
 log = logging.getLogger(__name__)
@@ -62,8 +63,11 @@ AfterStore = Callable[[Sequence[SentInstance]], None]
 class _Loaded:
     item: QueuedInstance
     data: bytes
-    dataset: pydicom.Dataset
+    dataset: pydicom.Dataset | None  # None: not parsed, as no rule could read it
     sop_uid: str
+
+
+_UNREADABLE = (InvalidDicomError, AttributeError, ValueError, EOFError)
 
 
 class Forwarder:
@@ -75,9 +79,13 @@ class Forwarder:
         orthanc: OrthancRest,
         kheops: KheopsApi,
         after_store: AfterStore | None = None,
+        header_needed: Callable[[], bool] = lambda: True,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """`header_needed` says whether some rule could read the header `after_store` gets:
+        when none could, only the file meta is read (for the SOP Instance UID)."""
         self._config = config
+        self._header_needed = header_needed
         self._outbox = outbox
         self._orthanc = orthanc
         self._kheops = kheops
@@ -250,19 +258,22 @@ class Forwarder:
         later: list[Retry] = []
         for item in batch:
             try:
-                data = self._orthanc.read_file(item.orthanc_id)
+                data = self._orthanc.read_file(item.orthanc_id, size=item.size)
             except OrthancNotFound:
                 failed[item.orthanc_id] = "deleted from Orthanc before it could be sent"
                 continue
             except OrthancError as exc:
                 later.append(Retry(item.orthanc_id, 1.0, str(exc), counts_as_attempt=False))
                 continue
-            try:
-                dataset = pydicom.dcmread(BytesIO(data), stop_before_pixels=True)
-                sop_uid = str(dataset.SOPInstanceUID)
-            except (InvalidDicomError, AttributeError, ValueError, EOFError) as exc:
-                failed[item.orthanc_id] = f"Orthanc's file cannot be read as DICOM: {exc}"
-                continue
+            dataset = None
+            sop_uid = None if self._header_needed() else sop_instance_uid(data)
+            if sop_uid is None:
+                try:
+                    dataset = pydicom.dcmread(BytesIO(data), stop_before_pixels=True)
+                    sop_uid = str(dataset.SOPInstanceUID)
+                except _UNREADABLE as exc:
+                    failed[item.orthanc_id] = f"Orthanc's file cannot be read as DICOM: {exc}"
+                    continue
             loaded.append(_Loaded(item=item, data=data, dataset=dataset, sop_uid=sop_uid))
         now = self._clock()
         if failed:
@@ -363,21 +374,29 @@ class Forwarder:
         without harm, and never a share. If `after_store` fails, the instances are
         retried as if the upload had failed, and handed on again after it.
         """
-        if self._after_store is None:
+        # No enabled rule now: none was in force when KHEOPS confirmed these, nothing to share.
+        if self._after_store is None or not self._header_needed():
             return True
-        try:
-            self._after_store(
-                [
-                    SentInstance(
-                        orthanc_id=x.item.orthanc_id,
-                        sop_uid=x.sop_uid,
-                        study_uid=str(x.dataset.get("StudyInstanceUID", "")),
-                        series_uid=str(x.dataset.get("SeriesInstanceUID", "")),
-                        dataset=x.dataset,
-                    )
-                    for x in sent
-                ]
+        instances = []
+        for x in sent:
+            try:
+                dataset = x.dataset
+                if dataset is None:
+                    dataset = pydicom.dcmread(BytesIO(x.data), stop_before_pixels=True)
+            except _UNREADABLE as exc:
+                log.warning("instance %s: header unreadable, no rule applies: %s", x.sop_uid, exc)
+                continue
+            instances.append(
+                SentInstance(
+                    orthanc_id=x.item.orthanc_id,
+                    sop_uid=x.sop_uid,
+                    study_uid=str(dataset.get("StudyInstanceUID", "")),
+                    series_uid=str(dataset.get("SeriesInstanceUID", "")),
+                    dataset=dataset,
+                )
             )
+        try:
+            self._after_store(instances)
         except Exception as exc:
             log.exception("could not record the shares of %d stored instances", len(sent))
             self._retry_all([x.item for x in sent], f"could not record its shares: {exc}")
