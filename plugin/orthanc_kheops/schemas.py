@@ -19,6 +19,8 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 from referencing import Registry, Resource
 
+from .observability.masking import mask_credentials
+
 SCHEMA_DIRECTORY = Path(__file__).resolve().parent.parent.parent / "config"
 _SECRET_KEYS = frozenset({"Token", "DestinationToken", "SourceToken"})
 
@@ -89,7 +91,7 @@ def _describe(error: ValidationError, root: str) -> tuple[str, str]:
     if isinstance(message, str) and error.validator in ("pattern", "format"):
         # Not str.format: a message may hold other braces ("${...}"), and a secret's value
         # must not be substituted.
-        shown = "(hidden)" if secret else repr(error.instance)
+        shown = "(hidden)" if secret else repr(_shown(error.instance))
         return field_path(root, path), message.replace("{value!r}", shown)
     if secret:
         return field_path(root, path), _secret_safe(error)
@@ -139,5 +141,10 @@ def _plain(error: ValidationError) -> str:
         case "minLength":
             return "must not be empty"
         case "pattern":
-            return f"{value!r} does not match {error.validator_value!r}"
-    return str(error.message)
+            return f"{_shown(value)!r} does not match {error.validator_value!r}"
+    return mask_credentials(str(error.message))
+
+
+def _shown(value: object) -> object:
+    """A value as a message may repeat it: a password in a URL masked."""
+    return mask_credentials(value) if isinstance(value, str) else value

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 
 import orthanc
 
-from .config import SECTION, ConfigError, KheopsConfig, load_config
+from .config import SECTION, ConfigError, KheopsConfig, check_environment, load_config
 from .forwarding.forwarder import Forwarder
 from .kheops.client import KheopsClient, make_session
 from .observability.audit import audit_line
@@ -225,10 +226,13 @@ def install() -> None:
         return
     try:
         config = load_config(configuration, config_directory=_config_directory())
+        check_environment(config, configuration)
         rules = config_rules(config)
     except ConfigError as exc:
         orthanc.LogError(f"KHEOPS: invalid configuration: {exc}")
-        raise
+        # Orthanc must refuse to start, with the line above and no traceback of ours.
+        sys.tracebacklimit = 0
+        raise ConfigError("the Kheops section is invalid (see the line above)") from None
     redactor = Redactor([config.token])
     handler = _OrthancLogHandler(redactor)
     handler.setFormatter(logging.Formatter("%(message)s"))

@@ -20,7 +20,7 @@ import pydicom
 import pytest
 
 from orthanc_kheops.config import KheopsConfig
-from orthanc_kheops.forwarding import forwarder as forwarder_module
+from orthanc_kheops.forwarding import files as files_module
 from orthanc_kheops.forwarding.forwarder import AfterStore, Forwarder, SentInstance, token_problem
 from orthanc_kheops.forwarding.health import State
 from orthanc_kheops.kheops.client import (
@@ -199,6 +199,7 @@ class FakeOrthanc(OrthancRest):
         self.last_change_error: Exception | None = None
         self.last_change_calls = 0
         self.pages_read: list[int] = []
+        self.api_error: OrthancUnavailable | None = None  # check_api raises it when set
 
     def fail_reads(self, orthanc_id: str, *errors: Exception) -> None:
         with self._lock:
@@ -215,6 +216,10 @@ class FakeOrthanc(OrthancRest):
         if data is None:
             raise OrthancNotFound(f"Orthanc REST /instances/{orthanc_id}/file: not found")
         return data
+
+    def check_api(self) -> None:
+        if self.api_error is not None:
+            raise self.api_error
 
     def last_change(self) -> int:
         with self._lock:
@@ -477,7 +482,7 @@ def test_without_a_rule_that_reads_headers_only_the_file_meta_is_read_and_nothin
             parsed.append(args)
             return pydicom.dcmread(*args, **kwargs)
 
-    monkeypatch.setattr(forwarder_module, "pydicom", CountingPydicom)
+    monkeypatch.setattr(files_module, "pydicom", CountingPydicom)
     rig = make_rig(header_needed=lambda: False)
     rig.kheops.then = store_all
     rig.add(1, 2)
@@ -526,7 +531,7 @@ def test_instance_refused_with_292_is_failed_while_the_rest_are_sent(make_rig: R
     rig.await_counts("verdicts recorded", sent=2, failed=1)
     assert rig.states(1, 2, 3) == {1: "sent", 2: "failed", 3: "sent"}
     reason = rig.row(2).last_error or ""
-    assert "not authorized (292)" in reason
+    assert "not authorized (292, 0x0124)" in reason
     assert rig.row(2).attempts == 1
     assert {s.orthanc_id for s in rig.after_store} == {orthanc_id(1), orthanc_id(3)}
     assert rig.forwarder.health.snapshot().last_error == reason
@@ -600,7 +605,7 @@ def test_a_file_that_is_not_dicom_is_failed(make_rig: RigFactory) -> None:
     started(rig)
 
     rig.await_counts("failed", failed=1)
-    assert "cannot be read as DICOM" in (rig.row(1).last_error or "")
+    assert "not a DICOM file" in (rig.row(1).last_error or "")
     assert rig.kheops.requests == []
 
 
@@ -618,7 +623,7 @@ def test_orthanc_busy_is_retried_without_counting_an_attempt(make_rig: RigFactor
     )
     assert rig.row(1).attempts == 0
 
-    rig.move_clock(1)
+    rig.move_clock(2)
 
     rig.await_counts("sent", sent=1)
     assert rig.row(1).attempts == 1

@@ -14,26 +14,26 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from io import BytesIO
 
 import pydicom
-from pydicom.errors import InvalidDicomError
 
 from ..config import KheopsConfig
 from ..kheops.backoff import next_delay
 from ..kheops.client import (
     Introspection,
     KheopsApi,
+    KheopsBadAnswer,
     KheopsError,
+    KheopsRedirected,
     KheopsRejected,
     KheopsUnauthorized,
     KheopsUnavailable,
 )
-from ..kheops.stow import Judgement, StowAnswer, Verdict, judge
+from ..kheops.stow import UNKNOWN_REASON_ATTEMPTS, Judgement, StowAnswer, Verdict, judge
 from ..observability.stats import TransferStats
 from ..orthanc_rest import OrthancError, OrthancNotFound, OrthancRest
 from ..state.outbox import Outbox, QueuedInstance, Retry
-from .file_meta import sop_instance_uid
+from .files import PreparedFile, UnreadableFile, prepare
 from .health import Health, State, Turn
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,10 @@ _THROUGHPUT_WINDOW = 60.0
 # A STOW-RS answer that says the URL is wrong, not the instances: no instance is to blame.
 _WRONG_ENDPOINT = frozenset({404, 405})
 _WRONG_ENDPOINT_WHY = "KHEOPS has no STOW-RS endpoint at this URL (check Kheops.Url)"
+_REDIRECT_WHY = "Kheops.Url redirects, and the plugin does not follow redirects"
+_NOT_AUTHORIZED = 0x0124
 _IDLE_POLL = 1.0
+_ORTHANC_RETRY = 2.0  # seconds between reads while Orthanc's own REST API fails
 
 
 @dataclass(frozen=True)
@@ -62,12 +65,15 @@ AfterStore = Callable[[Sequence[SentInstance]], None]
 @dataclass(frozen=True)
 class _Loaded:
     item: QueuedInstance
-    data: bytes
-    dataset: pydicom.Dataset | None  # None: not parsed, as no rule could read it
-    sop_uid: str
+    file: PreparedFile  # its dataset is None when no rule could read it
 
+    @property
+    def sop_uid(self) -> str:
+        return self.file.sop_uid
 
-_UNREADABLE = (InvalidDicomError, AttributeError, ValueError, EOFError)
+    @property
+    def data(self) -> bytes:
+        return self.file.data
 
 
 class Forwarder:
@@ -91,7 +97,7 @@ class Forwarder:
         self._kheops = kheops
         self._after_store = after_store
         self._clock = clock
-        self.health = Health(now=clock(), probe_maximum=min(config.retry_maximum, 30.0))
+        self.health = Health(now=clock(), probe_maximum=config.retry_maximum)
         self.introspection: Introspection | None = None
         self.stats = TransferStats(now=clock())
         self._stopping = threading.Event()
@@ -101,6 +107,7 @@ class Forwarder:
         self._inflight = 0
         self._stored_since_claim = 0
         self._idle_on_empty_queue = False
+        self._reconcile_failed = False
         self._sent_log: collections.deque[tuple[float, int, int]] = collections.deque()
 
     # -- lifecycle ---------------------------------------------------------
@@ -186,9 +193,15 @@ class Forwarder:
         with self._lock:
             self._stored_since_claim = 0
         if turn is Turn.PROBE:
-            # The oldest waiting instance, even before its backoff ends, and only one: a
-            # probe that fails costs one instance an attempt and sends one file for nothing.
+            # First one small request; once KHEOPS answers it, the oldest waiting instance
+            # alone, even before its backoff ends, to learn whether KHEOPS takes instances
+            # again (its PACS may still be down) before every worker sends.
+            if not self._probe_with_introspection():
+                return
             batch = self._outbox.claim(now=float("inf"), max_count=1, max_bytes=0)
+            if not batch:
+                self._recovered(self._clock())
+                return
         else:
             batch = self._outbox.claim(
                 now=self._clock(),
@@ -197,10 +210,7 @@ class Forwarder:
                 linger=self._config.batch_linger,
             )
         if not batch:
-            if turn is Turn.PROBE:
-                self._probe_with_introspection()
-            else:
-                self._idle()
+            self._idle()
             return
         try:
             self._send(batch)
@@ -208,18 +218,34 @@ class Forwarder:
             log.exception("unexpected error while sending %d instances", len(batch))
             self._retry_all(batch, f"internal error: {type(exc).__name__}: {exc}")
 
-    def _probe_with_introspection(self) -> None:
-        """Nothing to send: ask KHEOPS something cheap to learn whether the outage is over."""
+    def _probe_with_introspection(self) -> bool:
+        """Ask KHEOPS something small to learn whether the outage is over; True if it answered."""
         try:
             self._kheops.introspect(self._config.token)
+        except KheopsRedirected as exc:
+            self._redirected(exc)
+            return False
         except KheopsError as exc:
-            self._unavailable(str(exc))
-        else:
-            self._recovered(self._clock())
+            self._unavailable(exc)
+            return False
+        return True
 
-    def _unavailable(self, error: str) -> None:
-        if self.health.record_unavailable(error, self._clock()):
+    def _unavailable(self, exc: KheopsError) -> None:
+        error = str(exc)
+        retry_after = exc.retry_after if isinstance(exc, KheopsUnavailable) else None
+        if retry_after is not None:
+            retry_after = min(retry_after, self._config.retry_maximum)
+        if isinstance(exc, KheopsBadAnswer):
+            if self.health.record_unavailable(
+                error, self._clock(), retry_after=retry_after, detail=f"{error}; retrying"
+            ):
+                log.error("what answers at Kheops.Url is not KHEOPS; retrying: %s", error)
+        elif self.health.record_unavailable(error, self._clock(), retry_after=retry_after):
             log.warning("KHEOPS is unreachable; instances stay queued and are retried: %s", error)
+
+    def _redirected(self, exc: KheopsRedirected) -> None:
+        if self.health.record_refused(str(exc), self._clock(), why=_REDIRECT_WHY):
+            log.error("sending is paused, nothing is lost: %s", exc)
 
     def _recovered(self, now: float) -> None:
         if self.health.record_success(now):
@@ -253,34 +279,60 @@ class Forwarder:
                 self._inflight -= len(batch)
 
     def _load(self, batch: Sequence[QueuedInstance]) -> list[_Loaded]:
+        """Each instance read and judged on its own: what one file does never stops another."""
         loaded: list[_Loaded] = []
         failed: dict[str, str] = {}
         later: list[Retry] = []
+        missing: list[QueuedInstance] = []
+        orthanc_error: str | None = None
         for item in batch:
             try:
                 data = self._orthanc.read_file(item.orthanc_id, size=item.size)
             except OrthancNotFound:
-                failed[item.orthanc_id] = "deleted from Orthanc before it could be sent"
+                missing.append(item)
                 continue
             except OrthancError as exc:
-                later.append(Retry(item.orthanc_id, 1.0, str(exc), counts_as_attempt=False))
+                orthanc_error = str(exc)
+                later.append(_orthanc_retry(item, orthanc_error))
                 continue
-            dataset = None
-            sop_uid = None if self._header_needed() else sop_instance_uid(data)
-            if sop_uid is None:
-                try:
-                    dataset = pydicom.dcmread(BytesIO(data), stop_before_pixels=True)
-                    sop_uid = str(dataset.SOPInstanceUID)
-                except _UNREADABLE as exc:
-                    failed[item.orthanc_id] = f"Orthanc's file cannot be read as DICOM: {exc}"
-                    continue
-            loaded.append(_Loaded(item=item, data=data, dataset=dataset, sop_uid=sop_uid))
+            except Exception as exc:  # noqa: BLE001 -- a bug: retried like a failed request
+                later.append(self._backoff(item, _internal(exc)))
+                continue
+            try:
+                prepared = prepare(data, header=self._header_needed())
+            except UnreadableFile as exc:
+                failed[item.orthanc_id] = str(exc)
+                continue
+            except Exception as exc:  # noqa: BLE001 -- a bug here must still fail only this file
+                failed[item.orthanc_id] = _internal(exc)
+                continue
+            if prepared.header_added:
+                log.info("instance %s had no DICOM file header; one was added", item.orthanc_id)
+            loaded.append(_Loaded(item=item, file=prepared))
         now = self._clock()
+        if missing:
+            try:
+                self._orthanc.check_api()
+            except OrthancError as exc:
+                # Every path answers 404: the URL is wrong, not the instances.
+                orthanc_error = str(exc)
+                later.extend(_orthanc_retry(item, orthanc_error) for item in missing)
+            else:
+                failed.update(
+                    (item.orthanc_id, "deleted from Orthanc before it could be sent")
+                    for item in missing
+                )
+        if orthanc_error is not None and not loaded:
+            if self.health.record_orthanc_unavailable(orthanc_error, now):
+                log.error("cannot read instances from Orthanc; they stay queued: %s", orthanc_error)
+        elif loaded and self.health.record_orthanc_available(now):
+            log.warning("Orthanc's REST API answers again; sending resumes")
         if failed:
             for orthanc_id, reason in failed.items():
                 log.warning("instance %s failed: %s", orthanc_id, reason)
             self._outbox.mark_failed(failed, now=now)
             self.stats.record_failed(len(failed))
+            self.health.record_error(next(iter(failed.values())), now)
         if later:
             self._outbox.reschedule(later, now=now)
         unknown = {x.item.orthanc_id: x.sop_uid for x in loaded if x.item.sop_uid != x.sop_uid}
@@ -292,6 +344,10 @@ class Forwarder:
         items = [x.item for x in loaded]
         try:
             answer = self._stow([x.data for x in loaded])
+        except KheopsRedirected as exc:
+            self._outbox.release([item.orthanc_id for item in items])
+            self._redirected(exc)
+            return
         except KheopsUnauthorized as exc:
             self._outbox.release([item.orthanc_id for item in items])
             if self.health.record_refused(str(exc), self._clock()):
@@ -308,15 +364,55 @@ class Forwarder:
             self._rejected(items, str(exc))
             return
         except KheopsUnavailable as exc:
-            self._unavailable(str(exc))
-            self._retry_all(items, str(exc))
+            # Rescheduled before the outage is recorded: a success of another worker in
+            # between then makes these due again rather than leaving them to their backoff.
+            self._retry_all(items, str(exc), at_least=exc.retry_after)
+            self._unavailable(exc)
             return
         except KheopsError as exc:
             self._retry_all(items, str(exc))
             return
         now = self._clock()
         self._recovered(now)
-        self._record_verdicts(loaded, judge([x.sop_uid for x in loaded], answer), now)
+        verdicts = judge([x.sop_uid for x in loaded], answer)
+        if self._token_lost(loaded, verdicts):
+            return
+        self._record_verdicts(loaded, verdicts, now)
+
+    def _token_lost(self, loaded: Sequence[_Loaded], verdicts: Mapping[str, Judgement]) -> bool:
+        """292 for every instance of several series: does the token still work?
+
+        KHEOPS answers 292 for a series another album holds, and for every series once the
+        token's creator lost the album's admin rights. Introspection cannot tell the second
+        case (such a token still introspects active), but it tells a revoked token or a lost
+        permission: then sending pauses and the instances wait, rather than being failed.
+        """
+        series = {x.file.series_uid for x in loaded}
+        if len(series) < 2 or any(j.code != _NOT_AUTHORIZED for j in verdicts.values()):
+            return False
+        try:
+            introspection = self._kheops.introspect(self._config.token)
+        except KheopsError as exc:
+            self._retry_all(
+                [x.item for x in loaded],
+                f"{verdicts[loaded[0].sop_uid].reason}; the token could not be checked: {exc}",
+            )
+            return True
+        problem = token_problem(introspection)
+        if problem is None:
+            log.error(
+                "KHEOPS refused every instance of %d series with 292 although the token looks"
+                " valid: has the token's creator lost the album's admin rights?",
+                len(series),
+            )
+            return False
+        self._outbox.release([x.item.orthanc_id for x in loaded])
+        self.introspection = introspection
+        if self.health.record_refused(
+            f"292 for every instance; the token {problem}", self._clock()
+        ):
+            log.error("sending is paused, nothing is lost: the token %s", problem)
+        return True
 
     def _stow(self, parts: Sequence[bytes]) -> StowAnswer:
         """One STOW-RS request, counted in `stats` whatever its outcome."""
@@ -347,6 +443,10 @@ class Forwarder:
                 sent.append(x)
             elif judgement.verdict is Verdict.FAILED:
                 failed[x.item.orthanc_id] = judgement.reason
+            elif judgement.bounded and x.item.attempts + 1 >= UNKNOWN_REASON_ATTEMPTS:
+                failed[x.item.orthanc_id] = (
+                    f"{judgement.reason}; gave up after {x.item.attempts + 1} attempts"
+                )
             else:
                 retries.append(x.item)
                 reasons[x.item.orthanc_id] = judgement.reason
@@ -380,19 +480,20 @@ class Forwarder:
         instances = []
         for x in sent:
             try:
-                dataset = x.dataset
-                if dataset is None:
-                    dataset = pydicom.dcmread(BytesIO(x.data), stop_before_pixels=True)
-            except _UNREADABLE as exc:
-                log.warning("instance %s: header unreadable, no rule applies: %s", x.sop_uid, exc)
+                # Read when no rule could need it, and a rule was enabled since: read it now.
+                file = x.file if x.file.dataset is not None else prepare(x.file.data)
+            except UnreadableFile as exc:
+                log.warning("instance %s: no rule applies, %s", x.item.orthanc_id, exc)
+                continue
+            if file.dataset is None:  # not when read with its header, as here
                 continue
             instances.append(
                 SentInstance(
                     orthanc_id=x.item.orthanc_id,
                     sop_uid=x.sop_uid,
-                    study_uid=str(dataset.get("StudyInstanceUID", "")),
-                    series_uid=str(dataset.get("SeriesInstanceUID", "")),
-                    dataset=dataset,
+                    study_uid=file.study_uid,
+                    series_uid=file.series_uid,
+                    dataset=file.dataset,
                 )
             )
         try:
@@ -420,7 +521,10 @@ class Forwarder:
         self.stats.record_failed(1)
         self.health.record_error(error, now)
 
-    def _retry_all(self, items: Sequence[QueuedInstance], error: str) -> None:
+    def _retry_all(
+        self, items: Sequence[QueuedInstance], error: str, *, at_least: float | None = None
+    ) -> None:
+        """Each instance waits its backoff, or `at_least` (a Retry-After) when that is longer."""
         now = self._clock()
         retries: list[Retry] = []
         gave_up: dict[str, str] = {}
@@ -432,10 +536,7 @@ class Forwarder:
                     f"gave up after {attempts} attempts over {age / 3600:.1f} h: {error}"
                 )
                 continue
-            delay = next_delay(
-                attempts, initial=self._config.retry_initial, maximum=self._config.retry_maximum
-            )
-            retries.append(Retry(item.orthanc_id, delay, error, alone=item.alone))
+            retries.append(self._backoff(item, error, at_least=at_least))
         if retries:
             self._outbox.reschedule(retries, now=now)
         if gave_up:
@@ -443,6 +544,16 @@ class Forwarder:
                 log.warning("instance %s failed: %s", orthanc_id, reason)
             self._outbox.mark_failed(gave_up, now=now)
             self.stats.record_failed(len(gave_up))
+
+    def _backoff(self, item: QueuedInstance, error: str, *, at_least: float | None = None) -> Retry:
+        delay = next_delay(
+            item.attempts + 1,
+            initial=self._config.retry_initial,
+            maximum=self._config.retry_maximum,
+        )
+        if at_least is not None:
+            delay = max(delay, min(at_least, self._config.retry_maximum))
+        return Retry(item.orthanc_id, delay, error, alone=item.alone)
 
     # -- supervisor: token checks and reconciliation -----------------------------
 
@@ -456,7 +567,7 @@ class Forwarder:
             # rather than being retried on every loop, and cannot hold up the other step.
             if now >= next_reconcile:
                 next_reconcile = now + self._config.reconcile_interval
-                self._guarded(self.reconcile, "reconciliation")
+                self._guarded(self._reconcile_watched, "reconciliation")
             if now >= next_check:
                 next_check = now + self._config.token_recheck
                 if self.health.state is State.PAUSED:
@@ -473,6 +584,9 @@ class Forwarder:
     def _check_token(self, *, first: bool) -> None:
         try:
             introspection = self._kheops.introspect(self._config.token)
+        except KheopsRedirected as exc:
+            self._redirected(exc)
+            return
         except KheopsError as exc:
             if first:
                 log.warning("cannot check the token at start-up; queuing anyway: %s", exc)
@@ -500,6 +614,26 @@ class Forwarder:
         if self.health.state is State.PAUSED:
             self._check_token(first=False)
 
+    def _reconcile_watched(self) -> None:
+        """Reconcile; Orthanc's REST failing shows in the state (once), not as a traceback."""
+        try:
+            self.reconcile()
+        except OrthancError as exc:
+            error: OrthancError = exc
+            if isinstance(exc, OrthancNotFound):  # /changes always exists: is the URL wrong?
+                try:
+                    self._orthanc.check_api()
+                except OrthancError as wrong_url:
+                    error = wrong_url
+            self._reconcile_failed = True
+            if self.health.record_orthanc_unavailable(str(error), self._clock()):
+                log.error("cannot read Orthanc's change log: %s", error)
+            return
+        # Only a spell this step saw ends here: the workers end the spells they see.
+        if self._reconcile_failed and self.health.record_orthanc_available(self._clock()):
+            log.warning("Orthanc's REST API answers again; sending resumes")
+        self._reconcile_failed = False
+
     def reconcile(self) -> int:
         """Queue instances that Orthanc's change log has and the outbox lacks."""
         since = self._outbox.get_meta("last_change")
@@ -523,6 +657,14 @@ class Forwarder:
             log.warning("found %d stored instances missing from the queue; queued them", queued)
             self.wake()
         return queued
+
+
+def _orthanc_retry(item: QueuedInstance, error: str) -> Retry:
+    return Retry(item.orthanc_id, _ORTHANC_RETRY, error, alone=item.alone, counts_as_attempt=False)
+
+
+def _internal(exc: BaseException) -> str:
+    return f"internal error: {type(exc).__name__}: {exc}"
 
 
 def token_problem(introspection: Introspection) -> str | None:

@@ -8,8 +8,10 @@ from text that is about to leave the process (log lines, error details).
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Iterable
+from urllib.parse import urlsplit, urlunsplit
 
 _VISIBLE_HEAD = 4
 _VISIBLE_TAIL = 2
@@ -20,6 +22,26 @@ def mask(token: str) -> str:
     if len(token) <= _VISIBLE_HEAD + _VISIBLE_TAIL + 4:
         return "…" * min(len(token), 3)
     return f"{token[:_VISIBLE_HEAD]}…{token[-_VISIBLE_TAIL:]}"
+
+
+def mask_url(url: str) -> str:
+    """A URL fit to print: a user:password@ part and a query (which may carry a token) masked."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(a URL that cannot be read)"
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "…@" + netloc.rsplit("@", 1)[1]
+    return urlunsplit((parts.scheme, netloc, parts.path, "…" if parts.query else "", ""))
+
+
+_USERINFO = re.compile(r"(?<=://)[^/@\s?#]*@")
+
+
+def mask_credentials(text: str) -> str:
+    """Text with the user:password@ part of any URL in it masked (for configuration errors)."""
+    return _USERINFO.sub("…@", text)
 
 
 class Secret:

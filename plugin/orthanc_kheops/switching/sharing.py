@@ -36,6 +36,7 @@ from pydicom.errors import InvalidDicomError
 
 from ..config import KheopsConfig
 from ..forwarding.forwarder import SentInstance
+from ..forwarding.health import PROBE_MAXIMUM
 from ..kheops.backoff import next_delay
 from ..kheops.client import (
     KheopsApi,
@@ -326,8 +327,12 @@ class Sharer:
         self._outages += 1
         if self._outages == 1:
             log.warning("sharing waits: KHEOPS is unavailable (%s)", error)
+        # One request per pause, and a pause never longer than the forwarder's probe interval:
+        # shares resume within seconds of KHEOPS answering, however long the outage.
         self._pause_until = now + next_delay(
-            self._outages, initial=self._config.retry_initial, maximum=self._config.retry_maximum
+            self._outages,
+            initial=self._config.retry_initial,
+            maximum=min(self._config.retry_maximum, PROBE_MAXIMUM),
         )
 
     def _reachable(self) -> None:
