@@ -115,16 +115,22 @@ def _stacks(pid: int, workdir: Path) -> str:
     except (OSError, subprocess.TimeoutExpired):
         return "no stacks (gdb failed)"
     (workdir / "stacks.txt").write_text(dump)
-    summary = []
-    for thread in re.split(r"\n(?=Thread \d+ )", dump):
-        frames = re.findall(r"#\d+ +(?:0x[0-9a-f]+ in )?([\w:~<>]+)", thread)
-        gil = any(f in ("take_gil", "PyGILState_Ensure", "PyEval_RestoreThread") for f in frames)
-        orthanc = [f for f in frames if f.startswith("Orthanc") or "Plugin" in f]
-        waits = next((f for f in frames if "lock" in f.lower() or "wait" in f.lower()), "")
-        if gil or orthanc:
-            where = " < ".join(orthanc[:3])
-            summary.append(f"{'waits for the GIL' if gil else waits or 'runs'} in {where}")
-    return f"stacks in {workdir / 'stacks.txt'}: " + " | ".join(sorted(set(summary)))
+    kinds: dict[str, int] = {}
+    for thread in re.split(r"\n(?=Thread \d+ )", dump)[1:]:
+        frames = re.findall(r"#\d+ +(?:0x[0-9a-f]+ in )?(\S+)", thread)
+        python = any(f.startswith("_PyEval_EvalFrame") for f in frames)
+        locked = any(f in ("__GI___lll_lock_wait", "___pthread_mutex_lock") for f in frames)
+        if "PyGILState_Ensure" in frames:
+            kind = "a callback from Orthanc waits for the GIL"
+        elif python and locked:
+            kind = "a Python thread holds the GIL and waits for a lock inside an SDK call"
+        elif locked:
+            kind = "an Orthanc thread (HTTP, DICOM) waits for a lock"
+        else:
+            continue
+        kinds[kind] = kinds.get(kind, 0) + 1
+    summary = "; ".join(f"{count} x {kind}" for kind, count in sorted(kinds.items()))
+    return f"{summary} (stacks in {workdir.relative_to(ROOT) / 'stacks.txt'})"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
