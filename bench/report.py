@@ -306,7 +306,7 @@ def size_tables(sizes: Sequence[SizeResult]) -> list[str]:
         versus, low, high = result.ratio("drain", "dicomweb")
         bare, bare_low, bare_high = result.ratio("drain", "bare")
         sink = " / ".join(f"{result.cpu_per_thousand(k, 'kheops'):.2f}" for k in CONTENDERS)
-        resumes = ", ".join(f"{r.delay:.2f} ({r.outage:.0f})" for r in result.resumes)
+        resumes = ", ".join(f"{r.delay:.2f} ({r.outage:.1f})" for r in result.resumes)
         lines.append(
             f"| {result.size.label} | {versus:.2f}x ({low:.2f}-{high:.2f})"
             f" | {bare:.2f}x ({bare_low:.2f}-{bare_high:.2f}) | {sink} | {resumes} |"
@@ -356,7 +356,7 @@ def size_verdicts(sizes: Sequence[SizeResult]) -> list[Verdict]:
                 "Resume: KHEOPS answers again -> first instance stored, plugin defaults",
                 worst.delay,
                 10.0,
-                f"worst of {len(resumes)} outages, after {worst.outage:.0f} s down; all:"
+                f"worst of {len(resumes)} outages, after {worst.outage:.1f} s down; all:"
                 f" {min(r.delay for r in resumes):.2f}-{worst.delay:.2f} s",
                 unit="s",
             )
