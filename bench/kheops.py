@@ -117,6 +117,15 @@ class KheopsProcess:
         response.raise_for_status()
         return int(response.json()["stores"])
 
+    def await_stores(self, count: int, *, timeout: float = 600) -> None:
+        """Block until the sink has accepted `count` instances in all (re-sends included)."""
+        response = self._session.get(
+            f"{self.url}/_test/await", params={"stores": count}, timeout=timeout + 30
+        )
+        response.raise_for_status()
+        if int(response.json()["stores"]) < count:
+            raise TimeoutError(f"the sink holds {response.json()['stores']} of {count} instances")
+
     def album_instances(self) -> set[str]:
         response = self._control("GET", f"albums/{ALBUM}/instances")
         response.raise_for_status()

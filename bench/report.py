@@ -329,13 +329,17 @@ def size_verdicts(sizes: Sequence[SizeResult]) -> list[Verdict]:
         cpu = {k: result.cpu_per_thousand(k, "kheops") for k in CONTENDERS}
         orthanc = result.cpu_per_thousand("drain", "orthanc")
         dicomweb = result.cpu_per_thousand("dicomweb", "orthanc")
+        # The least wall time the drain's CPU (Orthanc's and the sink's) allows on every core.
+        floor = (orthanc + cpu["drain"]) * len(result.corpus) / 1000 / _cores()
+        ceiling = f"; at most {result.median('dicomweb') / floor:.2f}x" if floor else ""
         found.append(
             Verdict(
                 f"{result.size.label}: drain vs Orthanc's DICOMweb STOW client",
                 versus,
                 1.2,
                 f"median of {len(result.rounds['drain'])} rounds; per round {low:.2f}-{high:.2f}x;"
-                f" Orthanc CPU s per 1000 instances: drain {orthanc:.2f}, DICOMweb {dicomweb:.2f}",
+                f" Orthanc CPU s per 1000 instances: drain {orthanc:.2f}, DICOMweb {dicomweb:.2f};"
+                f" the drain's CPU and the sink's need {floor:.2f} s on {_cores()} cores{ceiling}",
             )
         )
         found.append(

@@ -61,6 +61,10 @@ class SinkState:
     latency: float = 0.0
     down: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
+    stored: threading.Condition = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.stored = threading.Condition(self.lock)
 
 
 def header_uids(part: bytes | memoryview) -> tuple[str, str] | None:
@@ -282,6 +286,7 @@ class _Handler(BaseHTTPRequestHandler):
             state.stores += len(stored)
             state.instances.update(uid for _, uid in stored)
             ended = time.monotonic()
+            state.stored.notify_all()
         answer: dict[str, Any] = {}
         if stored:
             answer["00081199"] = {
@@ -312,7 +317,13 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._body()
         document: Any = {}
         with state.lock:
-            if route == "health":
+            if route == "await":
+                # Blocks until that many instances were stored: waiting costs no CPU, where
+                # polling /counts would add the waiting time's polls to a contender's figures.
+                wanted = int(parse_qs(query)["stores"][0])
+                state.stored.wait_for(lambda: state.stores >= wanted, timeout=600)
+                document = {"stores": state.stores}
+            elif route == "health":
                 document = {"ok": True}
             elif route == "counts":
                 document = {"stores": state.stores, "instances": len(state.instances)}

@@ -5,10 +5,11 @@ was down, one plain Orthanc with the DICOMweb plugin holds the same corpus, and 
 the three contenders one after the other (in an order that turns from round to round), so
 that a burst of other work on the machine falls on all of them alike.
 
-Every run is timed on the sink's own clock, from the start of its first accepted STOW-RS
-request to the end of its last: polling does not blur it, and the plugin's wait for the end
-of the outage is not in it. That wait is reported on its own, as the resume delay: from KHEOPS
-answering again to the first instance stored, with the plugin's default settings.
+Every run ends when the sink stored its last instance (the sink's clock, which is the bench's
+monotonic clock: polling does not blur it). A client's run starts when it is asked to send;
+the drain's starts with its first accepted STOW-RS request, as its wait for the end of the
+outage is reported on its own, as the resume delay: from KHEOPS answering again to the first
+instance stored, with the plugin's default settings.
 """
 
 from __future__ import annotations
@@ -127,25 +128,26 @@ def _one_size(bench: Bench, size: Size, corpus: Corpus, repeat: int) -> SizeResu
 
 
 def _timed(
-    bench: Bench, sender: int | None, count: int, start: Callable[[], object]
+    bench: Bench, sender: int | None, count: int, start: Callable[[], object], *, window: bool
 ) -> tuple[Round, float, Window]:
     """Run `start`, wait for `count` more instances in the album: the round, when it began
-    and the sink's window of accepted requests."""
+    and the sink's window of accepted requests.
+
+    The round lasts until the last instance is stored, from the start of the first accepted
+    request (`window`: the drain, whose wait for the end of the outage is the resume delay)
+    or from `start` (a client's own preparation is part of its work).
+    """
     meter = bench.meter(sender)
     bench.kheops.clear_requests()
     baseline = bench.kheops.stores()
     meter.start()
     began = time.monotonic()
     start()
-    wait_until(
-        lambda: bench.kheops.stores() - baseline >= count,
-        timeout=_TIMEOUT,
-        interval=0.02,
-        message="every instance in the album",
-    )
+    bench.kheops.await_stores(baseline + count, timeout=_TIMEOUT)
     cpu = meter.stop()
-    window = bench.kheops.stow_window()
-    return Round(window.seconds, cpu, window.parts), began, window
+    accepted = bench.kheops.stow_window()
+    seconds = accepted.seconds if window else accepted.last_ended - began
+    return Round(seconds, cpu, accepted.parts), began, accepted
 
 
 def _drain(
@@ -168,7 +170,7 @@ def _drain(
         message="the corpus queued and KHEOPS found unreachable",
     )
     run, began, window = _timed(
-        bench, orthanc.pid, len(corpus), lambda: bench.kheops.set_down(False)
+        bench, orthanc.pid, len(corpus), lambda: bench.kheops.set_down(False), window=True
     )
     result.rounds["drain"].append(run)
     result.resumes.append(Resume(outage=began - since, delay=window.first_ended - began))
@@ -185,14 +187,14 @@ def _dicomweb(bench: Bench, orthanc: OrthancProcess | None, corpus: Corpus) -> R
             timeout=_TIMEOUT,
         ).raise_for_status()
 
-    return _timed(bench, orthanc.pid, len(corpus), post)[0]
+    return _timed(bench, orthanc.pid, len(corpus), post, window=False)[0]
 
 
 def _bare(bench: Bench, files: list[bytes]) -> Round:
     def post() -> None:
         clients.post_batches(bench.kheops.api, TOKEN, files, batch=50, connections=2)
 
-    return _timed(bench, None, len(files), post)[0]
+    return _timed(bench, None, len(files), post, window=False)[0]
 
 
 def _status(orthanc: OrthancProcess) -> dict[str, object]:
