@@ -30,6 +30,7 @@ class Results:
     sweep: list[SweepPoint] = field(default_factory=list)
     linger: list[LingerPoint] = field(default_factory=list)
     sizes: list[SizeResult] = field(default_factory=list)
+    load_at_start: tuple[float, ...] = field(default_factory=os.getloadavg)
 
     def find(self, key: str, latency: float = 0.0) -> Run | None:
         for run in self.runs + self.ingest:
@@ -69,7 +70,7 @@ class Verdict:
         return ("at least " if self.unit == "x" else "at most ") + self.shown(self.goal)
 
 
-def machine() -> str:
+def machine(load_at_start: tuple[float, ...]) -> str:
     """Cores, memory, CPU model and Orthanc version: what the figures depend on."""
     memory = int(Path("/proc/meminfo").read_text().split()[1]) * 1024
     model = "unknown CPU"
@@ -81,11 +82,12 @@ def machine() -> str:
     plugins = _first_line(
         ["dpkg-query", "-W", "-f=${Package} ${Version}, ", "orthanc-dicomweb", "orthanc-python"]
     ).rstrip(", ")
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    start = ", ".join(f"{x:.2f}" for x in load_at_start)
+    end = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     return (
         f"{os.cpu_count()} cores ({model}), {memory / 2**30:.0f} GiB,"
         f" {platform.system()} {platform.release()}, Python {platform.python_version()},"
-        f" {orthanc} ({plugins}); load average at start {load}"
+        f" {orthanc} ({plugins}); load average (1, 5, 15 min) at start {start}, at the end {end}"
     )
 
 
@@ -104,7 +106,7 @@ def header(results: Results, *, quick: bool) -> list[str]:
     settings = ", ".join(f"{k}={v}" for k, v in results.plugin_settings.items()) or "defaults"
     lines = [
         f"Benchmark of {now}{' (--quick)' if quick else ''}",
-        f"Machine: {machine()}",
+        f"Machine: {machine(results.load_at_start)}",
         f"Corpus: {results.corpus.describe()}",
         f"Plugin settings: {settings}",
     ]
