@@ -88,7 +88,7 @@ QUICK = Mode(
 
 
 def tiny(instances: int) -> Mode:
-    """For the smoke test: every scenario, on a corpus of a few dozen instances."""
+    """For the smoke test: the default scenarios, a few dozen instances a size (two at 27 MB)."""
     return Mode(
         backlog=10 * instances,
         repeat=1,
