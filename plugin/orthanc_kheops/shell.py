@@ -179,7 +179,7 @@ class _Plugin:
 
 
 # Without Python.AllowThreads the GIL is held while Orthanc reads a file for GetDicomForInstance,
-# and store callbacks wait for it: about 0.1 ms for 1 MB. Larger files go over loopback.
+# and store callbacks wait for it as long as the read takes: larger files go over loopback.
 _GIL_READ_MAX_BYTES = 1 << 20
 _UNKNOWN_RESOURCE = 17  # OrthancPluginErrorCode_UnknownResource
 
