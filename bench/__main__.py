@@ -18,19 +18,37 @@ from bench import corpus as corpora
 from bench.kheops import KheopsProcess
 from bench.report import Results, render
 from bench.scenarios import Bench, Settings
+from bench.sizes import Size, run_sizes
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKDIR = ROOT / "build" / "bench-work"
 LATENCY = 0.05
-SCENARIOS = ("sink", "per-instance", "dicomweb", "drain", "sweep", "live", "memory", "linger")
+SCENARIOS = (
+    "sizes",
+    "live",
+    "sink",
+    "per-instance",
+    "dicomweb",
+    "drain",
+    "sweep",
+    "memory",
+    "linger",
+)
+# What `make bench` runs: the drain at every size, resume delays, and the ingest cost. The
+# others (512x512 only, 50 ms latency, the sweep, memory, linger) run when named.
+DEFAULT_SCENARIOS = ("sizes", "live")
+SIZES = (
+    Size("64 KiB", 128, 256, 2000),
+    Size("128 KiB", 256, 256, 2000),
+    Size("512 KiB", 512, 512, 1000),
+    Size("27 MB", 3328, 4096, 40),  # a mammogram
+)
 
 
 @dataclass(frozen=True)
 class Mode:
     """How big each scenario is: full (the README's figures), quick, or a tiny smoke run."""
 
-    instances: int
-    size: int
     backlog: int
     repeat: int
     sweep_workers: tuple[int, ...]
@@ -40,11 +58,12 @@ class Mode:
     linger: tuple[int, ...]
     # Orthanc's MaximumStorageCacheSize for the memory runs; None: Orthanc's default (128 MB)
     memory_caches: tuple[int | None, ...] = (0,)
+    sizes: tuple[Size, ...] = SIZES
+    size_repeat: int = 5
+    ingest_repeat: int = 5
 
 
 FULL = Mode(
-    instances=2000,
-    size=512,
     backlog=20000,
     repeat=3,
     sweep_workers=(1, 2, 4, 8),
@@ -55,8 +74,6 @@ FULL = Mode(
     memory_caches=(0, None),
 )
 QUICK = Mode(
-    instances=300,
-    size=512,
     backlog=3000,
     repeat=1,
     sweep_workers=(1, 4),
@@ -64,14 +81,15 @@ QUICK = Mode(
     sweep_latencies=(LATENCY,),
     sweep_repeat=1,
     linger=(),
+    sizes=tuple(Size(s.label, s.rows, s.columns, max(4, s.count // 10)) for s in SIZES),
+    size_repeat=1,
+    ingest_repeat=1,
 )
 
 
 def tiny(instances: int) -> Mode:
-    """For the smoke test: every scenario, on a corpus of a few dozen instances."""
+    """For the smoke test: the default scenarios, a few dozen instances a size (two at 27 MB)."""
     return Mode(
-        instances=instances,
-        size=512,
         backlog=10 * instances,
         repeat=1,
         sweep_workers=(2,),
@@ -79,6 +97,11 @@ def tiny(instances: int) -> Mode:
         sweep_latencies=(LATENCY,),
         sweep_repeat=1,
         linger=(),
+        sizes=tuple(
+            Size(s.label, s.rows, s.columns, instances if s.count > 100 else 2) for s in SIZES
+        ),
+        size_repeat=1,
+        ingest_repeat=1,
     )
 
 
@@ -91,7 +114,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--scenarios",
         help=f"comma-separated subset of {', '.join(SCENARIOS)}"
-        " (default: all; linger only in a full run)",
+        f" (default: {', '.join(DEFAULT_SCENARIOS)})",
     )
     parser.add_argument(
         "--plugin",
@@ -108,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
     mode = tiny(args.instances) if args.instances else QUICK if args.quick else FULL
     if args.scenarios is None:
-        chosen = set(SCENARIOS) if mode is FULL else set(SCENARIOS) - {"linger"}
+        chosen = set(DEFAULT_SCENARIOS)
     else:
         chosen = {s.strip() for s in args.scenarios.split(",") if s.strip()}
     unknown = chosen - set(SCENARIOS)
@@ -121,10 +144,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[{time.monotonic() - began:6.1f} s] {message}", file=sys.stderr, flush=True)
 
     log("preparing the corpora")
-    corpus = corpora.ensure(mode.instances, size=mode.size)
+    # Ingest and the 512x512 scenarios store the 128 KiB corpus of the size runs.
+    main_size = mode.sizes[1]
+    corpus = corpora.ensure(main_size.count, size=main_size.rows, columns=main_size.columns)
     small = corpora.ensure(mode.backlog, size=64) if "memory" in chosen else None
     settings = Settings(
         repeat=args.repeat or mode.repeat,
+        ingest_repeat=args.repeat or mode.ingest_repeat,
         latency=LATENCY,
         plugin=dict(args.plugin),
         sweep_workers=mode.sweep_workers,
@@ -139,6 +165,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     with KheopsProcess(WORKDIR / "kheops") as kheops:
         bench = Bench(settings=settings, kheops=kheops, corpus=corpus, workdir=WORKDIR, log=log)
         try:
+            if "sizes" in chosen:
+                log(
+                    "drain by instance size: plugin, DICOMweb client and bare client, round by round"
+                )
+                results.sizes = run_sizes(bench, mode.sizes, repeat=args.repeat or mode.size_repeat)
             run_scenarios(bench, results, chosen, log)
         finally:
             bench.close()

@@ -35,6 +35,7 @@ class Corpus:
     series_count: int
     total_bytes: int
     rows: int
+    columns: int
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -43,9 +44,13 @@ class Corpus:
     def megabytes(self) -> float:
         return self.total_bytes / 1e6
 
+    @property
+    def instance_bytes(self) -> int:
+        return self.total_bytes // max(1, len(self))
+
     def describe(self) -> str:
         return (
-            f"{len(self)} instances of {self.rows}x{self.rows} 16-bit CT/MR in"
+            f"{len(self)} instances of {self.columns}x{self.rows} 16-bit CT/MR in"
             f" {len(self.study_uids)} studies, {self.series_count} series ({self.megabytes:.0f} MB)"
         )
 
@@ -62,10 +67,15 @@ def shape(count: int) -> tuple[int, int, int]:
     return studies, series, per_series
 
 
-def ensure(count: int, *, size: int, seed: int = 0, cache: Path = CACHE) -> Corpus:
-    """The corpus of `count` instances of size x size pixels, generated if not cached yet."""
+def ensure(
+    count: int, *, size: int, columns: int | None = None, seed: int = 0, cache: Path = CACHE
+) -> Corpus:
+    """The corpus of `count` instances of `size` rows and `columns` (default: `size`) pixels,
+    generated if not cached yet."""
+    columns = columns or size
     studies, series, per_series = shape(count)
-    directory = cache / f"ctmr-{size}px-{count}-seed{seed}"
+    name = f"{size}px" if columns == size else f"{size}x{columns}px"
+    directory = cache / f"ctmr-{name}-{count}-seed{seed}"
     manifest = directory / _MANIFEST
     if manifest.is_file():
         cached = json.loads(manifest.read_text())
@@ -78,11 +88,11 @@ def ensure(count: int, *, size: int, seed: int = 0, cache: Path = CACHE) -> Corp
         series_per_study=series,
         instances_per_series=per_series,
         rows=size,
-        columns=size,
+        columns=columns,
         seed=seed,
     )[:count]
     print(
-        f"generating {count} instances of {size}x{size} into {directory} (once)",
+        f"generating {count} instances of {columns}x{size} into {directory} (once)",
         file=sys.stderr,
         flush=True,
     )
@@ -92,6 +102,7 @@ def ensure(count: int, *, size: int, seed: int = 0, cache: Path = CACHE) -> Corp
     document: dict[str, Any] = {
         "version": _MANIFEST_VERSION,
         "rows": size,
+        "columns": columns,
         "files": [str(item.path.relative_to(directory)) for item in plan],
         "sop_uids": [item.sop_uid for item in plan],
         "study_uids": list(dict.fromkeys(item.study_uid for item in plan)),
@@ -111,4 +122,5 @@ def _from_manifest(directory: Path, document: dict[str, Any]) -> Corpus:
         series_count=int(document["series_count"]),
         total_bytes=int(document["total_bytes"]),
         rows=int(document["rows"]),
+        columns=int(document.get("columns", document["rows"])),
     )

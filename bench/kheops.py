@@ -1,32 +1,47 @@
-"""The KHEOPS test server in its own process, steered through its /_test control API.
+"""The benchmark's KHEOPS (bench/sink.py) in its own process, steered through /_test routes.
 
 A separate process, so that its GIL is shared neither with the bench's clients nor with the
-plugin: on two cores, one Python process parsing every STOW part is the sink.
+plugin: on two cores, one Python process reading every STOW part's header is the sink.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
 import requests
 
+from bench.sink import LISTENING
 from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 ALBUM = "BenchAlbum01"
 TOKEN = "BenchMainAlbumToken001"
-_LISTENING = "KHEOPS test server listening on "
+
+
+@dataclass(frozen=True)
+class Window:
+    """When the accepted STOW-RS requests of a run began and ended, on the monotonic clock
+    that the bench and the sink share: a run is timed by what the sink saw, not by polling."""
+
+    first_started: float
+    first_ended: float  # the first instance stored
+    last_ended: float  # the last instance stored
+    parts: tuple[int, ...]
+
+    @property
+    def seconds(self) -> float:
+        return self.last_ended - self.first_started
 
 
 class KheopsProcess:
-    """`python -m tests.kheops_server` with one album and its write token."""
+    """`python -m bench.sink` with one album and its write token."""
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
@@ -36,18 +51,9 @@ class KheopsProcess:
 
     def start(self, timeout: float = 30) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        seed = self.workdir / "seed.json"
-        seed.write_text(
-            json.dumps(
-                {
-                    "albums": [ALBUM],
-                    "tokens": [{"token": TOKEN, "album_id": ALBUM, "scope": ["read", "write"]}],
-                }
-            )
-        )
         log = (self.workdir / "kheops.log").open("ab")
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "tests.kheops_server", "--port", "0", "--seed", str(seed)],
+            [sys.executable, "-m", "bench.sink", "--album", ALBUM, "--token", TOKEN],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=log,
@@ -60,9 +66,9 @@ class KheopsProcess:
         while time.monotonic() < deadline:
             line = self._process.stdout.readline()
             if not line:
-                raise RuntimeError(f"the KHEOPS test server exited; see {self.workdir}/kheops.log")
-            if line.startswith(_LISTENING):
-                self.url = line[len(_LISTENING) :].strip()
+                raise RuntimeError(f"the KHEOPS sink exited; see {self.workdir}/kheops.log")
+            if line.startswith(LISTENING):
+                self.url = line[len(LISTENING) :].strip()
                 break
         wait_until(lambda: self._control("GET", "health").ok, timeout=timeout)
 
@@ -111,6 +117,15 @@ class KheopsProcess:
         response.raise_for_status()
         return int(response.json()["stores"])
 
+    def await_stores(self, count: int, *, timeout: float = 600) -> None:
+        """Block until the sink has accepted `count` instances in all (re-sends included)."""
+        response = self._session.get(
+            f"{self.url}/_test/await", params={"stores": count}, timeout=timeout + 30
+        )
+        response.raise_for_status()
+        if int(response.json()["stores"]) < count:
+            raise TimeoutError(f"the sink holds {response.json()['stores']} of {count} instances")
+
     def album_instances(self) -> set[str]:
         response = self._control("GET", f"albums/{ALBUM}/instances")
         response.raise_for_status()
@@ -127,6 +142,26 @@ class KheopsProcess:
             and entry["path"] == "/api/studies"
             and entry["status"] == 200
         ]
+
+    def stow_window(self) -> Window:
+        """The accepted STOW-RS requests since the last clear, timed on the sink's clock."""
+        response = self._control("GET", "requests?full=1")
+        response.raise_for_status()
+        accepted = [
+            entry
+            for entry in response.json()["requests"]
+            if entry["method"] == "POST"
+            and entry["path"] == "/api/studies"
+            and entry["status"] in (200, 202)
+        ]
+        if not accepted:
+            return Window(0.0, 0.0, 0.0, ())
+        return Window(
+            first_started=min(float(e["started"]) for e in accepted),
+            first_ended=min(float(e["ended"]) for e in accepted),
+            last_ended=max(float(e["ended"]) for e in accepted),
+            parts=tuple(int(e["part_count"]) for e in accepted),
+        )
 
     def clear_requests(self) -> None:
         self._control("DELETE", "requests").raise_for_status()

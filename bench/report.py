@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import statistics
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -13,8 +14,10 @@ from pathlib import Path
 
 from bench.corpus import Corpus
 from bench.scenarios import LingerPoint, Memory, Run, SweepPoint
+from bench.sizes import CONTENDERS, LABELS, SizeResult
 
 _MB = 1024 * 1024
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -27,6 +30,8 @@ class Results:
     memory: list[Memory] = field(default_factory=list)
     sweep: list[SweepPoint] = field(default_factory=list)
     linger: list[LingerPoint] = field(default_factory=list)
+    sizes: list[SizeResult] = field(default_factory=list)
+    load_at_start: tuple[float, ...] = field(default_factory=os.getloadavg)
 
     def find(self, key: str, latency: float = 0.0) -> Run | None:
         for run in self.runs + self.ingest:
@@ -37,25 +42,36 @@ class Results:
 
 @dataclass(frozen=True)
 class Verdict:
-    """A target: a ratio that must reach `goal`, or a size in MB that must stay under it."""
+    """A target: a ratio that must reach `goal` (or stay within `goal`..`upper`), or a size in
+    MB or a delay in seconds that must stay under it."""
 
     target: str
     measured: float | None
     goal: float
     explanation: str = ""
     unit: str = "x"
+    upper: float | None = None
 
     @property
     def met(self) -> bool | None:
         if self.measured is None:
             return None
-        return self.measured >= self.goal if self.unit == "x" else self.measured <= self.goal
+        if self.unit != "x":
+            return self.measured <= self.goal
+        return self.measured >= self.goal and (self.upper is None or self.measured <= self.upper)
 
     def shown(self, value: float) -> str:
-        return f"{value:.2f}x" if self.unit == "x" else f"{value:.0f} {self.unit}"
+        if self.unit == "x":
+            return f"{value:.2f}x"
+        return f"{value:.1f} {self.unit}" if self.unit == "s" else f"{value:.0f} {self.unit}"
+
+    def goal_text(self) -> str:
+        if self.upper is not None:
+            return f"{self.shown(self.goal)} to {self.shown(self.upper)}"
+        return ("at least " if self.unit == "x" else "at most ") + self.shown(self.goal)
 
 
-def machine() -> str:
+def machine(load_at_start: tuple[float, ...]) -> str:
     """Cores, memory, CPU model and Orthanc version: what the figures depend on."""
     memory = int(Path("/proc/meminfo").read_text().split()[1]) * 1024
     model = "unknown CPU"
@@ -67,11 +83,12 @@ def machine() -> str:
     plugins = _first_line(
         ["dpkg-query", "-W", "-f=${Package} ${Version}, ", "orthanc-dicomweb", "orthanc-python"]
     ).rstrip(", ")
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    start = ", ".join(f"{x:.2f}" for x in load_at_start)
+    end = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     return (
         f"{os.cpu_count()} cores ({model}), {memory / 2**30:.0f} GiB,"
         f" {platform.system()} {platform.release()}, Python {platform.python_version()},"
-        f" {orthanc} ({plugins}); load average at start {load}"
+        f" {orthanc} ({plugins}); load average (1, 5, 15 min) at start {start}, at the end {end}"
     )
 
 
@@ -90,7 +107,7 @@ def header(results: Results, *, quick: bool) -> list[str]:
     settings = ", ".join(f"{k}={v}" for k, v in results.plugin_settings.items()) or "defaults"
     lines = [
         f"Benchmark of {now}{' (--quick)' if quick else ''}",
-        f"Machine: {machine()}",
+        f"Machine: {machine(results.load_at_start)}",
         f"Corpus: {results.corpus.describe()}",
         f"Plugin settings: {settings}",
     ]
@@ -256,6 +273,106 @@ def _cpu_floor(run: Run) -> float:
     return sum(run.cpu.values()) / _cores()
 
 
+def size_tables(sizes: Sequence[SizeResult]) -> list[str]:
+    """Per size and contender: time, rate, and the CPU of the sink and of the sender."""
+    lines = [
+        (
+            "| Size | Contender | Time (s), median | Rounds (s) | Instances/s | MB/s"
+            " | Sink CPU s per 1000 | Sender CPU s per 1000 | Requests (last round) |"
+        ),
+        "|---|---|---:|---|---:|---:|---:|---:|---|",
+    ]
+    for result in sizes:
+        corpus = result.corpus
+        for key in CONTENDERS:
+            rounds = result.rounds[key]
+            if not rounds:
+                continue
+            sender = "client" if key == "bare" else "orthanc"
+            lines.append(
+                f"| {result.size.label} ({len(corpus)} x {corpus.instance_bytes / 1024:.0f} KiB)"
+                f" | {LABELS[key]} | {result.median(key):.2f}"
+                f" | {', '.join(f'{r.seconds:.2f}' for r in rounds)}"
+                f" | {result.rate(key):.0f} | {corpus.megabytes / result.median(key):.0f}"
+                f" | {result.cpu_per_thousand(key, 'kheops'):.2f}"
+                f" | {result.cpu_per_thousand(key, sender):.2f} | {_parts(rounds[-1].requests)} |"
+            )
+    lines += [
+        "",
+        (
+            "| Size | Drain vs DICOMweb client (round range) | Drain vs bare client (round range)"
+            " | Sink CPU s per 1000: drain / DICOMweb / bare | Resume delay (s) after outages of (s) |"
+        ),
+        "|---|---:|---:|---|---|",
+    ]
+    for result in sizes:
+        versus, low, high = result.ratio("drain", "dicomweb")
+        bare, bare_low, bare_high = result.ratio("drain", "bare")
+        sink = " / ".join(f"{result.cpu_per_thousand(k, 'kheops'):.2f}" for k in CONTENDERS)
+        resumes = ", ".join(f"{r.delay:.2f} ({r.outage:.1f})" for r in result.resumes)
+        lines.append(
+            f"| {result.size.label} | {versus:.2f}x ({low:.2f}-{high:.2f})"
+            f" | {bare:.2f}x ({bare_low:.2f}-{bare_high:.2f}) | {sink} | {resumes} |"
+        )
+    return lines
+
+
+def _parts(parts: Sequence[int]) -> str:
+    if not parts:
+        return "none"
+    if len(set(parts)) == 1:
+        return f"{len(parts)} of {parts[0]}"
+    return f"{len(parts)} of {min(parts)}-{max(parts)}"
+
+
+def size_verdicts(sizes: Sequence[SizeResult]) -> list[Verdict]:
+    found = []
+    for result in sizes:
+        versus, low, high = result.ratio("drain", "dicomweb")
+        cpu = {k: result.cpu_per_thousand(k, "kheops") for k in CONTENDERS}
+        # What /proc can tell apart, per 1000 instances: below it, two figures are equal.
+        tick = 1000 / _CLOCK_TICKS / len(result.corpus)
+        orthanc = result.cpu_per_thousand("drain", "orthanc")
+        dicomweb = result.cpu_per_thousand("dicomweb", "orthanc")
+        # The least wall time the drain's CPU (Orthanc's and the sink's) allows on every core.
+        floor = (orthanc + cpu["drain"]) * len(result.corpus) / 1000 / _cores()
+        ceiling = f"; at most {result.median('dicomweb') / floor:.2f}x" if floor else ""
+        found.append(
+            Verdict(
+                f"{result.size.label}: drain vs Orthanc's DICOMweb STOW client",
+                versus,
+                1.2,
+                f"median of {len(result.rounds['drain'])} rounds; per round {low:.2f}-{high:.2f}x;"
+                f" Orthanc CPU s per 1000 instances: drain {orthanc:.2f}, DICOMweb {dicomweb:.2f};"
+                f" the drain's CPU and the sink's need {floor:.2f} s on {_cores()} cores{ceiling}",
+            )
+        )
+        found.append(
+            Verdict(
+                f"{result.size.label}: sink CPU per instance, DICOMweb client vs drain (neutral)",
+                max(cpu["dicomweb"], tick) / max(cpu["drain"], tick),
+                0.8,
+                "sink CPU s per 1000 instances: "
+                + ", ".join(f"{LABELS[k]} {v:.2f}" for k, v in cpu.items()),
+                upper=1.25,
+            )
+        )
+    resumes = [r for result in sizes for r in result.resumes]
+    if resumes:
+        worst = max(resumes, key=lambda r: r.delay)
+        found.append(
+            Verdict(
+                "Resume: KHEOPS answers again -> first instance stored, plugin defaults",
+                worst.delay,
+                10.0,
+                f"worst of {len(resumes)} outages, after {worst.outage:.1f} s down; all:"
+                f" {min(r.delay for r in resumes):.2f}-{worst.delay:.2f} s",
+                unit="s",
+            )
+        )
+    return found
+
+
 def verdicts(results: Results, latency: float) -> list[Verdict]:
     drain = results.find("drain")
     dicomweb = results.find("dicomweb")
@@ -265,6 +382,7 @@ def verdicts(results: Results, latency: float) -> list[Verdict]:
     per_instance_remote = results.find("per_instance", latency)
     plain = results.find("ingest_plain")
     live = results.find("ingest_live")
+    down = results.find("ingest_down")
     found = [
         Verdict(
             "Backlog drain vs DICOMweb STOW client",
@@ -289,12 +407,8 @@ def verdicts(results: Results, latency: float) -> list[Verdict]:
             1.5,
             _explain_latency(drain_remote, dicomweb_remote, dicomweb),
         ),
-        Verdict(
-            "Ingest with the plugin forwarding vs plain Orthanc",
-            _ratio(live, plain),
-            0.95,
-            _explain_ingest(live, plain),
-        ),
+        _ingest_verdict("Ingest with the plugin forwarding vs plain Orthanc", live, plain),
+        _ingest_verdict("Ingest with the plugin, KHEOPS down, vs plain Orthanc", down, plain),
     ]
     if results.memory:
         memory = results.memory[0]  # storage cache off: what the backlog itself costs
@@ -336,6 +450,21 @@ def _explain_latency(remote: Run | None, dicomweb_remote: Run | None, dicomweb: 
     )
 
 
+def _ingest_verdict(target: str, run: Run | None, plain: Run | None) -> Verdict:
+    """Ratio of the medians of the rounds, with the ratio of each round as the spread."""
+    if run is None or plain is None or not run.seconds or not plain.seconds:
+        return Verdict(target, None, 0.95)
+    paired = [p / r for p, r in zip(plain.seconds, run.seconds, strict=False)]
+    ratio = statistics.median(plain.seconds) / statistics.median(run.seconds)
+    return Verdict(
+        target,
+        ratio,
+        0.95,
+        f"ratio of the medians of {len(run.seconds)} rounds; per round"
+        f" {min(paired):.2f}-{max(paired):.2f}x; {_explain_ingest(run, plain)}",
+    )
+
+
 def _explain_ingest(live: Run | None, plain: Run | None) -> str:
     if live is None or plain is None:
         return ""
@@ -343,9 +472,8 @@ def _explain_ingest(live: Run | None, plain: Run | None) -> str:
     plain_cpu = plain.cpu.get("orthanc", 0.0)
     server = live.cpu.get("kheops", 0.0)
     return (
-        f"while storing, Orthanc used {live_cpu:.1f} CPU s with the plugin forwarding against"
-        f" {plain_cpu:.1f} s plain, and the KHEOPS test server {server:.1f} s, on the same"
-        f" {_cores()} cores"
+        f"in the fastest round, Orthanc used {live_cpu:.1f} CPU s with the plugin against"
+        f" {plain_cpu:.1f} s plain, and the sink {server:.1f} s, on the same {_cores()} cores"
     )
 
 
@@ -353,23 +481,28 @@ def verdict_table(items: Sequence[Verdict]) -> list[str]:
     lines = ["| Target | Measured | Goal | Verdict | Why |", "|---|---:|---:|---|---|"]
     for item in items:
         measured = "not run" if item.measured is None else item.shown(item.measured)
-        goal = ("at least " if item.unit == "x" else "at most ") + item.shown(item.goal)
+        goal = item.goal_text()
         verdict = {None: "not run", True: "met", False: "MISSED"}[item.met]
         lines.append(f"| {item.target} | {measured} | {goal} | {verdict} | {item.explanation} |")
     return lines
 
 
 def render(results: Results, *, quick: bool, latency: float) -> str:
-    sections: list[list[str]] = [
-        header(results, quick=quick),
-        ["### Throughput", "", *throughput_table(results)],
-        ["### Ingest cost", "", *ingest_table(results)],
-    ]
+    sections: list[list[str]] = [header(results, quick=quick)]
+    if results.sizes:
+        sections.append(["### Drain by instance size", "", *size_tables(results.sizes)])
+    if results.runs:
+        sections.append(["### Throughput", "", *throughput_table(results)])
+    if results.ingest:
+        sections.append(["### Ingest cost", "", *ingest_table(results)])
     if results.memory:
         sections.append(["### Memory", "", *memory_table(results.memory)])
     if results.sweep:
         sections.append(["### Workers x batch size", "", *sweep_table(results.sweep)])
     if results.linger:
         sections.append(["### Live forwarding: linger", "", *linger_table(results.linger)])
-    sections.append(["### Verdict", "", *verdict_table(verdicts(results, latency))])
+    found = size_verdicts(results.sizes) + verdicts(results, latency)
+    sections.append(
+        ["### Verdict", "", *verdict_table([v for v in found if v.measured is not None])]
+    )
     return "\n\n".join("\n".join(section) for section in sections) + "\n"

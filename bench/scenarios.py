@@ -127,6 +127,7 @@ class LingerPoint:
 @dataclass
 class Settings:
     repeat: int
+    ingest_repeat: int
     latency: float
     plugin: Mapping[str, Any]  # the "Kheops" settings under test, on top of the defaults
     sink_batch: int = 50
@@ -184,6 +185,36 @@ class Bench:
         if orthanc in self._orthancs:
             self._orthancs.remove(orthanc)
         shutil.rmtree(orthanc.workdir, ignore_errors=True)
+
+    def orthanc(self, name: str, **kwargs: Any) -> OrthancProcess:
+        """A fresh Orthanc, retired by `close` unless `retire` came first."""
+        return self._orthanc(name, **kwargs)
+
+    def defaults_section(self) -> dict[str, Any]:
+        """The plugin's defaults (but for quieter logs) and the settings under test."""
+        return {
+            "Url": self.kheops.url,
+            "Token": TOKEN,
+            "LogLevel": "warning",
+            **self.settings.plugin,
+        }
+
+    def meter(self, sender_pid: int | None) -> CpuMeter:
+        """CPU of the sink and of the sender: an Orthanc, or this process (None)."""
+        sender = ("client", os.getpid()) if sender_pid is None else ("orthanc", sender_pid)
+        return CpuMeter(dict([("kheops", self.kheops.pid), sender]))
+
+    def dicomweb_orthanc(self, name: str) -> OrthancProcess:
+        """A plain Orthanc whose DICOMweb plugin knows the sink as the server "kheops"."""
+        return self._orthanc(
+            name,
+            dicomweb_servers={
+                "kheops": {
+                    "Url": self.kheops.api,
+                    "HttpHeaders": {"Authorization": f"Bearer {TOKEN}"},
+                }
+            },
+        )
 
     def plugin_section(self, **overrides: Any) -> dict[str, Any]:
         return {
@@ -337,15 +368,7 @@ class Bench:
         run.requests = self._stow_requests()
 
     def _dicomweb_orthanc(self) -> OrthancProcess:
-        orthanc = self._orthanc(
-            "dicomweb",
-            dicomweb_servers={
-                "kheops": {
-                    "Url": self.kheops.api,
-                    "HttpHeaders": {"Authorization": f"Bearer {TOKEN}"},
-                }
-            },
-        )
+        orthanc = self.dicomweb_orthanc("dicomweb")
         self._timed_store(orthanc, self._ingest("dicomweb", "Orthanc with DICOMweb only"))
         return orthanc
 
@@ -471,7 +494,8 @@ class Bench:
         down = self._ingest("down", "Orthanc + plugin, KHEOPS down")
         end_to_end = self._run("live", "This plugin, live: storescu -> all in the album")
         lags: list[Lag] = []
-        for _ in range(self.settings.repeat):
+        for number in range(self.settings.ingest_repeat):
+            self.log(f"   round {number + 1} of {self.settings.ingest_repeat}")
             orthanc = self._orthanc("plain")
             try:
                 self._timed_store(orthanc, plain)

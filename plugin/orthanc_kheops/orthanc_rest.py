@@ -1,19 +1,24 @@
-"""Orthanc's own REST API over loopback, for worker threads and REST handlers.
+"""Orthanc's own REST API over loopback, for worker threads and REST handlers, and the
+instance files through an in-process reader when the shell gives one.
 
-Worker threads must not call the SDK's RestApi* functions (they can deadlock
-while a store callback is registered), so they use HTTP with the token that
-`GenerateRestApiAuthorizationToken()` gives, which works with Orthanc's
-authentication enabled.
+Over loopback, requests carry the token that `GenerateRestApiAuthorizationToken()` gives,
+which works with Orthanc's authentication enabled. The files a worker sends are read
+in-process instead (`reader`, the SDK's GetDicomForInstance, injected by the shell): reads
+from Python threads are safe, only a store from a Python thread while Orthanc stores can
+deadlock (bench/sdk_threads.py shows it), and a loopback GET of a 128 KiB file cost Orthanc's
+HTTP server and urllib3 more than the read itself. Python plugins before 4.3 (or without
+Python.AllowThreads) hold the GIL during the call, and every store callback waits for it:
+`reader_max_bytes` then keeps large files on loopback.
 
-This client uses urllib3's connection pool directly rather than requests: every
-instance sent is one GET here, and requests' own work per request (sessions,
-hooks, header merging) cost 0.47 ms of CPU per 512 KB file against 0.30 ms.
+The loopback client uses urllib3's connection pool directly rather than requests: requests'
+own work per request (sessions, hooks, header merging) cost 0.47 ms of CPU per 512 KB file
+against 0.30 ms.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -57,11 +62,27 @@ class ChangePage:
     done: bool
 
 
+Reader = Callable[[str], bytes]
+"""The file of an instance by its Orthanc id; raises OrthancNotFound or OrthancUnavailable."""
+
+
 class OrthancRest:
     def __init__(
-        self, url: str, *, authorization: Secret, pool_size: int, timeout: float = 60
+        self,
+        url: str,
+        *,
+        authorization: Secret,
+        pool_size: int,
+        timeout: float = 60,
+        reader: Reader | None = None,
+        reader_max_bytes: int | None = None,
     ) -> None:
-        """`pool_size` connections are kept open, one per thread that reads at the same time."""
+        """`pool_size` connections are kept open, one per thread that reads at the same time.
+
+        `reader` reads files of up to `reader_max_bytes` (None: any size) whose size is known.
+        """
+        self._reader = reader
+        self._reader_max_bytes = reader_max_bytes
         parts = urlsplit(url)
         self._shown = mask_url(url)
         self._prefix = parts.path.rstrip("/")
@@ -78,7 +99,11 @@ class OrthancRest:
             options["cert_reqs"] = "CERT_NONE"
         self._pool = urllib3.connection_from_url(f"{parts.scheme}://{parts.netloc}", **options)
 
-    def read_file(self, orthanc_id: str) -> bytes:
+    def read_file(self, orthanc_id: str, *, size: int = 0) -> bytes:
+        """The instance's file; `size` (0: unknown) chooses between in-process and loopback."""
+        limit = self._reader_max_bytes
+        if self._reader is not None and size > 0 and (limit is None or size <= limit):
+            return self._reader(orthanc_id)
         return self._get(f"/instances/{orthanc_id}/file").data
 
     def check_api(self) -> None:

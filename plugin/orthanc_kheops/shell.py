@@ -23,7 +23,7 @@ from .kheops.client import KheopsClient, make_session
 from .observability.audit import audit_line
 from .observability.masking import Redactor, Secret
 from .observability.metrics import MetricsCollector, MetricsPublisher, rule_figures
-from .orthanc_rest import OrthancRest
+from .orthanc_rest import OrthancNotFound, OrthancRest, OrthancUnavailable
 from .state.clock import SteadyClock
 from .state.errors import StoreUnavailable
 from .state.outbox import SqliteOutbox
@@ -100,6 +100,8 @@ class _Plugin:
             config.orthanc_url,
             authorization=Secret(orthanc.GenerateRestApiAuthorizationToken()),
             pool_size=config.workers + 4,
+            reader=_read_dicom,
+            reader_max_bytes=None if _allows_threads() else _GIL_READ_MAX_BYTES,
         )
         self.sharer = Sharer(
             config,
@@ -117,6 +119,7 @@ class _Plugin:
             after_store=self.sharer.after_store,
             clock=self.clock,
             store_health=self.store_health,
+            header_needed=lambda: any(rule.enabled for rule in list(self.sharer.rules.values())),
         )
         self.router = Router(redact=redactor.redact)
         rules_api = RulesApi(
@@ -237,6 +240,29 @@ class _Plugin:
 def _to_app(output: Any, uri: str, **request: Any) -> None:
     """/kheops/app and /kheops/app/ (Orthanc sees them as one URI): a page that opens the app."""
     output.AnswerBuffer(ENTRY_PAGE, "text/html; charset=utf-8")
+
+
+# Without Python.AllowThreads the GIL is held while Orthanc reads a file for GetDicomForInstance,
+# and store callbacks wait for it as long as the read takes: larger files go over loopback.
+_GIL_READ_MAX_BYTES = 1 << 20
+_UNKNOWN_RESOURCE = 17  # OrthancPluginErrorCode_UnknownResource
+
+
+def _allows_threads() -> bool:
+    """Python.AllowThreads (python plugin 4.3+): SDK calls release the GIL."""
+    python = json.loads(orthanc.GetConfiguration()).get("Python")
+    return isinstance(python, dict) and python.get("AllowThreads") is True
+
+
+def _read_dicom(orthanc_id: str) -> bytes:
+    """An instance's file, in-process: safe from worker threads, as it writes nothing."""
+    try:
+        return orthanc.GetDicomForInstance(orthanc_id)
+    except orthanc.OrthancException as exc:
+        code = exc.args[0] if exc.args else None
+        if code == _UNKNOWN_RESOURCE:
+            raise OrthancNotFound(f"Orthanc has no instance {orthanc_id}") from exc
+        raise OrthancUnavailable(f"Orthanc could not read instance {orthanc_id}: {exc}") from exc
 
 
 def _set_metric(name: str, value: float) -> None:

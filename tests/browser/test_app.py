@@ -239,7 +239,7 @@ def test_the_study_view_tries_a_condition_shares_into_a_rule_and_retries_what_fa
     page = tab.open_app(f"study/{study_id}")
     expect(page.locator("h1")).to_have_text("Study: EXPLORER^ANNA — CHEST CT (20240115)")
     expect(page.locator("#resource-summary")).to_have_text("Failed: 1 sent, 1 failed")
-    expect(page.locator("#resource-reasons")).to_contain_text("not authorized (292)")
+    expect(page.locator("#resource-reasons")).to_contain_text("not authorized (292, 0x0124)")
     ct_row = page.locator(f'#series-rows tr[data-series="{ids[ct_series]}"]')
     expect(ct_row.locator(".series-state")).to_have_text("Sent to KHEOPS: 1 sent")
 

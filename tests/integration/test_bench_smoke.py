@@ -24,7 +24,7 @@ def table(report: str, heading: str) -> list[str]:
     return [line for line in section.splitlines() if line.startswith("| ")][1:]
 
 
-def test_the_bench_runs_every_scenario_on_a_tiny_corpus_and_prints_its_verdict(
+def test_the_bench_runs_tiny_corpora_of_every_size_and_prints_its_verdict(
     tmp_path: Path,
 ) -> None:
     report = tmp_path / "report.md"
@@ -40,15 +40,25 @@ def test_the_bench_runs_every_scenario_on_a_tiny_corpus_and_prints_its_verdict(
 
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout == report.read_text()
-    for heading in ("### Throughput", "### Ingest cost", "### Memory", "### Verdict"):
+    for heading in ("### Drain by instance size", "### Ingest cost", "### Verdict"):
         assert heading in result.stdout
-    throughput = table(result.stdout, "### Throughput")
-    assert sum("Sink limit" in row for row in throughput) == 1
-    for scenario in ("DICOMweb STOW client", "Per-instance STOW", "backlog drain"):
-        assert sum(scenario in row for row in throughput) == 2, scenario  # at 0 and at 50 ms
-    assert any("live" in row and "lag store -> album p50" in row for row in throughput)
+    rows = table(result.stdout, "### Drain by instance size")
+    sizes = ("64 KiB", "128 KiB", "512 KiB", "27 MB")
+    contenders = ("backlog drain", "DICOMweb STOW client", "bare client")
+    for size in sizes:
+        per_size = [row for row in rows if row.startswith(f"| {size} (")]
+        assert [sum(c in row for row in per_size) for c in contenders] == [1, 1, 1], size
+    # the summary, one row per size: two ratios, the sink's CPU for each contender, the resumes
+    summary = [row for row in rows if re.match(r"\| [\d.]+ (KiB|MB) \| \d", row)]
+    assert len(summary) == 4
+    assert all(re.search(r"\| [\d.]+ / [\d.]+ / [\d.]+ \|", row) for row in summary)
     verdicts = table(result.stdout, "### Verdict")
-    assert len(verdicts) == 6
     assert all(re.search(r"\| (met|MISSED) \|", row) for row in verdicts)
-    assert sum(bool(re.search(r"\| \d+\.\d\dx \| at least ", row)) for row in verdicts) == 5
-    assert sum(bool(re.search(r"\| \d+ MB \| at most 50 MB \|", row)) for row in verdicts) == 1
+    for size in sizes:
+        assert sum(row.startswith(f"| {size}: drain vs Orthanc") for row in verdicts) == 1
+        assert sum(row.startswith(f"| {size}: sink CPU") for row in verdicts) == 1
+    assert (
+        sum("Resume" in row and re.search(r"\| [\d.]+ s \|", row) is not None for row in verdicts)
+        == 1
+    )
+    assert sum(row.startswith("| Ingest") for row in verdicts) == 2

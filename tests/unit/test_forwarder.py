@@ -20,6 +20,7 @@ import pydicom
 import pytest
 
 from orthanc_kheops.config import KheopsConfig
+from orthanc_kheops.forwarding import files as files_module
 from orthanc_kheops.forwarding.forwarder import AfterStore, Forwarder, SentInstance, token_problem
 from orthanc_kheops.forwarding.health import State
 from orthanc_kheops.kheops.client import (
@@ -205,7 +206,7 @@ class FakeOrthanc(OrthancRest):
         with self._lock:
             self.read_errors.setdefault(orthanc_id, deque()).extend(errors)
 
-    def read_file(self, orthanc_id: str) -> bytes:
+    def read_file(self, orthanc_id: str, *, size: int = 0) -> bytes:
         with self._lock:
             self.reads.append(orthanc_id)
             errors = self.read_errors.get(orthanc_id)
@@ -368,6 +369,7 @@ def make_rig(tmp_path: Path) -> Iterator[RigFactory]:
         *,
         outbox: SqliteOutbox | None = None,
         after_store: AfterStore | None = None,
+        header_needed: Callable[[], bool] = lambda: True,
         **settings: Any,
     ) -> Rig:
         config = KheopsConfig(
@@ -394,6 +396,7 @@ def make_rig(tmp_path: Path) -> Iterator[RigFactory]:
             orthanc=orthanc,
             kheops=_check_protocol(kheops),
             after_store=after_store or received.extend,
+            header_needed=header_needed,
             clock=clock,
         )
         rig = Rig(forwarder, box, kheops, orthanc, clock, received)
@@ -483,6 +486,47 @@ def test_stored_instances_are_handed_on_with_their_study_and_series(make_rig: Ri
     assert handed[orthanc_id(1)].series_uid == "1.2.826.0.1.3680043.10.3.1"
     assert handed[orthanc_id(100)].series_uid == "1.2.826.0.1.3680043.10.3.2"
     assert handed[orthanc_id(100)].dataset.PatientID == "P1"
+
+
+def test_without_a_rule_that_reads_headers_only_the_file_meta_is_read_and_nothing_handed_on(
+    make_rig: RigFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    parsed: list[object] = []
+
+    class CountingPydicom:
+        Dataset = pydicom.Dataset
+
+        @staticmethod
+        def dcmread(*args: Any, **kwargs: Any) -> pydicom.Dataset:
+            parsed.append(args)
+            return pydicom.dcmread(*args, **kwargs)
+
+    monkeypatch.setattr(files_module, "pydicom", CountingPydicom)
+    rig = make_rig(header_needed=lambda: False)
+    rig.kheops.then = store_all
+    rig.add(1, 2)
+
+    started(rig)
+
+    rig.await_counts("all sent", sent=2)
+    assert rig.after_store == []
+    assert parsed == []
+
+
+def test_a_rule_enabled_after_the_file_was_read_still_gets_its_header(
+    make_rig: RigFactory,
+) -> None:
+    answers = iter([False])  # no rule when the file is read, one when KHEOPS has stored it
+    rig = make_rig(header_needed=lambda: next(answers, True))
+    rig.kheops.then = store_all
+    rig.add(1)
+
+    started(rig)
+
+    rig.await_counts("sent", sent=1)
+    (handed,) = rig.after_store
+    assert handed.study_uid == "1.2.826.0.1.3680043.10.2"
+    assert handed.dataset.PatientID == "P1"
 
 
 def test_instances_queued_while_running_are_sent(make_rig: RigFactory) -> None:

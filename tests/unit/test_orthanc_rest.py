@@ -203,3 +203,28 @@ def test_the_level_of_an_id_is_the_first_level_that_knows_it(server: RecordingSe
 
     assert _client(server.url).resource_level("st-1") == "studies"
     assert [r.path for r in server.received] == ["/patients/st-1", "/studies/st-1"]
+
+
+def test_files_of_known_size_within_the_limit_are_read_by_the_in_process_reader(
+    server: RecordingServer,
+) -> None:
+    server.answer(*[Answer(200, FILE, "application/dicom")] * 2)
+    read: list[str] = []
+
+    def reader(orthanc_id: str) -> bytes:
+        read.append(orthanc_id)
+        return FILE
+
+    client = OrthancRest(
+        server.url, authorization=AUTHORIZATION, pool_size=2, reader=reader, reader_max_bytes=100
+    )
+
+    assert client.read_file("small", size=100) == FILE
+    assert client.read_file("large", size=101) == FILE
+    assert client.read_file("unknown", size=0) == FILE
+
+    assert read == ["small"]
+    assert [r.path for r in server.received] == [
+        "/instances/large/file",
+        "/instances/unknown/file",
+    ]

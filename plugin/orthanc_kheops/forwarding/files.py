@@ -24,6 +24,8 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
+from .file_meta import sop_instance_uid
+
 _PREAMBLE = b"\x00" * 128 + b"DICM"
 _META_GROUP = b"\x02\x00"  # the first tag of a file meta group, little endian
 
@@ -35,16 +37,23 @@ class UnreadableFile(ValueError):
 @dataclass(frozen=True)
 class PreparedFile:
     data: bytes  # a Part-10 file: what the STOW-RS request carries
-    dataset: pydicom.Dataset  # its header, up to the pixel data, for the switching rules
+    # Its header, up to the pixel data, for the switching rules; None when not read.
+    dataset: pydicom.Dataset | None
     sop_uid: str
     study_uid: str
     series_uid: str
     header_added: bool
 
 
-def prepare(data: bytes) -> PreparedFile:
+def prepare(data: bytes, *, header: bool = True) -> PreparedFile:
     """The file as KHEOPS wants it: a Part-10 header is added to a bare data set, as Orthanc's
-    own DICOMweb server does when it answers with a file stored without one."""
+    own DICOMweb server does when it answers with a file stored without one.
+
+    Without `header` (no rule could read it), a Part-10 file whose file meta names its SOP
+    Instance UID is taken as it is, unread: that is all sending needs.
+    """
+    if not header and (uid := sop_instance_uid(data)) is not None:
+        return PreparedFile(data, None, uid, study_uid="", series_uid="", header_added=False)
     header_added = data[128:132] != b"DICM"
     if header_added:
         data = _with_header(data)

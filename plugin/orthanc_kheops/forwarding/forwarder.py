@@ -74,7 +74,7 @@ AfterStore = Callable[[Sequence[SentInstance]], None]
 @dataclass(frozen=True)
 class _Loaded:
     item: QueuedInstance
-    file: PreparedFile
+    file: PreparedFile  # its dataset is None when no rule could read it
 
     @property
     def sop_uid(self) -> str:
@@ -94,13 +94,17 @@ class Forwarder:
         orthanc: OrthancRest,
         kheops: KheopsApi,
         after_store: AfterStore | None = None,
+        header_needed: Callable[[], bool] = lambda: True,
         clock: Callable[[], float] | None = None,
         store_health: StoreHealth | None = None,
     ) -> None:
         """`clock` gives the time every deadline and stored time is read from: a
         `SteadyClock` unless a test injects one; `store_health` is shared with the store
-        callback, which writes to the outbox too."""
+        callback, which writes to the outbox too. `header_needed` says whether some rule could
+        read the header `after_store` gets: when none could, only the file meta is read (for
+        the SOP Instance UID)."""
         self._config = config
+        self._header_needed = header_needed
         self._outbox = outbox
         self._orthanc = orthanc
         self._kheops = kheops
@@ -347,7 +351,7 @@ class Forwarder:
                 left.append(item.orthanc_id)
                 continue
             try:
-                data = self._orthanc.read_file(item.orthanc_id)
+                data = self._orthanc.read_file(item.orthanc_id, size=item.size)
             except OrthancNotFound:
                 missing.append(item)
                 continue
@@ -359,7 +363,7 @@ class Forwarder:
                 later.append(self._backoff(item, _internal(exc)))
                 continue
             try:
-                prepared = prepare(data)
+                prepared = prepare(data, header=self._header_needed())
             except UnreadableFile as exc:
                 failed[item.orthanc_id] = str(exc)
                 continue
@@ -575,25 +579,32 @@ class Forwarder:
         without harm, and never a share. If `after_store` fails, the instances are
         retried as if the upload had failed, and handed on again after it.
         """
-        if self._after_store is None:
+        # No enabled rule now: none was in force when KHEOPS confirmed these, nothing to share.
+        if self._after_store is None or not self._header_needed():
             return True
+        instances = []
+        for x in sent:
+            try:
+                # Read when no rule could need it, and a rule was enabled since: read it now.
+                file = x.file if x.file.dataset is not None else prepare(x.file.data)
+            except UnreadableFile as exc:
+                log.warning("instance %s: no rule applies, %s", x.item.orthanc_id, exc)
+                continue
+            if file.dataset is None:  # not when read with its header, as here
+                continue
+            instances.append(
+                SentInstance(
+                    orthanc_id=x.item.orthanc_id,
+                    sop_uid=x.sop_uid,
+                    study_uid=file.study_uid,
+                    series_uid=file.series_uid,
+                    dataset=file.dataset,
+                )
+            )
         after_store = self._after_store
         try:
             # The share jobs live in a state file too: a full disk is waited out here.
-            self._write(
-                lambda: after_store(
-                    [
-                        SentInstance(
-                            orthanc_id=x.item.orthanc_id,
-                            sop_uid=x.sop_uid,
-                            study_uid=x.file.study_uid,
-                            series_uid=x.file.series_uid,
-                            dataset=x.file.dataset,
-                        )
-                        for x in sent
-                    ]
-                )
-            )
+            self._write(lambda: after_store(instances))
         except StoreUnavailable:
             raise
         except Exception as exc:

@@ -1,0 +1,65 @@
+"""Workers read instance files in-process through the SDK, and large ones over loopback."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+
+from tests.orthanc_process import OrthancFactory, OrthancProcess
+from tests.plugin_setup import Album, queue, single_instance, status
+from tests.waiting import wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def orthanc_id(orthanc: OrthancProcess, sop_uid: str) -> str:
+    response = orthanc.post("/tools/lookup", data=sop_uid)
+    response.raise_for_status()
+    found: list[dict[str, Any]] = response.json()
+    return str(found[0]["ID"])
+
+
+def loopback_reads(orthanc: OrthancProcess) -> set[str]:
+    """Orthanc ids whose file was asked for over Orthanc's HTTP server (its verbose log)."""
+    return set(re.findall(r"\(http\) GET /instances/([0-9a-f-]+)/file", orthanc.log))
+
+
+def test_small_files_are_read_in_process_and_a_large_one_over_loopback_all_arrive(
+    orthanc_factory: OrthancFactory, album: Album
+) -> None:
+    small = [single_instance() for _ in range(3)]
+    large = single_instance(rows=1024, columns=1024)  # 2 MiB: the GIL would wait for its read
+    orthanc = orthanc_factory(kheops=album.section())
+
+    for _, data in [*small, large]:
+        orthanc.upload(data)
+    wait_until(lambda: album.holds([uid for uid, _ in [*small, large]]), timeout=60)
+
+    assert loopback_reads(orthanc) == {orthanc_id(orthanc, large[0])}
+
+
+def test_an_instance_deleted_before_it_is_sent_is_never_counted_as_sent(
+    orthanc_factory: OrthancFactory, album: Album
+) -> None:
+    kept, gone = single_instance(), single_instance()
+    album.server.set_down(True)
+    orthanc = orthanc_factory(kheops=album.section())
+    orthanc.upload(kept[1])
+    gone_id = orthanc.upload(gone[1])
+    wait_until(lambda: status(orthanc)["Counts"]["Queued"] == 2)
+    orthanc.delete(f"/instances/{gone_id}").raise_for_status()
+
+    album.server.set_down(False)
+    wait_until(lambda: album.holds([kept[0]]), timeout=60)
+
+    def settled() -> bool:
+        """Failed as deleted (the read says so), or dropped from the queue: never retried."""
+        failed = [e for e in queue(orthanc, "failed") if e["ID"] == gone_id]
+        pending = [e for e in queue(orthanc, "pending") if e["ID"] == gone_id]
+        return not pending and all("deleted" in str(e["LastError"]) for e in failed)
+
+    wait_until(settled, timeout=30, message="the deleted instance settled")
+    assert not album.holds([gone[0]])
+    assert all(e["ID"] != gone_id for e in queue(orthanc, "sent"))
