@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,8 @@ from .kheops.client import KheopsClient, make_session
 from .observability.audit import audit_line
 from .observability.masking import Redactor, Secret
 from .observability.metrics import MetricsCollector, MetricsPublisher, rule_figures
-from .orthanc_rest import OrthancRest
+from .orthanc_rest import OrthancError, OrthancRest
+from .sdk import Platform, Sdk, UnsupportedPlatform, check_platform
 from .state.outbox import SqliteOutbox
 from .state.rule_store import RuleStore
 from .switching.rules import Rule, config_rules
@@ -35,6 +37,12 @@ from .web.rules_api import RulesApi
 log = logging.getLogger("orthanc_kheops")
 
 _EXPLORER_JS = Path(__file__).parent / "web" / "explorer.js"
+_ROOT_URI = "/app/explorer.html#kheops"
+
+# Every callback handed to Orthanc, referenced for the plugin's lifetime: python plugin 5 and
+# later release theirs after Python has finalized, which crashes Orthanc at shutdown (SIGSEGV)
+# if that was the last reference, as it is for a bound method.
+_CALLBACKS: list[Callable[..., None]] = []
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -66,9 +74,21 @@ class _OrthancLogHandler(logging.Handler):
 
 
 class _Plugin:
-    def __init__(self, config: KheopsConfig, redactor: Redactor, rules: Sequence[Rule]) -> None:
+    def __init__(
+        self,
+        config: KheopsConfig,
+        redactor: Redactor,
+        rules: Sequence[Rule],
+        *,
+        sdk: Sdk,
+        running: Platform,
+        allow_threads: bool,
+    ) -> None:
         self.config = config
         self.redactor = redactor
+        self.sdk = sdk
+        self._running = running
+        self._allow_threads = allow_threads
         self.outbox = SqliteOutbox(config.state_directory / "outbox.sqlite3")
         session = make_session(pool_size=config.workers + 4, verify=config.verify_tls)
         self.kheops = KheopsClient(
@@ -121,7 +141,7 @@ class _Plugin:
             health=self.forwarder.health,
             rules=lambda: rule_figures(self.sharer.store, self.sharer.failing()),
         )
-        self.metrics = MetricsPublisher(collector.values, _set_metric)
+        self.metrics = MetricsPublisher(collector.values, sdk.set_metric)
 
     def on_stored_instance(self, dicom: Any, instance_id: str) -> None:
         """Runs under Orthanc's lock: record the instance and return."""
@@ -137,6 +157,7 @@ class _Plugin:
 
     def on_change(self, change_type: int, level: int, resource_id: str) -> None:
         if change_type == orthanc.ChangeType.ORTHANC_STARTED:
+            threading.Thread(target=self._log_versions, name="kheops-versions", daemon=True).start()
             self.metrics.start()  # Orthanc takes metrics only once it has started
             if self.config.enabled:
                 self.sharer.start()
@@ -166,33 +187,49 @@ class _Plugin:
         except Exception as exc:
             log.exception("REST %s failed", uri)
             response = Response(500, {"HttpStatus": 500, "Message": self.redactor.redact(str(exc))})
-        _answer(output, response)
+        _answer(self.sdk, output, response)
         if call.method != "GET":
             self.metrics.wake()
             line = audit_line(call, response)
             if line is not None:
                 log.log(*line)
 
+    def _log_versions(self) -> None:
+        """The python plugin tells its version only through REST, which works once started."""
+        try:
+            document = self.orthanc.get_json("/plugins/python")
+            version = document.get("Version") if isinstance(document, dict) else None
+        except OrthancError as exc:
+            version = f"unknown ({exc})"
+        log.warning(
+            "running on Orthanc %s, python plugin %s, Python %s; Python.AllowThreads is %s",
+            self._running.orthanc,
+            version,
+            self._running.python,
+            "on" if self._allow_threads else "off",
+        )
 
-def _set_metric(name: str, value: float) -> None:
-    orthanc.SetMetricsValue(name, value, orthanc.MetricsType.DEFAULT)
 
-
-def _answer(output: Any, response: Response) -> None:
+def _answer(sdk: Sdk, output: Any, response: Response) -> None:
     if response.status == 405:
         output.SendMethodNotAllowed(",".join(response.allowed))
         return
-    body = response.encoded()
-    if response.status == 200:
-        output.AnswerBuffer(body, "application/json")
-        return
-    # The SDK wants the body as text and its length in bytes.
-    output.SetHttpHeader("Content-Type", "application/json")
-    output.SendHttpStatus(response.status, body.decode("utf-8"), len(body))
+    sdk.answer(output, response.status, response.encoded(), "application/json")
+
+
+def _register(register: Callable[..., None], *arguments: Any) -> None:
+    """`register(*arguments)`, keeping the callback (the last argument) referenced."""
+    _CALLBACKS.append(arguments[-1])
+    register(*arguments)
 
 
 def install() -> None:
     """Called by the entry script when Orthanc loads it."""
+    try:
+        running = check_platform(orthanc)
+    except UnsupportedPlatform as exc:
+        orthanc.LogError(f"KHEOPS: cannot load: {exc}")
+        raise
     configuration = json.loads(orthanc.GetConfiguration())
     if SECTION not in configuration:
         orthanc.LogWarning(f'KHEOPS: no "{SECTION}" section in the configuration; plugin inactive')
@@ -209,11 +246,15 @@ def install() -> None:
     log.addHandler(handler)
     log.setLevel(_LEVELS[config.log_level])
     log.propagate = False
-    plugin = _Plugin(config, redactor, rules)
-    orthanc.RegisterOnStoredInstanceCallback(plugin.on_stored_instance)
-    orthanc.RegisterOnChangeCallback(plugin.on_change)
-    orthanc.RegisterRestCallback("/kheops/(.*)", plugin.on_rest)
+    sdk = Sdk(orthanc)
+    python_section = configuration.get("Python")
+    allow_threads = isinstance(python_section, dict) and python_section.get("AllowThreads") is True
+    plugin = _Plugin(config, redactor, rules, sdk=sdk, running=running, allow_threads=allow_threads)
+    _register(orthanc.RegisterOnStoredInstanceCallback, plugin.on_stored_instance)
+    _register(orthanc.RegisterOnChangeCallback, plugin.on_change)
+    _register(orthanc.RegisterRestCallback, "/kheops/(.*)", plugin.on_rest)
     orthanc.ExtendOrthancExplorer(_EXPLORER_JS.read_text(encoding="utf-8"))
+    sdk.set_root_uri(_ROOT_URI)
     log.warning("plugin loaded; state in %s", config.state_directory)
 
 

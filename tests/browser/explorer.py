@@ -25,7 +25,8 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 CREDENTIALS = ("admin", "kheops-browser-test")
-SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+# Not docs/screenshots: a test run leaves committed files alone; `make screenshots` copies these.
+SCREENSHOTS = Path(__file__).resolve().parents[2] / "build" / "screenshots"
 VIEWPORT: ViewportSize = {"width": 1280, "height": 900}
 
 
@@ -60,7 +61,7 @@ OpenExplorer = Callable[[OrthancProcess], Explorer]
 
 
 def save_screenshot(page: Page, name: str) -> Path:
-    """Write docs/screenshots/<name>.png, the picture the README shows, from this very page."""
+    """Write build/screenshots/<name>.png, the picture the README shows, from this very page."""
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     path = SCREENSHOTS / f"{name}.png"
     # jQuery Mobile fades from page to page: wait until no page is half-shown.

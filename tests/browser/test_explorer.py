@@ -362,7 +362,7 @@ def test_the_dry_run_shows_which_series_of_a_study_match_and_the_values_read(
 def test_screenshots_of_the_kheops_and_rules_pages_for_the_readme(
     start_orthanc: OrthancFactory, open_explorer: OpenExplorer, kheops: Album
 ) -> None:
-    """Not a check of its own: it keeps docs/screenshots/*.png true to the current pages."""
+    """Not a check of its own: `make screenshots` keeps docs/screenshots/*.png true to the pages."""
     _, config_token = kheops.other_album()
     config_rule = {"Name": "all-to-teaching", "DestinationToken": config_token, "Enabled": False}
     orthanc = start_orthanc(kheops=kheops.section(SwitchingAlbums=[config_rule]))
