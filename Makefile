@@ -8,7 +8,7 @@ DEBIAN_PACKAGES := $(shell grep -v -e '^\#' -e '^ *$$' tools/debian-packages.txt
 # The Orthanc stacks `make test` runs the suite on (tools/matrix); STACKS=host for this one only.
 STACKS ?= host trixie forky
 
-.PHONY: install demo test lint screenshots bench bench-quick clean
+.PHONY: install demo test lint screenshots docker-check bench bench-quick clean
 
 install: $(VENV)/.installed
 
@@ -39,6 +39,10 @@ screenshots: install
 	rm -rf build/screenshots
 	$(PY) -m pytest -q -p no:cacheprovider tests/browser -k screenshots
 	cp build/screenshots/*.png docs/screenshots/
+
+# docker/Dockerfile's pip step with Debian forky's Python 3.14, the image's (also part of `make test`).
+docker-check:
+	tools/matrix docker-check
 
 bench: install
 	$(PY) -m bench
