@@ -107,3 +107,21 @@ def test_orthancs_plugin_list_links_to_the_kheops_page(
 
     # Orthanc may make it relative to Explorer (1.10 answers "../app/…").
     assert plugin["RootUri"].endswith("/app/explorer.html#kheops"), plugin["RootUri"]
+
+
+def test_orthanc_exits_with_0_when_a_resource_becomes_stable_while_it_stops(
+    orthanc_factory: OrthancFactory, album: Album, request: pytest.FixtureRequest
+) -> None:
+    """Python plugin 7.1 aborts here ("free(): invalid pointer" or a double free) with any
+    script that registers an OnChange callback, ours or one line long: an event that comes
+    after ORTHANC_STOPPED is left in its queue. Nothing a script does avoids it."""
+    orthanc = orthanc_factory(kheops=album.section(), extra_config={"StableAge": 1})
+    if orthanc.get("/plugins/python").json()["Version"] == "7.1":
+        # Not strict: whether the event lands during the shutdown is a matter of timing.
+        reason = "python plugin 7.1 aborts when an event comes while Orthanc stops"
+        request.applymarker(pytest.mark.xfail(reason=reason, strict=False))
+    orthanc.upload(single_instance()[1])
+
+    orthanc.stop()  # the instance's series becomes stable during the shutdown
+
+    assert orthanc.returncode == 0
