@@ -4,13 +4,15 @@
 SYSTEM_PYTHON := /usr/bin/python3
 VENV := .venv
 PY := $(VENV)/bin/python
-DEBIAN_PACKAGES := orthanc orthanc-python orthanc-dicomweb dcmtk python3-venv chromium
+DEBIAN_PACKAGES := $(shell grep -v -e '^\#' -e '^ *$$' tools/debian-packages.txt)
+# The Orthanc stacks `make test` runs the suite on (tools/matrix); STACKS=host for this one only.
+STACKS ?= host trixie forky
 
-.PHONY: install demo test lint bench bench-quick screenshots clean
+.PHONY: install demo test lint screenshots docker-check bench bench-quick clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml tools/debian-packages.txt
 	@missing=$$(for p in $(DEBIAN_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "Installing Debian packages: $$missing"; \
@@ -33,12 +35,17 @@ lint: install
 	$(VENV)/bin/mypy
 
 test: lint
-	$(PY) -m pytest
+	tools/matrix $(STACKS)
 
-# The browser tests write their pictures into build/screenshots/; this publishes them.
+# The browser tests write their screenshots to build/screenshots; this puts them in the README.
 screenshots: install
-	$(PY) -m pytest -q -m browser -k screenshots
-	mkdir -p docs/screenshots && cp build/screenshots/*.png docs/screenshots/
+	rm -rf build/screenshots
+	$(PY) -m pytest -q -p no:cacheprovider tests/browser -k screenshots
+	cp build/screenshots/*.png docs/screenshots/
+
+# docker/Dockerfile's pip step with Debian forky's Python 3.14, the image's (also part of `make test`).
+docker-check:
+	tools/matrix docker-check
 
 bench: install
 	$(PY) -m bench

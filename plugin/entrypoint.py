@@ -9,6 +9,13 @@ import os
 import sys
 from pathlib import Path
 
+if sys.version_info < (3, 11):  # noqa: UP036 -- Orthanc may embed an older Python than ours
+    # Said before the package is imported, which an older Python may not even parse.
+    import orthanc
+
+    orthanc.LogError(f"KHEOPS: cannot load: needs Python 3.11 or later; this is {sys.version}")
+    raise RuntimeError("orthanc-kheops needs Python 3.11 or later")
+
 
 def _dependency_paths() -> list[str]:
     explicit = os.environ.get("ORTHANC_KHEOPS_SITE_PACKAGES")

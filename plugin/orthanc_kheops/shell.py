@@ -11,7 +11,8 @@ import json
 import logging
 import sqlite3
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -23,7 +24,8 @@ from .kheops.client import KheopsClient, make_session
 from .observability.audit import audit_line
 from .observability.masking import Redactor, Secret
 from .observability.metrics import MetricsCollector, MetricsPublisher, rule_figures
-from .orthanc_rest import OrthancNotFound, OrthancRest, OrthancUnavailable
+from .orthanc_rest import OrthancError, OrthancNotFound, OrthancRest, OrthancUnavailable
+from .sdk import Platform, Sdk, UnsupportedPlatform, check_platform
 from .state.clock import SteadyClock
 from .state.errors import StoreUnavailable
 from .state.outbox import SqliteOutbox
@@ -52,6 +54,12 @@ _UTF8 = (
     r"|[\xe1-\xec\xee\xef][\x80-\xbf]{2}|\xed[\x80-\x9f][\x80-\xbf]"
     r"|\xf0[\x90-\xbf][\x80-\xbf]{2}|[\xf1-\xf3][\x80-\xbf]{3}|\xf4[\x80-\x8f][\x80-\xbf]{2})"
 )
+_ROOT_URI = "/kheops/app/index.html"  # OE2's and Explorer's plugin lists link to the app
+
+# Every callback handed to Orthanc, referenced for the plugin's lifetime: python plugin 5 and
+# later release theirs after Python has finalized, which crashes Orthanc at shutdown (SIGSEGV)
+# if that was the last reference, as it is for a bound method.
+_CALLBACKS: list[Callable[..., None]] = []
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -83,11 +91,23 @@ class _OrthancLogHandler(logging.Handler):
 
 
 class _Plugin:
-    def __init__(self, config: KheopsConfig, redactor: Redactor, rules: Sequence[Rule]) -> None:
+    def __init__(
+        self,
+        config: KheopsConfig,
+        redactor: Redactor,
+        rules: Sequence[Rule],
+        *,
+        sdk: Sdk,
+        running: Platform,
+        allow_threads: bool,
+    ) -> None:
         self.config = config
         self.redactor = redactor
         self.clock = SteadyClock()
         self.store_health = StoreHealth()
+        self.sdk = sdk
+        self._running = running
+        self._allow_threads = allow_threads
         self.outbox = SqliteOutbox(config.state_directory / "outbox.sqlite3")
         session = make_session(pool_size=config.workers + 4, verify=config.verify_tls)
         self.kheops = KheopsClient(
@@ -101,7 +121,7 @@ class _Plugin:
             authorization=Secret(orthanc.GenerateRestApiAuthorizationToken()),
             pool_size=config.workers + 4,
             reader=_read_dicom,
-            reader_max_bytes=None if _allows_threads() else _GIL_READ_MAX_BYTES,
+            reader_max_bytes=None if allow_threads else _GIL_READ_MAX_BYTES,
         )
         self.sharer = Sharer(
             config,
@@ -151,7 +171,7 @@ class _Plugin:
             clock=self.clock,  # the forwarder's: the age of the last send is a difference
             store_health=self.store_health,
         )
-        self.metrics = MetricsPublisher(collector.values, _set_metric)
+        self.metrics = MetricsPublisher(collector.values, sdk.set_metric)
         labels = OrthancLabels(self.orthanc)
         keeper = LabelKeeper(outbox=self.outbox, orthanc=labels, sent_label=config.sent_label)
         self.labels = LabelThread(keeper, labels, interval=_LABEL_SECONDS)
@@ -189,6 +209,7 @@ class _Plugin:
             except Exception:
                 log.exception("could not take deleted instance %s off the queue", resource_id)
         elif change_type == orthanc.ChangeType.ORTHANC_STARTED:
+            threading.Thread(target=self._log_versions, name="kheops-versions", daemon=True).start()
             self.metrics.start()  # Orthanc takes metrics only once it has started
             self.labels.start()
             if self.config.enabled:
@@ -216,7 +237,7 @@ class _Plugin:
             body=request.get("body") or b"",
         )
         response = self.router.reply(call)  # never raises: every error is an answer
-        _answer(output, response)
+        _answer(self.sdk, output, response)
         if call.method != "GET":
             self.metrics.wake()
             line = audit_line(call, response)
@@ -231,10 +252,25 @@ class _Plugin:
         found = app_file(request["groups"][0])
         if found is None:
             missing = HttpError(404, "the app has no such file", field="file").response()
-            _answer(output, missing)
+            _answer(self.sdk, output, missing)
             return
         output.SetHttpHeader("Cache-Control", "no-cache")  # a new plugin version shows at once
         output.AnswerBuffer(found.body, found.content_type)
+
+    def _log_versions(self) -> None:
+        """The python plugin tells its version only through REST, which works once started."""
+        try:
+            document = self.orthanc.get_json("/plugins/python")
+            version = document.get("Version") if isinstance(document, dict) else None
+        except OrthancError as exc:
+            version = f"unknown ({exc})"
+        log.warning(
+            "running on Orthanc %s, python plugin %s, Python %s; Python.AllowThreads is %s",
+            self._running.orthanc,
+            version,
+            self._running.python,
+            "on" if self._allow_threads else "off",
+        )
 
 
 def _to_app(output: Any, uri: str, **request: Any) -> None:
@@ -248,12 +284,6 @@ _GIL_READ_MAX_BYTES = 1 << 20
 _UNKNOWN_RESOURCE = 17  # OrthancPluginErrorCode_UnknownResource
 
 
-def _allows_threads() -> bool:
-    """Python.AllowThreads (python plugin 4.3+): SDK calls release the GIL."""
-    python = json.loads(orthanc.GetConfiguration()).get("Python")
-    return isinstance(python, dict) and python.get("AllowThreads") is True
-
-
 def _read_dicom(orthanc_id: str) -> bytes:
     """An instance's file, in-process: safe from worker threads, as it writes nothing."""
     try:
@@ -265,25 +295,26 @@ def _read_dicom(orthanc_id: str) -> bytes:
         raise OrthancUnavailable(f"Orthanc could not read instance {orthanc_id}: {exc}") from exc
 
 
-def _set_metric(name: str, value: float) -> None:
-    orthanc.SetMetricsValue(name, value, orthanc.MetricsType.DEFAULT)
-
-
-def _answer(output: Any, response: Response) -> None:
+def _answer(sdk: Sdk, output: Any, response: Response) -> None:
     if response.status == 405:
         output.SendMethodNotAllowed(",".join(response.allowed))
         return
-    body = response.encoded()
-    if response.status == 200:
-        output.AnswerBuffer(body, "application/json")
-        return
-    # The SDK wants the body as text and its length in bytes.
-    output.SetHttpHeader("Content-Type", "application/json")
-    output.SendHttpStatus(response.status, body.decode("utf-8"), len(body))
+    sdk.answer(output, response.status, response.encoded(), "application/json")
+
+
+def _register(register: Callable[..., None], *arguments: Any) -> None:
+    """`register(*arguments)`, keeping the callback (the last argument) referenced."""
+    _CALLBACKS.append(arguments[-1])
+    register(*arguments)
 
 
 def install() -> None:
     """Called by the entry script when Orthanc loads it."""
+    try:
+        running = check_platform(orthanc)
+    except UnsupportedPlatform as exc:
+        orthanc.LogError(f"KHEOPS: cannot load: {exc}")
+        raise
     configuration = json.loads(orthanc.GetConfiguration())
     if SECTION not in configuration:
         orthanc.LogWarning(f'KHEOPS: no "{SECTION}" section in the configuration; plugin inactive')
@@ -300,21 +331,25 @@ def install() -> None:
     log.addHandler(handler)
     log.setLevel(_LEVELS[config.log_level])
     log.propagate = False
+    sdk = Sdk(orthanc)
+    python_section = configuration.get("Python")
+    allow_threads = isinstance(python_section, dict) and python_section.get("AllowThreads") is True
     try:
-        plugin = _Plugin(config, redactor, rules)
+        plugin = _Plugin(
+            config, redactor, rules, sdk=sdk, running=running, allow_threads=allow_threads
+        )
     except (OSError, sqlite3.Error) as exc:  # a state file that cannot be opened
         _refuse_to_start(
             f"{SECTION}.StateDirectory: cannot open the state in {config.state_directory}: {exc}"
         )
-    orthanc.RegisterOnStoredInstanceCallback(plugin.on_stored_instance)
-    orthanc.RegisterOnChangeCallback(plugin.on_change)
+    _register(orthanc.RegisterOnStoredInstanceCallback, plugin.on_stored_instance)
+    _register(orthanc.RegisterOnChangeCallback, plugin.on_change)
     # Orthanc gives a URI to the first pattern that matches it: the app's come first.
-    orthanc.RegisterRestCallback("/kheops/app", _to_app)
-    orthanc.RegisterRestCallback(f"/kheops/app/({_UTF8}*)", plugin.on_app)
-    orthanc.RegisterRestCallback(f"/kheops/({_UTF8}*)", plugin.on_rest)
-    if hasattr(orthanc, "SetRootUri"):  # OE2's and Explorer's plugin lists link to the app
-        orthanc.SetRootUri("/kheops/app/index.html")
+    _register(orthanc.RegisterRestCallback, "/kheops/app", _to_app)
+    _register(orthanc.RegisterRestCallback, f"/kheops/app/({_UTF8}*)", plugin.on_app)
+    _register(orthanc.RegisterRestCallback, f"/kheops/({_UTF8}*)", plugin.on_rest)
     orthanc.ExtendOrthancExplorer(_EXPLORER_JS.read_text(encoding="utf-8"))
+    sdk.set_root_uri(_ROOT_URI)
     log.warning("plugin loaded; state in %s", config.state_directory)
 
 

@@ -249,7 +249,7 @@ def test_a_deleted_rules_metrics_drop_to_zero_once(outbox: SqliteOutbox) -> None
 # --- publishing ------------------------------------------------------------------------------
 
 
-def test_the_publisher_sets_every_value_as_a_float_and_again_when_woken() -> None:
+def test_the_publisher_sets_every_value_as_collected_and_again_when_woken() -> None:
     published: list[tuple[str, float]] = []
     rounds: list[dict[str, float]] = [{"kheops_a": 1, "kheops_b": 2.5}, {"kheops_a": 3}]
 
@@ -263,10 +263,11 @@ def test_the_publisher_sets_every_value_as_a_float_and_again_when_woken() -> Non
     try:
         wait_until(lambda: ("kheops_b", 2.5) in published, message="first round published")
         publisher.wake()
-        wait_until(lambda: ("kheops_a", 3.0) in published, message="woken round published")
+        wait_until(lambda: ("kheops_a", 3) in published, message="woken round published")
     finally:
         publisher.stop()
-    assert all(isinstance(value, float) for _, value in published)
+    # Counts stay ints, for the SDKs that keep integer metrics exactly.
+    assert {type(value) for name, value in published if name == "kheops_a"} == {int}
 
 
 def test_a_failing_round_is_logged_once_and_the_thread_goes_on(

@@ -154,8 +154,9 @@ class MetricsCollector:
 class MetricsPublisher:
     """Sets every metric through `publish` every `period` seconds, from its own thread.
 
-    `publish` is the shell's bridge to `orthanc.SetMetricsValue`. A failing round is logged
-    once per kind of failure and never stops the thread.
+    `publish` is the shell's bridge to Orthanc's metrics, given each value as collected (an
+    int stays an int). A failing round is logged once per kind of failure and never stops
+    the thread.
     """
 
     def __init__(
@@ -191,7 +192,7 @@ class MetricsPublisher:
     def publish_once(self) -> None:
         try:
             for name, value in self._collect().items():
-                self._publish(name, float(value))
+                self._publish(name, value)
         except Exception as exc:  # noqa: BLE001 -- a metrics round must never end the thread
             problem = f"{type(exc).__name__}: {exc}"
             if problem != self._last_problem:
