@@ -4,7 +4,7 @@
 SYSTEM_PYTHON := /usr/bin/python3
 VENV := .venv
 PY := $(VENV)/bin/python
-DEBIAN_PACKAGES := orthanc orthanc-python orthanc-dicomweb dcmtk python3-venv chromium
+DEBIAN_PACKAGES := orthanc orthanc-python orthanc-dicomweb dcmtk python3-venv chromium postgresql orthanc-postgresql
 
 .PHONY: install demo test lint bench bench-quick clean
 

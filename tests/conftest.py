@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import pytest
 from tests.kheops_server import KheopsTestServer
 from tests.orthanc_process import OrthancError, OrthancFactory, OrthancProcess, stop_all
 from tests.plugin_setup import Album
+from tests.postgres_server import PostgresServer
 
 # --- Work directories ------------------------------------------------------------------------
 
@@ -79,3 +81,13 @@ def pytest_runtest_makereport(
         for orthanc in item.stash.get(_ORTHANCS, []):
             report.sections.append((f"Orthanc log tail ({orthanc.url})", orthanc.log_tail()))
     return report
+
+
+# --- PostgreSQL --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One real PostgreSQL for the whole run, on a free loopback port, deleted at the end."""
+    with PostgresServer(Path(tempfile.mkdtemp(prefix="orthanc-kheops-pg-"))) as server:
+        yield server
