@@ -20,7 +20,13 @@ import pydicom
 import pytest
 
 from orthanc_kheops.config import KheopsConfig
-from orthanc_kheops.forwarding.forwarder import AfterStore, Forwarder, SentInstance, token_problem
+from orthanc_kheops.forwarding.forwarder import (
+    RECHECK_CHANGES,
+    AfterStore,
+    Forwarder,
+    SentInstance,
+    token_problem,
+)
 from orthanc_kheops.forwarding.health import State
 from orthanc_kheops.kheops.client import (
     Introspection,
@@ -929,16 +935,35 @@ def test_reconcile_queues_new_instances_missing_from_the_outbox(make_rig: RigFac
 
     queued = rig.forwarder.reconcile()
 
-    assert queued == 2
+    assert queued == 3
     found = rig.outbox.lookup(["missing-1", "missing-2", "already-sent", "before-baseline"])
     assert {k: v.state for k, v in found.items()} == {
         "missing-1": "pending",
         "missing-2": "pending",
         "already-sent": "sent",
+        # Behind the cursor, but read again: another writer's change can commit late.
+        "before-baseline": "pending",
     }
     assert rig.outbox.get_meta("last_change") == 8
-    assert rig.orthanc.pages_read == [3, 5, 7]
+    assert rig.orthanc.pages_read == [0, 4, 6]
     assert rig.forwarder.reconcile() == 0
+
+
+def test_reconcile_reads_again_a_window_of_changes_behind_its_cursor(
+    make_rig: RigFactory,
+) -> None:
+    rig = make_rig()
+    rig.outbox.set_meta("last_change", RECHECK_CHANGES + 10)
+    rig.orthanc.change_log = _changes(
+        (5, "NewInstance", "too-old"),
+        (11, "NewInstance", "committed-late"),
+        (RECHECK_CHANGES + 10, "NewInstance", "at-the-cursor"),
+    )
+    rig.outbox.enqueue([("at-the-cursor", 1)], now=T0, requeue=True)
+
+    assert rig.forwarder.reconcile() == 1
+    assert set(rig.outbox.lookup(["too-old", "committed-late"])) == {"committed-late"}
+    assert rig.orthanc.pages_read[0] == 10
 
 
 def test_reconcile_starts_a_new_baseline_when_orthanc_has_a_younger_change_log(

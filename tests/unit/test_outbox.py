@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from orthanc_kheops.state.outbox import SCHEMA_VERSION, Retry, SqliteOutbox
+from orthanc_kheops.state.outbox import SCHEMA_VERSION, Outbox, Retry, SqliteOutbox
+from orthanc_kheops.state.postgres.outbox import PgOutbox
 
 T0 = 1_000_000.0
 MB = 1024 * 1024
@@ -19,27 +20,32 @@ def path(tmp_path: Path) -> Path:
     return tmp_path / "state" / "outbox.sqlite3"
 
 
-@pytest.fixture
-def outbox(path: Path) -> Iterator[SqliteOutbox]:
-    box = SqliteOutbox(path)
+@pytest.fixture(params=["sqlite", "postgresql"])
+def outbox(request: pytest.FixtureRequest, path: Path) -> Iterator[Outbox]:
+    """The contract holds for both back-ends: each test runs on SQLite and on PostgreSQL."""
+    box: Outbox
+    if request.param == "sqlite":
+        box = SqliteOutbox(path)
+    else:
+        box = PgOutbox(request.getfixturevalue("pg_database"), node="node-a", lease_seconds=30)
     yield box
     box.close()
 
 
 def _claim(
-    outbox: SqliteOutbox, *, now: float = T0, count: int = 50, size: int = 64 * MB
+    outbox: Outbox, *, now: float = T0, count: int = 50, size: int = 64 * MB
 ) -> list[str]:
     return [i.orthanc_id for i in outbox.claim(now=now, max_count=count, max_bytes=size)]
 
 
-def _state(outbox: SqliteOutbox, orthanc_id: str) -> str:
+def _state(outbox: Outbox, orthanc_id: str) -> str:
     return outbox.lookup([orthanc_id])[orthanc_id].state
 
 
 # --- enqueue and claim ---------------------------------------------------------------------------
 
 
-def test_enqueued_instances_are_pending_and_due_at_once(outbox: SqliteOutbox) -> None:
+def test_enqueued_instances_are_pending_and_due_at_once(outbox: Outbox) -> None:
     added = outbox.enqueue([("a", 10), ("b", 20)], now=T0, requeue=True)
 
     assert added == 2
@@ -55,7 +61,7 @@ def test_enqueued_instances_are_pending_and_due_at_once(outbox: SqliteOutbox) ->
     assert outbox.next_due() == T0
 
 
-def test_claim_takes_at_most_the_maximum_count(outbox: SqliteOutbox) -> None:
+def test_claim_takes_at_most_the_maximum_count(outbox: Outbox) -> None:
     outbox.enqueue([(f"i{n}", 1) for n in range(7)], now=T0, requeue=True)
 
     assert len(_claim(outbox, count=3)) == 3
@@ -64,14 +70,14 @@ def test_claim_takes_at_most_the_maximum_count(outbox: SqliteOutbox) -> None:
     assert _claim(outbox, count=3) == []
 
 
-def test_claim_stops_before_the_byte_limit(outbox: SqliteOutbox) -> None:
+def test_claim_stops_before_the_byte_limit(outbox: Outbox) -> None:
     outbox.enqueue([("a", 40), ("b", 40), ("c", 40)], now=T0, requeue=True)
 
     assert sorted(_claim(outbox, size=100)) == ["a", "b"]
     assert _claim(outbox, size=100) == ["c"]
 
 
-def test_an_instance_larger_than_the_byte_limit_still_goes_alone(outbox: SqliteOutbox) -> None:
+def test_an_instance_larger_than_the_byte_limit_still_goes_alone(outbox: Outbox) -> None:
     outbox.enqueue([("huge", 500)], now=T0, requeue=True)
     outbox.enqueue([("small", 1)], now=T0 + 1, requeue=True)
 
@@ -79,7 +85,7 @@ def test_an_instance_larger_than_the_byte_limit_still_goes_alone(outbox: SqliteO
     assert _claim(outbox, now=T0 + 1, size=100) == ["small"]
 
 
-def test_claim_takes_only_instances_that_are_due(outbox: SqliteOutbox) -> None:
+def test_claim_takes_only_instances_that_are_due(outbox: Outbox) -> None:
     outbox.enqueue([("now", 1)], now=T0, requeue=True)
     outbox.enqueue([("later", 1)], now=T0 + 60, requeue=True)
 
@@ -88,7 +94,7 @@ def test_claim_takes_only_instances_that_are_due(outbox: SqliteOutbox) -> None:
     assert _claim(outbox, now=T0 + 60) == ["later"]
 
 
-def test_claim_takes_the_longest_waiting_first(outbox: SqliteOutbox) -> None:
+def test_claim_takes_the_longest_waiting_first(outbox: Outbox) -> None:
     outbox.enqueue([("third", 1)], now=T0 + 2, requeue=True)
     outbox.enqueue([("first", 1)], now=T0, requeue=True)
     outbox.enqueue([("second", 1)], now=T0 + 1, requeue=True)
@@ -96,7 +102,7 @@ def test_claim_takes_the_longest_waiting_first(outbox: SqliteOutbox) -> None:
     assert _claim(outbox, now=T0 + 5, count=2) == ["first", "second"]
 
 
-def test_claimed_instances_are_inflight_and_not_claimed_again(outbox: SqliteOutbox) -> None:
+def test_claimed_instances_are_inflight_and_not_claimed_again(outbox: Outbox) -> None:
     outbox.enqueue([("a", 1), ("b", 1)], now=T0, requeue=True)
 
     claimed = outbox.claim(now=T0, max_count=50, max_bytes=MB)
@@ -108,7 +114,7 @@ def test_claimed_instances_are_inflight_and_not_claimed_again(outbox: SqliteOutb
     assert outbox.next_due() is None
 
 
-def test_instances_marked_to_go_alone_are_claimed_one_per_request(outbox: SqliteOutbox) -> None:
+def test_instances_marked_to_go_alone_are_claimed_one_per_request(outbox: Outbox) -> None:
     outbox.enqueue([("a", 1), ("b", 1), ("c", 1)], now=T0, requeue=True)
     _claim(outbox)
     outbox.reschedule(
@@ -122,7 +128,7 @@ def test_instances_marked_to_go_alone_are_claimed_one_per_request(outbox: Sqlite
     assert all(len(b) == 1 for b in batches)
 
 
-def test_an_alone_instance_ends_a_batch_that_already_has_others(outbox: SqliteOutbox) -> None:
+def test_an_alone_instance_ends_a_batch_that_already_has_others(outbox: Outbox) -> None:
     outbox.enqueue([("alone", 1)], now=T0, requeue=True)
     _claim(outbox)
     outbox.reschedule([Retry("alone", 1.0, "400", alone=True)], now=T0)
@@ -135,7 +141,7 @@ def test_an_alone_instance_ends_a_batch_that_already_has_others(outbox: SqliteOu
 
 
 def test_a_batch_that_is_not_full_waits_until_its_oldest_instance_has_lingered(
-    outbox: SqliteOutbox,
+    outbox: Outbox,
 ) -> None:
     outbox.enqueue([("first", 1)], now=T0, requeue=True)
     outbox.enqueue([("second", 1)], now=T0 + 0.3, requeue=True)
@@ -146,7 +152,7 @@ def test_a_batch_that_is_not_full_waits_until_its_oldest_instance_has_lingered(
     assert [i.orthanc_id for i in claimed] == ["first", "second"]
 
 
-def test_a_full_batch_is_taken_without_lingering(outbox: SqliteOutbox) -> None:
+def test_a_full_batch_is_taken_without_lingering(outbox: Outbox) -> None:
     outbox.enqueue([("a", 1), ("b", 1), ("c", 1)], now=T0, requeue=True)
 
     claimed = outbox.claim(now=T0, max_count=2, max_bytes=MB, linger=60)
@@ -155,7 +161,7 @@ def test_a_full_batch_is_taken_without_lingering(outbox: SqliteOutbox) -> None:
 
 
 def test_a_batch_that_reached_the_byte_limit_is_taken_without_lingering(
-    outbox: SqliteOutbox,
+    outbox: Outbox,
 ) -> None:
     outbox.enqueue([("a", 40), ("b", 40), ("c", 40)], now=T0, requeue=True)
 
@@ -164,7 +170,7 @@ def test_a_batch_that_reached_the_byte_limit_is_taken_without_lingering(
     assert [i.orthanc_id for i in claimed] == ["a", "b"]
 
 
-def test_an_instance_retried_alone_is_taken_without_lingering(outbox: SqliteOutbox) -> None:
+def test_an_instance_retried_alone_is_taken_without_lingering(outbox: Outbox) -> None:
     outbox.enqueue([("alone", 1)], now=T0, requeue=True)
     _claim(outbox)
     outbox.reschedule([Retry("alone", 0.0, "400", alone=True)], now=T0)
@@ -177,7 +183,7 @@ def test_an_instance_retried_alone_is_taken_without_lingering(outbox: SqliteOutb
 # --- outcomes ------------------------------------------------------------------------------------
 
 
-def test_sent_instances_count_their_attempt_and_clear_the_error(outbox: SqliteOutbox) -> None:
+def test_sent_instances_count_their_attempt_and_clear_the_error(outbox: Outbox) -> None:
     outbox.enqueue([("a", 1)], now=T0, requeue=True)
     _claim(outbox)
     outbox.reschedule([Retry("a", 5.0, "503")], now=T0)
@@ -189,7 +195,7 @@ def test_sent_instances_count_their_attempt_and_clear_the_error(outbox: SqliteOu
     assert (row.state, row.attempts, row.last_error, row.done_at) == ("sent", 2, None, T0 + 6)
 
 
-def test_failed_instances_keep_their_reason(outbox: SqliteOutbox) -> None:
+def test_failed_instances_keep_their_reason(outbox: Outbox) -> None:
     outbox.enqueue([("a", 1), ("b", 1)], now=T0, requeue=True)
     _claim(outbox)
 
@@ -206,7 +212,7 @@ def test_failed_instances_keep_their_reason(outbox: SqliteOutbox) -> None:
 
 
 def test_rescheduled_instances_wait_their_delay_and_count_an_attempt(
-    outbox: SqliteOutbox,
+    outbox: Outbox,
 ) -> None:
     outbox.enqueue([("a", 1), ("b", 1)], now=T0, requeue=True)
     _claim(outbox)
@@ -225,7 +231,7 @@ def test_rescheduled_instances_wait_their_delay_and_count_an_attempt(
 
 
 def test_released_instances_are_pending_again_with_their_attempts_unchanged(
-    outbox: SqliteOutbox,
+    outbox: Outbox,
 ) -> None:
     outbox.enqueue([("a", 1)], now=T0, requeue=True)
     _claim(outbox)
@@ -239,7 +245,7 @@ def test_released_instances_are_pending_again_with_their_attempts_unchanged(
     assert _claim(outbox) == ["a"]
 
 
-def test_release_leaves_instances_that_are_not_inflight_alone(outbox: SqliteOutbox) -> None:
+def test_release_leaves_instances_that_are_not_inflight_alone(outbox: Outbox) -> None:
     outbox.enqueue([("a", 1)], now=T0, requeue=True)
     _claim(outbox)
     outbox.mark_sent(["a"], now=T0)
@@ -249,7 +255,7 @@ def test_release_leaves_instances_that_are_not_inflight_alone(outbox: SqliteOutb
     assert _state(outbox, "a") == "sent"
 
 
-def test_a_late_retry_does_not_send_again_an_instance_already_sent(outbox: SqliteOutbox) -> None:
+def test_a_late_retry_does_not_send_again_an_instance_already_sent(outbox: Outbox) -> None:
     outbox.enqueue([("a", 1), ("b", 1)], now=T0, requeue=True)
     _claim(outbox)
     outbox.mark_sent(["a"], now=T0)
@@ -264,7 +270,7 @@ def test_a_late_retry_does_not_send_again_an_instance_already_sent(outbox: Sqlit
     assert outbox.get_meta("retries") is None
 
 
-def test_sop_uids_are_recorded(outbox: SqliteOutbox) -> None:
+def test_sop_uids_are_recorded(outbox: Outbox) -> None:
     outbox.enqueue([("a", 1)], now=T0, requeue=True)
 
     outbox.set_sop_uids({"a": "1.2.3"})
@@ -276,7 +282,7 @@ def test_sop_uids_are_recorded(outbox: SqliteOutbox) -> None:
 
 
 @pytest.mark.parametrize("finished", ["sent", "failed"])
-def test_a_re_stored_instance_goes_back_to_pending(outbox: SqliteOutbox, finished: str) -> None:
+def test_a_re_stored_instance_goes_back_to_pending(outbox: Outbox, finished: str) -> None:
     outbox.enqueue([("a", 1)], now=T0, requeue=True)
     _claim(outbox)
     outbox.reschedule([Retry("a", 0.0, "503", alone=True)], now=T0)
@@ -300,7 +306,7 @@ def test_a_re_stored_instance_goes_back_to_pending(outbox: SqliteOutbox, finishe
     assert (row.alone, row.last_error, row.done_at) == (False, None, None)
 
 
-def test_requeue_leaves_an_inflight_instance_to_its_worker(outbox: SqliteOutbox) -> None:
+def test_requeue_leaves_an_inflight_instance_to_its_worker(outbox: Outbox) -> None:
     outbox.enqueue([("a", 1)], now=T0, requeue=True)
     _claim(outbox)
 
@@ -312,7 +318,7 @@ def test_requeue_leaves_an_inflight_instance_to_its_worker(outbox: SqliteOutbox)
 
 @pytest.mark.parametrize("verdict", ["sent", "failed"])
 def test_an_instance_stored_again_while_in_flight_is_sent_again_after_its_verdict(
-    outbox: SqliteOutbox, verdict: str
+    outbox: Outbox, verdict: str
 ) -> None:
     outbox.enqueue([("a", 1)], now=T0, requeue=True)
     _claim(outbox)
@@ -328,7 +334,7 @@ def test_an_instance_stored_again_while_in_flight_is_sent_again_after_its_verdic
     assert _claim(outbox, now=T0 + 2) == ["a"]
 
 
-def test_a_verdict_on_an_instance_not_stored_again_is_final(outbox: SqliteOutbox) -> None:
+def test_a_verdict_on_an_instance_not_stored_again_is_final(outbox: Outbox) -> None:
     outbox.enqueue([("a", 1)], now=T0, requeue=True)
     _claim(outbox)
     outbox.enqueue([("b", 1)], now=T0 + 1, requeue=True)
@@ -339,7 +345,7 @@ def test_a_verdict_on_an_instance_not_stored_again_is_final(outbox: SqliteOutbox
 
 
 def test_the_reconciler_does_not_touch_instances_already_in_the_outbox(
-    outbox: SqliteOutbox,
+    outbox: Outbox,
 ) -> None:
     outbox.enqueue([("sent", 1), ("failed", 1), ("waiting", 1)], now=T0, requeue=True)
     _claim(outbox, count=2)  # sent, failed (insertion order for equal due times)
@@ -363,7 +369,7 @@ def test_the_reconciler_does_not_touch_instances_already_in_the_outbox(
     assert found["waiting"].size == 1
 
 
-def test_queuing_one_instance_counts_whether_it_changed_the_outbox(outbox: SqliteOutbox) -> None:
+def test_queuing_one_instance_counts_whether_it_changed_the_outbox(outbox: Outbox) -> None:
     # One instance at a time is the store callback's path: one statement, no transaction.
     assert outbox.enqueue([("a", 1)], now=T0, requeue=False) == 1
     assert outbox.enqueue([("a", 2)], now=T0 + 1, requeue=False) == 0
@@ -446,14 +452,18 @@ def test_an_outbox_of_another_schema_version_is_refused(path: Path) -> None:
         SqliteOutbox(path)
 
 
-def test_a_new_outbox_records_its_schema_version(outbox: SqliteOutbox) -> None:
-    assert outbox.get_meta("schema_version") == SCHEMA_VERSION
+def test_a_new_outbox_records_its_schema_version(path: Path) -> None:
+    outbox = SqliteOutbox(path)
+    try:
+        assert outbox.get_meta("schema_version") == SCHEMA_VERSION
+    finally:
+        outbox.close()
 
 
 # --- make_due and retry_failed ---------------------------------------------------------------------
 
 
-def test_make_due_brings_every_waiting_instance_forward(outbox: SqliteOutbox) -> None:
+def test_make_due_brings_every_waiting_instance_forward(outbox: Outbox) -> None:
     outbox.enqueue([("a", 1), ("b", 1), ("c", 1)], now=T0, requeue=True)
     _claim(outbox)
     outbox.reschedule([Retry("a", 100.0, "503"), Retry("b", 300.0, "503")], now=T0)
@@ -466,14 +476,14 @@ def test_make_due_brings_every_waiting_instance_forward(outbox: SqliteOutbox) ->
     assert _state(outbox, "c") == "sent"
 
 
-def _two_failed_one_sent(outbox: SqliteOutbox) -> None:
+def _two_failed_one_sent(outbox: Outbox) -> None:
     outbox.enqueue([("f1", 1), ("f2", 1), ("s", 1)], now=T0, requeue=True)
     _claim(outbox)
     outbox.mark_failed({"f1": "292", "f2": "262"}, now=T0)
     outbox.mark_sent(["s"], now=T0)
 
 
-def test_retry_failed_without_ids_queues_every_failed_instance(outbox: SqliteOutbox) -> None:
+def test_retry_failed_without_ids_queues_every_failed_instance(outbox: Outbox) -> None:
     _two_failed_one_sent(outbox)
 
     moved = outbox.retry_failed(None, now=T0 + 10)
@@ -490,7 +500,7 @@ def test_retry_failed_without_ids_queues_every_failed_instance(outbox: SqliteOut
     assert rows["f1"].done_at is None
 
 
-def test_retry_failed_with_ids_queues_only_those_that_failed(outbox: SqliteOutbox) -> None:
+def test_retry_failed_with_ids_queues_only_those_that_failed(outbox: Outbox) -> None:
     _two_failed_one_sent(outbox)
 
     moved = outbox.retry_failed(["f2", "s", "unknown"], now=T0 + 10)
@@ -503,7 +513,7 @@ def test_retry_failed_with_ids_queues_only_those_that_failed(outbox: SqliteOutbo
 # --- listing -------------------------------------------------------------------------------------
 
 
-def test_counts_name_every_state(outbox: SqliteOutbox) -> None:
+def test_counts_name_every_state(outbox: Outbox) -> None:
     assert outbox.counts() == {"pending": 0, "inflight": 0, "sent": 0, "failed": 0}
     _two_failed_one_sent(outbox)
     outbox.enqueue([("p", 1)], now=T0, requeue=True)
@@ -511,7 +521,7 @@ def test_counts_name_every_state(outbox: SqliteOutbox) -> None:
     assert outbox.counts() == {"pending": 1, "inflight": 0, "sent": 1, "failed": 2}
 
 
-def test_pending_entries_are_listed_by_due_time(outbox: SqliteOutbox) -> None:
+def test_pending_entries_are_listed_by_due_time(outbox: Outbox) -> None:
     outbox.enqueue([("c", 1)], now=T0 + 3, requeue=True)
     outbox.enqueue([("a", 1)], now=T0 + 1, requeue=True)
     outbox.enqueue([("b", 1)], now=T0 + 2, requeue=True)
@@ -520,7 +530,7 @@ def test_pending_entries_are_listed_by_due_time(outbox: SqliteOutbox) -> None:
     assert [e.orthanc_id for e in outbox.entries("pending", limit=1, offset=1)] == ["b"]
 
 
-def test_finished_entries_are_listed_most_recent_first(outbox: SqliteOutbox) -> None:
+def test_finished_entries_are_listed_most_recent_first(outbox: Outbox) -> None:
     outbox.enqueue([("a", 1), ("b", 1), ("c", 1)], now=T0, requeue=True)
     _claim(outbox)
     outbox.mark_sent(["b"], now=T0 + 1)
@@ -531,7 +541,7 @@ def test_finished_entries_are_listed_most_recent_first(outbox: SqliteOutbox) -> 
     assert [e.orthanc_id for e in outbox.entries("failed", limit=10)] == []
 
 
-def test_entries_as_json_show_the_next_attempt_only_while_pending(outbox: SqliteOutbox) -> None:
+def test_entries_as_json_show_the_next_attempt_only_while_pending(outbox: Outbox) -> None:
     outbox.enqueue([("a", 1), ("b", 1)], now=T0, requeue=True)
     outbox.set_sop_uids({"a": "1.2.3"})
     outbox.claim(now=T0, max_count=1, max_bytes=MB)
@@ -553,7 +563,7 @@ def test_entries_as_json_show_the_next_attempt_only_while_pending(outbox: Sqlite
     assert pending["NextAttempt"] == T0
 
 
-def test_lookup_finds_known_ids_in_any_number(outbox: SqliteOutbox) -> None:
+def test_lookup_finds_known_ids_in_any_number(outbox: Outbox) -> None:
     ids = [f"id{n:04}" for n in range(1200)]
     outbox.enqueue([(i, 1) for i in ids], now=T0, requeue=True)
 
@@ -565,7 +575,7 @@ def test_lookup_finds_known_ids_in_any_number(outbox: SqliteOutbox) -> None:
 # --- meta and counters ---------------------------------------------------------------------------
 
 
-def test_meta_values_round_trip_as_json(outbox: SqliteOutbox) -> None:
+def test_meta_values_round_trip_as_json(outbox: Outbox) -> None:
     assert outbox.get_meta("missing") is None
     outbox.set_meta("last_change", 17)
     outbox.set_meta("doc", {"a": [1, "b"]})

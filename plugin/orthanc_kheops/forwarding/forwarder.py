@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from io import BytesIO
 
@@ -42,6 +43,8 @@ _THROUGHPUT_WINDOW = 60.0
 _WRONG_ENDPOINT = frozenset({404, 405})
 _WRONG_ENDPOINT_WHY = "KHEOPS has no STOW-RS endpoint at this URL (check Kheops.Url)"
 _IDLE_POLL = 1.0
+RECHECK_CHANGES = 1000
+"""Changes before the cursor read again: with several writers a change can commit late."""
 
 
 @dataclass(frozen=True)
@@ -75,13 +78,16 @@ class Forwarder:
         orthanc: OrthancRest,
         kheops: KheopsApi,
         after_store: AfterStore | None = None,
+        exclusive: Callable[[str], AbstractContextManager[bool]] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """`exclusive(name)` tells whether this node may do `name` now (one node at a time)."""
         self._config = config
         self._outbox = outbox
         self._orthanc = orthanc
         self._kheops = kheops
         self._after_store = after_store
+        self._exclusive = exclusive or (lambda name: nullcontext(True))
         self._clock = clock
         self.health = Health(now=clock(), probe_maximum=min(config.retry_maximum, 30.0))
         self.introspection: Introspection | None = None
@@ -482,12 +488,22 @@ class Forwarder:
             self._check_token(first=False)
 
     def reconcile(self) -> int:
-        """Queue instances that Orthanc's change log has and the outbox lacks."""
-        since = self._outbox.get_meta("last_change")
+        """Queue instances that Orthanc's change log has and the outbox lacks.
+
+        Only one node reconciles at a time, from the cursor in the (shared) outbox; the last
+        RECHECK_CHANGES changes before it are read again, since with several Orthanc writers
+        a change can become visible after a later one. Queuing is idempotent.
+        """
+        with self._exclusive("reconcile") as mine:
+            return self._reconcile() if mine else 0
+
+    def _reconcile(self) -> int:
+        cursor = self._outbox.get_meta("last_change")
         last = self._orthanc.last_change()
-        if not isinstance(since, int) or since > last:
+        if not isinstance(cursor, int) or cursor > last:
             self._outbox.set_meta("last_change", last)
             return 0
+        since = max(0, cursor - RECHECK_CHANGES)
         queued = 0
         while since < last and not self._stopping.is_set():
             page = self._orthanc.changes(since)
@@ -497,7 +513,8 @@ class Forwarder:
             if page.last <= since:
                 break
             since = page.last
-            self._outbox.set_meta("last_change", since)
+            if since > cursor:
+                self._outbox.set_meta("last_change", since)
             if page.done:
                 break
         if queued:

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 from ..forwarding.health import Health, Snapshot, State
 from ..state.outbox import Outbox
-from ..state.rule_store import RuleStore, ShareCounts
+from ..state.backend import RuleStoreApi
+from ..state.rule_store import ShareCounts
 from .stats import TransferSnapshot, TransferStats
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ def metric_values(
     return values
 
 
-def rule_figures(store: RuleStore, failing: Mapping[str, str]) -> list[RuleFigures]:
+def rule_figures(store: RuleStoreApi, failing: Mapping[str, str]) -> list[RuleFigures]:
     """The share counts of every rule in the store, and whether it is failing."""
     counts = store.counts()
     figures = []

@@ -46,7 +46,8 @@ from ..kheops.client import (
 )
 from ..observability.masking import Secret
 from ..orthanc_rest import OrthancNotFound, OrthancRest
-from ..state.rule_store import RuleStore, ShareJob, ShareKey
+from ..state.backend import RuleStoreApi
+from ..state.rule_store import ShareJob, ShareKey
 from .conditions import Condition
 from .rules import Origin, Rule, RuleError, check_tokens, parse_rule
 
@@ -93,7 +94,7 @@ class Sharer:
         self,
         config: KheopsConfig,
         *,
-        store: RuleStore,
+        store: RuleStoreApi,
         kheops: KheopsApi,
         orthanc: OrthancRest,
         remember_secret: Callable[[Secret], None] = lambda secret: None,

@@ -1,0 +1,121 @@
+"""Which state back-end the plugin uses, and the rule store's contract.
+
+`open_state` reads Kheops.StateDatabase: SQLite files in the state directory (one node), or
+one PostgreSQL schema shared by every node, with this node's registration in it.
+`RuleStoreApi` is what the switching code and the REST routes need from a rule store; the
+SQLite `RuleStore` and `PgRuleStore` both provide it, checked by the same contract tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ..config import KheopsConfig
+from .node_lock import claim_state_directory
+from .outbox import Outbox, SqliteOutbox
+from .postgres.cluster import Cluster
+from .postgres.database import PgDatabase
+from .postgres.outbox import PgOutbox
+from .postgres.rule_store import PgRuleStore
+from .rule_store import RuleStore, ShareCounts, ShareJob, ShareKey, StoredRule
+
+
+class RuleStoreApi(Protocol):
+    def rules(self) -> list[StoredRule]: ...
+
+    def rule(self, name: str) -> StoredRule | None: ...
+
+    def save_rule(
+        self,
+        name: str,
+        *,
+        origin: str,
+        document: Mapping[str, Any],
+        albums: tuple[str, str] | None,
+        now: float,
+    ) -> None: ...
+
+    def delete_rule(self, name: str) -> bool: ...
+
+    def sync_config(
+        self, documents: Mapping[str, Mapping[str, Any]], *, now: float
+    ) -> list[str]: ...
+
+    def set_albums(self, name: str, albums: tuple[str, str]) -> None: ...
+
+    def set_failing(self, name: str, reason: str | None, *, now: float) -> None: ...
+
+    def note_error(self, name: str, error: str, *, now: float) -> None: ...
+
+    def add_shares(self, keys: Iterable[ShareKey], *, now: float) -> int: ...
+
+    def requeue_shares(self, keys: Iterable[ShareKey], *, now: float) -> int: ...
+
+    def due_shares(self, rules: Collection[str], *, now: float, limit: int) -> list[ShareJob]: ...
+
+    def next_due(self, rules: Collection[str]) -> float | None: ...
+
+    def mark_shared(self, key: ShareKey, *, now: float) -> None: ...
+
+    def reschedule(
+        self, key: ShareKey, *, delay: float, error: str, not_found: bool, now: float
+    ) -> None: ...
+
+    def mark_failed(self, key: ShareKey, *, reason: str, now: float) -> None: ...
+
+    def retry(self, name: str, *, now: float) -> int: ...
+
+    def make_due(self, *, now: float) -> int: ...
+
+    def shares(
+        self, name: str, *, state: str, limit: int, offset: int = 0
+    ) -> list[ShareJob]: ...
+
+    def counts(self) -> dict[str, ShareCounts]: ...
+
+    def get_meta(self, key: str) -> object | None: ...
+
+    def set_meta(self, key: str, value: object) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class State:
+    """The opened state: the outbox, the rule store, and the cluster when there is one."""
+
+    outbox: Outbox
+    store: RuleStoreApi
+    cluster: Cluster | None = None
+
+    def close(self) -> None:
+        self.outbox.close()
+        self.store.close()
+        if self.cluster is not None:
+            self.cluster.close()
+
+
+def open_state(config: KheopsConfig) -> State:
+    """Open the configured back-end; raise with a message that says what to do if it cannot."""
+    if config.state_database == "postgresql" and config.postgres is not None:
+        return _open_postgres(config)
+    claim_state_directory(config.state_directory, config.node_name)
+    return State(
+        outbox=SqliteOutbox(config.state_directory / "outbox.sqlite3"),
+        store=RuleStore(config.state_directory / "switching.sqlite3"),
+    )
+
+
+def _open_postgres(config: KheopsConfig) -> State:
+    assert config.postgres is not None
+    db = PgDatabase(
+        config.postgres.conninfo.reveal(),
+        schema=config.postgres.schema,
+        max_size=config.workers + 6,
+    )
+    outbox = PgOutbox(db, node=config.node_name, lease_seconds=config.lease_seconds)
+    store = PgRuleStore(db, node=config.node_name, lease_seconds=config.lease_seconds)
+    cluster = Cluster(db, outbox=outbox, store=store, config=config)
+    return State(outbox=outbox, store=store, cluster=cluster)
