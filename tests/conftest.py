@@ -12,7 +12,6 @@ import psycopg
 import pytest
 
 from orthanc_kheops.state.postgres.database import PgDatabase
-
 from tests.kheops_server import KheopsTestServer
 from tests.orthanc_process import OrthancError, OrthancFactory, OrthancProcess, stop_all
 from tests.plugin_setup import Album

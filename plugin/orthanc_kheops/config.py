@@ -113,9 +113,7 @@ def _state_directory(
 _CONNINFO_KEYS = {"Host": "host", "Port": "port", "Database": "dbname", "Username": "user"}
 
 
-def _postgres(
-    section: Mapping[str, Any], orthanc: Mapping[str, Any]
-) -> PostgresSettings | None:
+def _postgres(section: Mapping[str, Any], orthanc: Mapping[str, Any]) -> PostgresSettings | None:
     """Kheops.PostgreSQL, else Orthanc's own PostgreSQL section (the same database)."""
     if section.get("StateDatabase", "sqlite") != "postgresql":
         return None

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import orthanc
+import psycopg
 
 from .config import SECTION, ConfigError, KheopsConfig, load_config
 from .forwarding.forwarder import Forwarder
@@ -23,8 +24,9 @@ from .observability.audit import audit_line
 from .observability.masking import Redactor, Secret
 from .observability.metrics import MetricsCollector, MetricsPublisher, rule_figures
 from .orthanc_rest import OrthancRest
-from .state.outbox import SqliteOutbox
-from .state.rule_store import RuleStore
+from .state.backend import open_state
+from .state.node_lock import StateDirectoryInUse, release_state_directory
+from .state.postgres.database import StateDatabaseError
 from .switching.rules import Rule, config_rules
 from .switching.sharing import Sharer
 from .web.forwarding_api import ForwardingApi
@@ -69,7 +71,9 @@ class _Plugin:
     def __init__(self, config: KheopsConfig, redactor: Redactor, rules: Sequence[Rule]) -> None:
         self.config = config
         self.redactor = redactor
-        self.outbox = SqliteOutbox(config.state_directory / "outbox.sqlite3")
+        self.state = open_state(config)
+        self.outbox = self.state.outbox
+        cluster = self.state.cluster
         session = make_session(pool_size=config.workers + 4, verify=config.verify_tls)
         self.kheops = KheopsClient(
             config.url,
@@ -84,11 +88,13 @@ class _Plugin:
         )
         self.sharer = Sharer(
             config,
-            store=RuleStore(config.state_directory / "switching.sqlite3"),
+            store=self.state.store,
             kheops=self.kheops,
             orthanc=self.orthanc,
             remember_secret=redactor.add,
         )
+        if cluster is not None:
+            cluster.install_config_rules({rule.name: rule.document() for rule in rules})
         self.sharer.install_config_rules(rules)
         self.forwarder = Forwarder(
             config,
@@ -96,6 +102,7 @@ class _Plugin:
             orthanc=self.orthanc,
             kheops=self.kheops,
             after_store=self.sharer.after_store,
+            exclusive=cluster.exclusive if cluster is not None else None,
         )
         self.router = Router()
         rules_api = RulesApi(
@@ -113,6 +120,7 @@ class _Plugin:
             forwarder=self.forwarder,
             orthanc=self.orthanc,
             rules_summary=rules_api.summary,
+            nodes=cluster.nodes if cluster is not None else None,
         ).register(self.router)
         ResourcesApi(outbox=self.outbox, orthanc=self.orthanc).register(self.router)
         collector = MetricsCollector(
@@ -138,6 +146,11 @@ class _Plugin:
     def on_change(self, change_type: int, level: int, resource_id: str) -> None:
         if change_type == orthanc.ChangeType.ORTHANC_STARTED:
             self.metrics.start()  # Orthanc takes metrics only once it has started
+            if self.state.cluster is not None:
+                self.state.cluster.start(
+                    on_rules_changed=self.sharer.reload,
+                    last_sent=lambda: self.forwarder.stats.snapshot().last_sent_at,
+                )
             if self.config.enabled:
                 self.sharer.start()
                 self.forwarder.start()
@@ -152,6 +165,10 @@ class _Plugin:
             self.forwarder.stop(timeout=10)
             self.sharer.stop(timeout=10)
             self.metrics.stop()
+            if self.state.cluster is not None:
+                self.state.cluster.stop()
+            else:
+                release_state_directory(self.config.state_directory, self.config.node_name)
             log.warning("forwarding stopped; unsent instances stay queued")
 
     def on_rest(self, output: Any, uri: str, **request: Any) -> None:
@@ -204,12 +221,18 @@ def install() -> None:
         orthanc.LogError(f"KHEOPS: invalid configuration: {exc}")
         raise
     redactor = Redactor([config.token])
+    if config.postgres is not None and config.postgres.password is not None:
+        redactor.add(config.postgres.password)
     handler = _OrthancLogHandler(redactor)
     handler.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(handler)
     log.setLevel(_LEVELS[config.log_level])
     log.propagate = False
-    plugin = _Plugin(config, redactor, rules)
+    try:
+        plugin = _Plugin(config, redactor, rules)
+    except (StateDirectoryInUse, StateDatabaseError, psycopg.Error) as exc:
+        orthanc.LogError(redactor.redact(f"KHEOPS: cannot open the plugin's state: {exc}"))
+        raise
     orthanc.RegisterOnStoredInstanceCallback(plugin.on_stored_instance)
     orthanc.RegisterOnChangeCallback(plugin.on_change)
     orthanc.RegisterRestCallback("/kheops/(.*)", plugin.on_rest)

@@ -338,9 +338,7 @@ def test_the_postgresql_state_database_connects_with_its_own_settings() -> None:
         5.0,
     )
     assert config.postgres == PostgresSettings(
-        conninfo=Secret(
-            "host='db' port='5433' dbname='pacs' user='o' password='it\\'s\\\\secret'"
-        ),
+        conninfo=Secret("host='db' port='5433' dbname='pacs' user='o' password='it\\'s\\\\secret'"),
         schema="kheops_a",
         password=Secret("it's\\secret"),
     )

@@ -32,9 +32,7 @@ def outbox(request: pytest.FixtureRequest, path: Path) -> Iterator[Outbox]:
     box.close()
 
 
-def _claim(
-    outbox: Outbox, *, now: float = T0, count: int = 50, size: int = 64 * MB
-) -> list[str]:
+def _claim(outbox: Outbox, *, now: float = T0, count: int = 50, size: int = 64 * MB) -> list[str]:
     return [i.orthanc_id for i in outbox.claim(now=now, max_count=count, max_bytes=size)]
 
 

@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from ..forwarding.health import Health, Snapshot, State
-from ..state.outbox import Outbox
 from ..state.backend import RuleStoreApi
+from ..state.outbox import Outbox
 from ..state.rule_store import ShareCounts
 from .stats import TransferSnapshot, TransferStats
 

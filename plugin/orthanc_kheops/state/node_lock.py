@@ -30,7 +30,9 @@ class StateDirectoryInUse(RuntimeError):
     """The SQLite state directory cannot be used by this node; the message says why."""
 
 
-def claim_state_directory(directory: Path, node: str, *, mounts: Path = Path("/proc/mounts")) -> None:
+def claim_state_directory(
+    directory: Path, node: str, *, mounts: Path = Path("/proc/mounts")
+) -> None:
     """Make `directory` this node's, or raise `StateDirectoryInUse`."""
     directory.mkdir(parents=True, exist_ok=True)
     fs_type = file_system_type(directory, mounts)

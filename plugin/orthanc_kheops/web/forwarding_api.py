@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 
 from ..config import KheopsConfig
@@ -15,6 +15,16 @@ from .routing import HttpError, Request, Response, Router, json_object, string_l
 _QUEUE_STATES = ("pending", "failed", "sent")
 _DEFAULT_PAGE = 100
 _MAXIMUM_PAGE = 1000
+
+
+_NODE_TIMES = frozenset({"StartedAt", "LastSeen", "LastSentAt"})
+
+
+def _node_view(node: Mapping[str, object]) -> dict[str, object]:
+    return {
+        key: iso(value) if key in _NODE_TIMES and isinstance(value, float) else value
+        for key, value in node.items()
+    }
 
 
 def iso(timestamp: float | None) -> str | None:
@@ -32,10 +42,12 @@ class ForwardingApi:
         forwarder: Forwarder,
         orthanc: OrthancRest,
         rules_summary: Callable[[], object] | None = None,
+        nodes: Callable[[], list[dict[str, object]]] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._config = config
         self._rules_summary = rules_summary
+        self._nodes = nodes
         self._outbox = outbox
         self._forwarder = forwarder
         self._orthanc = orthanc
@@ -67,7 +79,8 @@ class ForwardingApi:
             "Since": iso(health.since),
             "Counts": {
                 "Queued": counts["pending"],
-                "InFlight": self._forwarder.inflight,
+                # Several nodes: the claims of all of them, from the shared outbox.
+                "InFlight": self._forwarder.inflight if self._nodes is None else counts["inflight"],
                 "Sent": counts["sent"],
                 "Failed": counts["failed"],
                 "Retries": self._outbox.get_meta("retries") or 0,
@@ -83,6 +96,8 @@ class ForwardingApi:
         }
         if self._rules_summary is not None:
             document["SwitchingAlbums"] = self._rules_summary()
+        if self._nodes is not None:
+            document["Nodes"] = [_node_view(node) for node in self._nodes()]
         return document
 
     def queue(self, request: Request, _: Sequence[str]) -> Response:

@@ -126,9 +126,9 @@ class Cluster:
 
     def beat(self, now: float) -> None:
         self._db.execute(
-            "UPDATE nodes SET last_seen = %s, last_sent_at = COALESCE(%s, last_sent_at)"
-            " WHERE name = %s",
-            (now, self._last_sent(), self.node),
+            "UPDATE nodes SET last_seen = %s, last_sent_at = COALESCE(%s, last_sent_at),"
+            " rules_version = %s WHERE name = %s",
+            (now, self._last_sent(), self._rules_version, self.node),
         )
 
     def follow_rules(self) -> bool:
@@ -138,9 +138,7 @@ class Cluster:
             return False
         self._rules_version = version
         self._on_rules_changed()
-        self._report_differences(
-            self._store.config_differences(self._config_rules), at_start=False
-        )
+        self._report_differences(self._store.config_differences(self._config_rules), at_start=False)
         return True
 
     # -- what the routes show and the reconciler needs ----------------------------------
@@ -149,7 +147,8 @@ class Cluster:
         """The nodes seen recently, with their last activity (times in seconds)."""
         now = self._clock()
         rows = self._db.fetchall(
-            "SELECT name, started_at, last_seen, last_sent_at, stopped_at FROM nodes"
+            "SELECT name, started_at, last_seen, last_sent_at, stopped_at, rules_version,"
+            " (SELECT value FROM meta WHERE key = 'rules_version') AS current FROM nodes"
             " WHERE last_seen > %s ORDER BY name",
             (now - RECENT_SECONDS,),
         )
@@ -161,6 +160,8 @@ class Cluster:
                 "StartedAt": row["started_at"],
                 "LastSeen": row["last_seen"],
                 "LastSentAt": row["last_sent_at"],
+                # Whether the node follows the rules as they are now, or an older version.
+                "RulesCurrent": row["rules_version"] == (row["current"] or 0),
             }
             for row in rows
         ]

@@ -85,11 +85,15 @@ class PgDatabase:
         with self._pool.connection() as connection:
             return connection.execute(query, parameters).rowcount
 
-    def fetchall(self, query: str, parameters: Sequence[Any] | dict[str, Any] = ()) -> list[DictRow]:
+    def fetchall(
+        self, query: str, parameters: Sequence[Any] | dict[str, Any] = ()
+    ) -> list[DictRow]:
         with self._pool.connection() as connection:
             return connection.execute(query, parameters).fetchall()
 
-    def fetchone(self, query: str, parameters: Sequence[Any] | dict[str, Any] = ()) -> DictRow | None:
+    def fetchone(
+        self, query: str, parameters: Sequence[Any] | dict[str, Any] = ()
+    ) -> DictRow | None:
         with self._pool.connection() as connection:
             return connection.execute(query, parameters).fetchone()
 

@@ -77,7 +77,8 @@ CREATE TABLE nodes (
     started_at   double precision NOT NULL,
     last_seen    double precision NOT NULL,
     last_sent_at double precision,
-    stopped_at   double precision
+    stopped_at   double precision,
+    rules_version bigint
 );
 """,
     ),

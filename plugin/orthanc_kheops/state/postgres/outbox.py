@@ -68,9 +68,7 @@ class PgOutbox:
         statement = _REQUEUE if requeue else _ADD
         if len(rows) == 1:
             ((orthanc_id, size),) = rows.items()
-            return self._db.execute(
-                statement.format(values=_ONE), (orthanc_id, size, now, now)
-            )
+            return self._db.execute(statement.format(values=_ONE), (orthanc_id, size, now, now))
         if not rows:
             return 0
         return self._db.execute(

@@ -124,7 +124,9 @@ class PgRuleStore:
             for row in self._db.fetchall("SELECT name, document FROM rules WHERE origin = 'config'")
         }
         names = set(stored) | set(documents)
-        return sorted(n for n in names if stored.get(n) != (documents.get(n) and dict(documents[n])))
+        return sorted(
+            n for n in names if stored.get(n) != (documents.get(n) and dict(documents[n]))
+        )
 
     def sync_config(self, documents: Mapping[str, Mapping[str, Any]], *, now: float) -> list[str]:
         """Make the config rules those given (see `RuleStore.sync_config`)."""
