@@ -162,9 +162,11 @@ def test_the_store_callbacks_enqueue_is_one_statement_without_a_transaction(
 def test_one_node_at_a_time_holds_an_exclusive_task(
     pg_database: PgDatabase, second_database: PgDatabase
 ) -> None:
-    with pg_database.exclusive("reconcile") as first:
-        with second_database.exclusive("reconcile") as second:
-            assert (first, second) == (True, False)
+    with (
+        pg_database.exclusive("reconcile") as first,
+        second_database.exclusive("reconcile") as second,
+    ):
+        assert (first, second) == (True, False)
     with second_database.exclusive("reconcile") as later:
         assert later
 
