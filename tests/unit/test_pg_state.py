@@ -195,8 +195,8 @@ def test_nodes_starting_at_once_apply_each_migration_once(state_database_dsn: st
     finally:
         for db in opened:
             db.close()
-        with psycopg.connect(state_database_dsn, autocommit=True) as connection:
-            connection.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        with psycopg.connect(state_database_dsn, autocommit=True) as plain:
+            plain.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
 
 
 def test_a_new_migration_is_applied_to_a_schema_of_the_previous_version(
