@@ -492,7 +492,8 @@ class Forwarder:
 
         Only one node reconciles at a time, from the cursor in the (shared) outbox; the last
         RECHECK_CHANGES changes before it are read again, since with several Orthanc writers
-        a change can become visible after a later one. Queuing is idempotent.
+        a change can become visible after a later one, but never those before the first
+        cursor (stored before the plugin ran). Queuing is idempotent.
         """
         with self._exclusive("reconcile") as mine:
             return self._reconcile() if mine else 0
@@ -501,9 +502,15 @@ class Forwarder:
         cursor = self._outbox.get_meta("last_change")
         last = self._orthanc.last_change()
         if not isinstance(cursor, int) or cursor > last:
+            # What Orthanc held before is sent on request only (POST /kheops/send).
+            self._outbox.set_meta("first_change", last)
             self._outbox.set_meta("last_change", last)
             return 0
-        since = max(0, cursor - RECHECK_CHANGES)
+        first = self._outbox.get_meta("first_change")
+        if not isinstance(first, int):  # an outbox older than the window: start it here
+            first = cursor
+            self._outbox.set_meta("first_change", first)
+        since = max(first, cursor - RECHECK_CHANGES)
         queued = 0
         while since < last and not self._stopping.is_set():
             page = self._orthanc.changes(since)
