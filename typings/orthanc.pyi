@@ -5,6 +5,10 @@ from typing import Any
 class ChangeType:
     ORTHANC_STARTED: int
     ORTHANC_STOPPED: int
+    DELETED: int
+
+class ResourceType:
+    INSTANCE: int
 
 class MetricsType:
     DEFAULT: int

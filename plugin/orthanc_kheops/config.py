@@ -49,6 +49,8 @@ class KheopsConfig:
     retry_initial: float = 2.0
     retry_maximum: float = 300.0
     maximum_age: float | None = None
+    sent_retention: float | None = 30 * 86400.0
+    storage_recycling: str | None = None
     token_recheck: float = 30.0
     reconcile_interval: float = 60.0
     verify_tls: bool | str = True
@@ -87,6 +89,8 @@ def load_config(
         retry_initial=float(section.get("RetryInitialSeconds", 2)),
         retry_maximum=float(section.get("RetryMaximumSeconds", 300)),
         maximum_age=(section.get("MaximumAgeHours", 0) * 3600) or None,
+        sent_retention=(section.get("SentRetentionDays", 30) * 86400) or None,
+        storage_recycling=_storage_recycling(orthanc_configuration),
         token_recheck=float(section.get("TokenRecheckSeconds", 30)),
         reconcile_interval=float(section.get("ReconcileSeconds", 60)),
         verify_tls=_verify_tls(section.get("VerifyTls", True), config_directory),
@@ -147,6 +151,14 @@ def _quoted(value: str) -> str:
     """A libpq conninfo value: quoted, with quotes and backslashes escaped."""
     escaped = value.replace("\\", "\\\\").replace("'", "\\'")
     return f"'{escaped}'"
+
+
+def _storage_recycling(orthanc: Mapping[str, Any]) -> str | None:
+    """Orthanc's recycling settings when they can delete instances, in words; else None."""
+    if orthanc.get("MaximumStorageMode", "Recycle") != "Recycle":
+        return None
+    keys = ("MaximumPatientCount", "MaximumStorageSize")
+    return ", ".join(f"{key} {orthanc[key]}" for key in keys if orthanc.get(key)) or None
 
 
 def _verify_tls(value: bool | str, config_directory: Path) -> bool | str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,8 +24,11 @@ from .observability.masking import Redactor, Secret
 from .observability.metrics import MetricsCollector, MetricsPublisher, rule_figures
 from .orthanc_rest import OrthancRest
 from .state.backend import open_state
+from .state.clock import SteadyClock
+from .state.errors import StoreUnavailable
 from .state.node_lock import StateDirectoryInUse, release_state_directory
 from .state.postgres.database import StateDatabaseError
+from .state.store_health import StoreHealth
 from .switching.rules import Rule, config_rules
 from .switching.sharing import Sharer
 from .web.forwarding_api import ForwardingApi
@@ -71,7 +73,9 @@ class _Plugin:
     def __init__(self, config: KheopsConfig, redactor: Redactor, rules: Sequence[Rule]) -> None:
         self.config = config
         self.redactor = redactor
-        self.state = open_state(config)
+        self.clock = SteadyClock()
+        self.store_health = StoreHealth()
+        self.state = open_state(config, clock=self.clock)
         self.outbox = self.state.outbox
         cluster = self.state.cluster
         session = make_session(pool_size=config.workers + 4, verify=config.verify_tls)
@@ -103,6 +107,8 @@ class _Plugin:
             kheops=self.kheops,
             after_store=self.sharer.after_store,
             exclusive=cluster.exclusive if cluster is not None else None,
+            clock=self.clock,
+            store_health=self.store_health,
         )
         self.router = Router()
         rules_api = RulesApi(
@@ -121,6 +127,7 @@ class _Plugin:
             orthanc=self.orthanc,
             rules_summary=rules_api.summary,
             nodes=cluster.nodes if cluster is not None else None,
+            clock=self.clock,
         ).register(self.router)
         ResourcesApi(outbox=self.outbox, orthanc=self.orthanc).register(self.router)
         collector = MetricsCollector(
@@ -128,6 +135,7 @@ class _Plugin:
             stats=self.forwarder.stats,
             health=self.forwarder.health,
             rules=lambda: rule_figures(self.sharer.store, self.sharer.failing()),
+            store_health=self.store_health,
         )
         self.metrics = MetricsPublisher(collector.values, _set_metric)
 
@@ -135,8 +143,19 @@ class _Plugin:
         """Runs under Orthanc's lock: record the instance and return."""
         try:
             self.outbox.enqueue(
-                [(instance_id, dicom.GetInstanceSize())], now=time.time(), requeue=True
+                [(instance_id, dicom.GetInstanceSize())], now=self.clock(), requeue=True
             )
+        except StoreUnavailable as exc:
+            # The change log still has it: the reconciler queues it once writing works again.
+            if self.store_health.failed(
+                f"cannot queue instance {instance_id}: {exc}", self.clock()
+            ):
+                log.error(
+                    "cannot queue instances now (%s); they are queued from Orthanc's change log"
+                    " once the state directory can be written again",
+                    exc,
+                )
+            return
         except Exception:
             # The change log still has it: the reconciler will queue it.
             log.exception("could not queue instance %s now; it will be found later", instance_id)
@@ -144,7 +163,12 @@ class _Plugin:
         self.forwarder.instance_stored()
 
     def on_change(self, change_type: int, level: int, resource_id: str) -> None:
-        if change_type == orthanc.ChangeType.ORTHANC_STARTED:
+        if change_type == orthanc.ChangeType.DELETED and level == orthanc.ResourceType.INSTANCE:
+            try:
+                self.forwarder.instances_deleted([resource_id])
+            except Exception:
+                log.exception("could not take deleted instance %s off the queue", resource_id)
+        elif change_type == orthanc.ChangeType.ORTHANC_STARTED:
             self.metrics.start()  # Orthanc takes metrics only once it has started
             if self.state.cluster is not None:
                 self.state.cluster.start(
@@ -230,7 +254,7 @@ def install() -> None:
     log.propagate = False
     try:
         plugin = _Plugin(config, redactor, rules)
-    except (StateDirectoryInUse, StateDatabaseError, psycopg.Error) as exc:
+    except (StateDirectoryInUse, StateDatabaseError, StoreUnavailable, psycopg.Error) as exc:
         orthanc.LogError(redactor.redact(f"KHEOPS: cannot open the plugin's state: {exc}"))
         raise
     orthanc.RegisterOnStoredInstanceCallback(plugin.on_stored_instance)

@@ -204,6 +204,8 @@ class FakeOrthanc(OrthancRest):
         self.last_change_error: Exception | None = None
         self.last_change_calls = 0
         self.pages_read: list[int] = []
+        self.statistics: dict[str, int] = {"CountInstances": 0}
+        self.system_error: Exception | None = None
 
     def fail_reads(self, orthanc_id: str, *errors: Exception) -> None:
         with self._lock:
@@ -246,13 +248,25 @@ class FakeOrthanc(OrthancRest):
         )
 
     def get_json(self, path: str) -> object:
-        raise NotImplementedError("get_json")
+        if path == "/system":  # Orthanc answers: its REST API is where OrthancUrl says
+            if self.system_error is not None:
+                raise self.system_error
+            return {"Version": "1.10.1"}
+        if path == "/statistics":
+            return self.statistics
+        raise NotImplementedError(f"get_json {path}")
 
     def resource_level(self, orthanc_id: str) -> str:
         raise NotImplementedError("resource_level")
 
     def instances_of(self, level: str, orthanc_id: str) -> list[StoredInstance]:
-        raise NotImplementedError("instances_of")
+        if level != "instances":
+            raise NotImplementedError(f"instances_of {level}")
+        with self._lock:
+            data = self.files.get(orthanc_id)
+        if data is None:
+            raise OrthancNotFound(f"Orthanc REST /instances/{orthanc_id}: not found")
+        return [StoredInstance(orthanc_id, len(data))]
 
 
 def sop_uid(n: int) -> str:
@@ -538,20 +552,51 @@ def test_a_batch_kheops_cannot_read_is_split_and_only_the_bad_instance_fails(
     assert {rig.row(n).attempts for n in (1, 2, 3)} == {1}
 
 
-def test_an_instance_deleted_from_orthanc_is_failed_as_deleted(make_rig: RigFactory) -> None:
+def test_an_instance_deleted_from_orthanc_before_it_was_sent_leaves_the_queue_quietly(
+    make_rig: RigFactory, caplog: pytest.LogCaptureFixture
+) -> None:
     rig = make_rig()
     rig.kheops.then = store_all
-    rig.add(1)
-    rig.add(2, queue=False)
-    rig.queue(2)
+    rig.add(1, 2)
     del rig.orthanc.files[orthanc_id(2)]
 
     started(rig)
 
-    rig.await_counts("verdicts recorded", sent=1, failed=1)
-    assert rig.row(2).state == "failed"
-    assert "deleted" in (rig.row(2).last_error or "")
+    rig.await_counts("verdicts recorded", sent=1, failed=0, deleted=1, pending=0)
+    assert rig.outbox.lookup([orthanc_id(2)]) == {}
     assert rig.kheops.stored == [sop_uid(1)]
+    assert [
+        r for r in caplog.records if r.levelno >= logging.WARNING and "deleted" in r.message
+    ] == []
+
+
+def test_a_404_for_everything_is_not_taken_for_deletions(make_rig: RigFactory) -> None:
+    """A wrong OrthancUrl prefix answers 404 for every file and for /system too."""
+    rig = make_rig()
+    rig.queue(1)
+    rig.orthanc.system_error = OrthancNotFound("Orthanc REST /system: not found")
+
+    started(rig)
+
+    wait_until(lambda: rig.orthanc.reads, timeout=TIMEOUT, message="file read")
+    rig.await_counts("kept", pending=1, deleted=0)
+    assert "OrthancUrl" in (rig.row(1).last_error or "")
+
+
+def test_deleting_instances_in_orthanc_takes_the_unsent_ones_off_the_queue(
+    make_rig: RigFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    rig = make_rig(storage_recycling="MaximumPatientCount 1")
+    rig.add(1, 2)
+
+    gone = rig.forwarder.instances_deleted([orthanc_id(1), orthanc_id(2), "never-queued"])
+
+    assert gone == 2
+    assert rig.outbox.counts()["deleted"] == 2
+    errors = [r.message for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1
+    assert "storage recycling (MaximumPatientCount 1)" in errors[0]
+    assert "never reached KHEOPS" in errors[0]
 
 
 def test_a_file_that_is_not_dicom_is_failed(make_rig: RigFactory) -> None:
@@ -596,10 +641,8 @@ class _WatchedOutbox(SqliteOutbox):
         super().__init__(path)
         self.held = 0
 
-    def claim(
-        self, *, now: float, max_count: int, max_bytes: int, linger: float = 0.0
-    ) -> list[QueuedInstance]:
-        batch = super().claim(now=now, max_count=max_count, max_bytes=max_bytes, linger=linger)
+    def claim(self, **kwargs: Any) -> list[QueuedInstance]:
+        batch = super().claim(**kwargs)
         if not batch and self.counts()["pending"]:
             self.held += 1
         return batch
@@ -923,7 +966,7 @@ def test_reconcile_queues_new_instances_missing_from_the_outbox(make_rig: RigFac
     rig = make_rig()
     rig.outbox.set_meta("last_change", 3)
     rig.outbox.enqueue([("already-sent", 10)], now=T0, requeue=True)
-    rig.outbox.claim(now=T0, max_count=1, max_bytes=100)
+    rig.outbox.claim(now=T0, lease=60, max_count=1, max_bytes=100)
     rig.outbox.mark_sent(["already-sent"], now=T0)
     rig.orthanc.page_size = 2
     rig.orthanc.change_log = _changes(
@@ -933,7 +976,10 @@ def test_reconcile_queues_new_instances_missing_from_the_outbox(make_rig: RigFac
         (6, "NewInstance", "already-sent"),
         (7, "StableStudy", "a-study"),
         (8, "NewInstance", "missing-2"),
+        (9, "NewInstance", "deleted-since"),
     )
+    rig.orthanc.files["missing-1"] = dicom_file(1)
+    rig.orthanc.files["missing-2"] = dicom_file(2) * 3
 
     queued = rig.forwarder.reconcile()
 
@@ -944,7 +990,9 @@ def test_reconcile_queues_new_instances_missing_from_the_outbox(make_rig: RigFac
         "missing-2": "pending",
         "already-sent": "sent",
     }
-    assert rig.outbox.get_meta("last_change") == 8
+    # With their real size, so that the byte bound of a request holds for them too.
+    assert found["missing-2"].size == 3 * len(dicom_file(2))
+    assert rig.outbox.get_meta("last_change") == 9
     assert rig.orthanc.pages_read == [3, 5, 7]
     assert rig.forwarder.reconcile() == 0
 
@@ -961,6 +1009,7 @@ def test_reconcile_reads_again_a_window_of_changes_behind_its_cursor(
         (RECHECK_CHANGES + 10, "NewInstance", "at-the-cursor"),
     )
     rig.outbox.enqueue([("at-the-cursor", 1)], now=T0, requeue=True)
+    rig.orthanc.files["too-old"] = rig.orthanc.files["committed-late"] = dicom_file(1)
 
     assert rig.forwarder.reconcile() == 1
     # Behind the cursor, but read again: another writer's change can commit late.
@@ -1005,13 +1054,11 @@ class _FlakyOutbox(SqliteOutbox):
         super().__init__(path)
         self.claims = 0
 
-    def claim(
-        self, *, now: float, max_count: int, max_bytes: int, linger: float = 0.0
-    ) -> list[QueuedInstance]:
+    def claim(self, **kwargs: Any) -> list[QueuedInstance]:
         self.claims += 1
         if self.claims == 1:
             raise OSError("database or disk is full")
-        return super().claim(now=now, max_count=max_count, max_bytes=max_bytes, linger=linger)
+        return super().claim(**kwargs)
 
 
 def test_a_worker_exception_does_not_kill_the_thread(make_rig: RigFactory, tmp_path: Path) -> None:
@@ -1149,7 +1196,13 @@ def test_stop_lets_the_current_request_finish_and_leaves_the_rest_pending(
         timeout=TIMEOUT,
         message="threads ended",
     )
-    assert rig.outbox.counts() == {"pending": 3, "inflight": 0, "sent": 2, "failed": 0}
+    assert rig.outbox.counts() == {
+        "pending": 3,
+        "inflight": 0,
+        "sent": 2,
+        "failed": 0,
+        "deleted": 0,
+    }
     assert rig.kheops.request_sizes() == [2]
 
 
@@ -1167,7 +1220,7 @@ def test_instances_in_flight_at_a_crash_are_sent_after_restart(
     path = tmp_path / "crash.sqlite3"
     before = SqliteOutbox(path)
     before.enqueue([(orthanc_id(1), 10), (orthanc_id(2), 10)], now=T0, requeue=True)
-    before.claim(now=T0, max_count=50, max_bytes=1000)
+    before.claim(now=T0, lease=60, max_count=50, max_bytes=1000)
     before.close()
 
     rig = make_rig(outbox=SqliteOutbox(path))
@@ -1195,4 +1248,4 @@ def test_throughput_counts_what_was_sent_in_the_last_minute(make_rig: RigFactory
     assert bytes_per_second == pytest.approx((len(dicom_file(1)) + len(dicom_file(2))) / 60)
     rig.clock.advance(61)
     assert rig.forwarder.throughput() == (0.0, 0.0)
-    assert rig.forwarder.inflight == 0
+    assert rig.outbox.counts()["inflight"] == 0

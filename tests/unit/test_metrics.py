@@ -149,6 +149,7 @@ def test_every_name_is_in_prometheus_style_with_a_unit_or_total() -> None:
         assert base.endswith(("_total", "_seconds", "_sum", "_count", "_instances")) or base in {
             "kheops_token_accepted",
             "kheops_state",
+            "kheops_state_writable",
             "kheops_rule_shares",
             "kheops_rule_failing",
         }, base
@@ -194,7 +195,7 @@ def outbox(tmp_path: Path) -> SqliteOutbox:
 def test_the_collector_reads_the_outbox_and_the_forwarder_state(outbox: SqliteOutbox) -> None:
     outbox.enqueue([("a", 10), ("b", 10), ("c", 10)], now=T0, requeue=True)
     outbox.mark_failed({"c": "292"}, now=T0)
-    claimed = outbox.claim(now=T0, max_count=10, max_bytes=1 << 20)
+    claimed = outbox.claim(now=T0, lease=60, max_count=10, max_bytes=1 << 20)
     outbox.reschedule([Retry(i.orthanc_id, 0.0, "503") for i in claimed], now=T0)
     stats = TransferStats(now=T0)
     stats.record_sent(1, now=T0 + 5)

@@ -21,7 +21,8 @@ from orthanc_kheops.state.postgres.rule_store import PgRuleStore
 from orthanc_kheops.state.rule_store import ShareKey
 
 T0 = 1_000_000.0
-LEASE = 30.0
+LEASE = 30.0  # the node's lease (Kheops.LeaseSeconds)
+CLAIM = 600.0  # how long a worker's claim may last (its requests' timeouts)
 MB = 1024 * 1024
 
 
@@ -40,8 +41,11 @@ def _outboxes(one: PgDatabase, two: PgDatabase) -> tuple[PgOutbox, PgOutbox]:
     )
 
 
-def _claim(outbox: PgOutbox, *, now: float = T0, count: int = 50) -> list[str]:
-    return sorted(i.orthanc_id for i in outbox.claim(now=now, max_count=count, max_bytes=MB))
+def _claim(
+    outbox: PgOutbox, *, now: float = T0, count: int = 50, claim: float = CLAIM
+) -> list[str]:
+    claimed = outbox.claim(now=now, lease=claim, max_count=count, max_bytes=MB)
+    return sorted(i.orthanc_id for i in claimed)
 
 
 # --- claims and leases ---------------------------------------------------------------------------
@@ -91,6 +95,19 @@ def test_a_node_that_renews_its_leases_keeps_its_claims(
     assert _claim(b, now=T0 + LEASE + 1) == []
 
 
+def test_renewals_never_hold_a_claim_past_the_end_the_worker_asked_for(
+    pg_database: PgDatabase, second_database: PgDatabase
+) -> None:
+    a, b = _outboxes(pg_database, second_database)
+    a.enqueue([("x", 1)], now=T0, requeue=True)
+    _claim(a, claim=40)  # a hung worker: its node is alive and renews
+
+    a.renew_leases(now=T0 + 29)
+
+    assert _claim(b, now=T0 + 39) == []
+    assert _claim(b, now=T0 + 40) == ["x"]
+
+
 def test_a_node_cannot_put_back_a_claim_it_lost_but_its_verdict_counts(
     pg_database: PgDatabase, second_database: PgDatabase
 ) -> None:
@@ -130,7 +147,7 @@ def test_queuing_from_the_change_log_on_every_node_queues_each_instance_once(
 
     assert b.enqueue([("x", 0), ("y", 0)], now=T0 + 1, requeue=False) == 1
     assert a.enqueue([("x", 0), ("y", 0)], now=T0 + 1, requeue=False) == 0
-    assert a.counts() == {"pending": 1, "inflight": 0, "sent": 1, "failed": 0}
+    assert a.counts() == {"pending": 1, "inflight": 0, "sent": 1, "failed": 0, "deleted": 0}
 
 
 def test_the_store_callbacks_enqueue_is_one_statement_without_a_transaction(

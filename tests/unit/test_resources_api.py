@@ -97,7 +97,7 @@ def test_the_word_for_a_resource_is_its_most_urgent_state(
         elif state == "failed":
             outbox.mark_failed({orthanc_id: "292"}, now=T0)
         elif state == "inflight":
-            outbox.claim(now=T0, max_count=1, max_bytes=10)
+            outbox.claim(now=T0, lease=60, max_count=1, max_bytes=10)
 
     summary = summarise(ids, outbox.lookup(ids))
 

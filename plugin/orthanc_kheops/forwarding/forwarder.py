@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from io import BytesIO
+from typing import TypeVar
 
 import pydicom
 from pydicom.errors import InvalidDicomError
@@ -33,7 +34,10 @@ from ..kheops.client import (
 from ..kheops.stow import Judgement, StowAnswer, Verdict, judge
 from ..observability.stats import TransferStats
 from ..orthanc_rest import OrthancError, OrthancNotFound, OrthancRest
+from ..state.clock import SteadyClock
+from ..state.errors import StoreUnavailable
 from ..state.outbox import Outbox, QueuedInstance, Retry
+from ..state.store_health import StoreHealth
 from .health import Health, State, Turn
 
 log = logging.getLogger(__name__)
@@ -45,6 +49,11 @@ _WRONG_ENDPOINT_WHY = "KHEOPS has no STOW-RS endpoint at this URL (check Kheops.
 _IDLE_POLL = 1.0
 RECHECK_CHANGES = 1000
 """Changes before the cursor read again: with several writers a change can commit late."""
+# While the state cannot be written (a full disk), how often a worker tries the write again.
+_WRITE_RETRY = 2.0
+# Sent rows are pruned in steps of this many, so that the store callback never waits long.
+_PRUNE_STEP = 1000
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -78,17 +87,22 @@ class Forwarder:
         orthanc: OrthancRest,
         kheops: KheopsApi,
         after_store: AfterStore | None = None,
+        clock: Callable[[], float] | None = None,
+        store_health: StoreHealth | None = None,
         exclusive: Callable[[str], AbstractContextManager[bool]] | None = None,
-        clock: Callable[[], float] = time.time,
     ) -> None:
-        """`exclusive(name)` tells whether this node may do `name` now (one node at a time)."""
+        """`clock` gives the time every deadline and stored time is read from: a
+        `SteadyClock` unless a test injects one; `store_health` is shared with the store
+        callback, which writes to the outbox too; `exclusive(name)` tells whether this node
+        may do `name` now (one node at a time)."""
         self._config = config
         self._outbox = outbox
         self._orthanc = orthanc
         self._kheops = kheops
         self._after_store = after_store
         self._exclusive = exclusive or (lambda name: nullcontext(True))
-        self._clock = clock
+        self._clock = clock = clock or SteadyClock()
+        self.store_health = store_health or StoreHealth()
         self.health = Health(now=clock(), probe_maximum=min(config.retry_maximum, 30.0))
         self.introspection: Introspection | None = None
         self.stats = TransferStats(now=clock())
@@ -96,10 +110,12 @@ class Forwarder:
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
-        self._inflight = 0
         self._stored_since_claim = 0
         self._idle_on_empty_queue = False
         self._sent_log: collections.deque[tuple[float, int, int]] = collections.deque()
+        # Longer than a worker can take with one batch (reading, connecting, the answer): a
+        # claim still held after this was lost (a hung worker, a write that failed).
+        self._lease = 2 * (config.connect_timeout + config.request_timeout) + 60.0
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -149,11 +165,6 @@ class Forwarder:
 
     # -- what the status shows -----------------------------------------------
 
-    @property
-    def inflight(self) -> int:
-        with self._lock:
-            return self._inflight
-
     def throughput(self) -> tuple[float, float]:
         """Instances and bytes per second over the last minute."""
         now = self._clock()
@@ -173,6 +184,9 @@ class Forwarder:
         while (turn := self.health.wait_for_turn(self._clock, self._stopping)) is not None:
             try:
                 self._take_turn(turn)
+            except StoreUnavailable as exc:
+                self._store_failed(exc)
+                self._stopping.wait(_WRITE_RETRY)
             except Exception:
                 log.exception("sender step failed; trying again")
                 self._stopping.wait(_IDLE_POLL)
@@ -186,10 +200,13 @@ class Forwarder:
         if turn is Turn.PROBE:
             # The oldest waiting instance, even before its backoff ends, and only one: a
             # probe that fails costs one instance an attempt and sends one file for nothing.
-            batch = self._outbox.claim(now=float("inf"), max_count=1, max_bytes=0)
+            batch = self._outbox.claim(
+                now=self._clock(), lease=self._lease, max_count=1, max_bytes=0, due_by=float("inf")
+            )
         else:
             batch = self._outbox.claim(
                 now=self._clock(),
+                lease=self._lease,
                 max_count=self._config.batch_max_instances,
                 max_bytes=self._config.batch_max_bytes,
                 linger=self._config.batch_linger,
@@ -200,8 +217,11 @@ class Forwarder:
             else:
                 self._idle()
             return
+        self._store_works()  # only now: a claim that changed no row succeeds on a full disk
         try:
             self._send(batch)
+        except StoreUnavailable:
+            raise  # Orthanc stops while the disk is full: the rows are recovered at start
         except Exception as exc:
             log.exception("unexpected error while sending %d instances", len(batch))
             self._retry_all(batch, f"internal error: {type(exc).__name__}: {exc}")
@@ -240,25 +260,60 @@ class Forwarder:
             self._wake.clear()
 
     def _send(self, batch: Sequence[QueuedInstance]) -> None:
-        with self._lock:
-            self._inflight += len(batch)
-        try:
-            loaded = self._load(batch)
-            if loaded:
-                self._post(loaded)
-        finally:
-            with self._lock:
-                self._inflight -= len(batch)
+        loaded = self._load(batch)
+        if loaded:
+            self._post(loaded)
+
+    # -- writing outcomes --------------------------------------------------------
+
+    def _write(self, write: Callable[[], _T]) -> _T:
+        """Make a write until it goes through: an outcome KHEOPS gave is never dropped.
+
+        While the store cannot be written (a full disk) the claimed rows stay in flight; if
+        Orthanc stops first, they are pending again at the next start.
+        """
+        while True:
+            try:
+                result = write()
+            except StoreUnavailable as exc:
+                self._store_failed(exc)
+                if self._stopping.wait(_WRITE_RETRY):
+                    raise
+                continue
+            self._store_works()
+            return result
+
+    def _store_failed(self, exc: StoreUnavailable) -> None:
+        now = self._clock()
+        error = f"cannot write the queue in {self._config.state_directory}: {exc}"
+        self.health.record_error(error, now)
+        if self.store_health.failed(error, now):
+            log.error(
+                "%s; instances stay queued and the write is tried again every %g s, nothing"
+                " is lost (free space in Kheops.StateDirectory)",
+                error,
+                _WRITE_RETRY,
+            )
+
+    def _store_works(self) -> None:
+        if self.store_health.succeeded():
+            log.warning("the queue can be written again; sending goes on")
 
     def _load(self, batch: Sequence[QueuedInstance]) -> list[_Loaded]:
         loaded: list[_Loaded] = []
         failed: dict[str, str] = {}
         later: list[Retry] = []
+        deleted: list[str] = []
+        budget = self._config.batch_max_bytes
         for item in batch:
+            if loaded and budget <= 0:
+                # The sizes in the queue were wrong: never hold more than the bound.
+                later.append(Retry(item.orthanc_id, 0.0, "", counts_as_attempt=False))
+                continue
             try:
                 data = self._orthanc.read_file(item.orthanc_id)
             except OrthancNotFound:
-                failed[item.orthanc_id] = "deleted from Orthanc before it could be sent"
+                deleted.append(item.orthanc_id)
                 continue
             except OrthancError as exc:
                 later.append(Retry(item.orthanc_id, 1.0, str(exc), counts_as_attempt=False))
@@ -270,31 +325,75 @@ class Forwarder:
                 failed[item.orthanc_id] = f"Orthanc's file cannot be read as DICOM: {exc}"
                 continue
             loaded.append(_Loaded(item=item, data=data, dataset=dataset, sop_uid=sop_uid))
+            budget -= len(data)
         now = self._clock()
+        if deleted:
+            self._deleted(deleted)
         if failed:
             for orthanc_id, reason in failed.items():
                 log.warning("instance %s failed: %s", orthanc_id, reason)
-            self._outbox.mark_failed(failed, now=now)
+            self._write(lambda: self._outbox.mark_failed(failed, now=now))
             self.stats.record_failed(len(failed))
         if later:
-            self._outbox.reschedule(later, now=now)
+            self._write(lambda: self._outbox.reschedule(later, now=now))
         unknown = {x.item.orthanc_id: x.sop_uid for x in loaded if x.item.sop_uid != x.sop_uid}
         if unknown:
-            self._outbox.set_sop_uids(unknown)
+            self._write(lambda: self._outbox.set_sop_uids(unknown))
         return loaded
+
+    def _deleted(self, orthanc_ids: Sequence[str]) -> None:
+        """Orthanc answered 404 for these files: deleted before they were sent.
+
+        Unless Orthanc's REST API itself is not where OrthancUrl says (a wrong prefix answers
+        404 for everything): then nothing is forgotten, and they are tried again.
+        """
+        try:
+            self._orthanc.get_json("/system")
+        except OrthancError as exc:
+            error = f"Orthanc's REST API does not answer at Kheops.OrthancUrl: {exc}"
+            retries = [Retry(i, 5.0, error, counts_as_attempt=False) for i in orthanc_ids]
+            self._write(lambda: self._outbox.reschedule(retries, now=self._clock()))
+            return
+
+        def forget() -> int:
+            self._outbox.release(orthanc_ids)
+            return self.instances_deleted(orthanc_ids)
+
+        self._write(forget)
+
+    def instances_deleted(self, orthanc_ids: Sequence[str]) -> int:
+        """Orthanc deleted these instances (its Deleted change): unsent ones leave the queue.
+
+        Quietly, counted, when a user deleted them; with storage recycling configured in
+        Orthanc, an error line each, since recycling deletes what was never sent. Orthanc's
+        Deleted change does not say who deleted, so with recycling on every such deletion
+        is logged as an error.
+        """
+        gone = self._outbox.forget_deleted(orthanc_ids)
+        if gone and self._config.storage_recycling:
+            log.error(
+                "%d instances were deleted from Orthanc before they were sent, probably by"
+                " storage recycling (%s): they never reached KHEOPS (%s)",
+                gone,
+                self._config.storage_recycling,
+                ", ".join(orthanc_ids[:5]) + (" …" if len(orthanc_ids) > 5 else ""),
+            )
+        elif gone:
+            log.info("%d instances deleted from Orthanc before they were sent left the queue", gone)
+        return gone
 
     def _post(self, loaded: Sequence[_Loaded]) -> None:
         items = [x.item for x in loaded]
         try:
             answer = self._stow([x.data for x in loaded])
         except KheopsUnauthorized as exc:
-            self._outbox.release([item.orthanc_id for item in items])
+            self._write(lambda: self._outbox.release([item.orthanc_id for item in items]))
             if self.health.record_refused(str(exc), self._clock()):
                 log.error("KHEOPS refuses the token; sending is paused, nothing is lost: %s", exc)
             return
         except KheopsRejected as exc:
             if exc.status in _WRONG_ENDPOINT:
-                self._outbox.release([item.orthanc_id for item in items])
+                self._write(lambda: self._outbox.release([item.orthanc_id for item in items]))
                 if self.health.record_refused(str(exc), self._clock(), why=_WRONG_ENDPOINT_WHY):
                     log.error(
                         "%s; sending is paused, nothing is lost: %s", _WRONG_ENDPOINT_WHY, exc
@@ -348,7 +447,7 @@ class Forwarder:
         if sent and not self._hand_on(sent):
             sent = []
         if sent:
-            self._outbox.mark_sent([x.item.orthanc_id for x in sent], now=now)
+            self._write(lambda: self._outbox.mark_sent([x.item.orthanc_id for x in sent], now=now))
             self.stats.record_sent(len(sent), now=now)
             with self._lock:
                 self._sent_log.append((now, len(sent), sum(len(x.data) for x in sent)))
@@ -356,7 +455,7 @@ class Forwarder:
         if failed:
             for orthanc_id, reason in failed.items():
                 log.warning("KHEOPS refused instance %s: %s", orthanc_id, reason)
-            self._outbox.mark_failed(failed, now=now)
+            self._write(lambda: self._outbox.mark_failed(failed, now=now))
             self.stats.record_failed(len(failed))
             self.health.record_error(next(iter(failed.values())), now)
         for item in retries:
@@ -371,19 +470,25 @@ class Forwarder:
         """
         if self._after_store is None:
             return True
+        after_store = self._after_store
         try:
-            self._after_store(
-                [
-                    SentInstance(
-                        orthanc_id=x.item.orthanc_id,
-                        sop_uid=x.sop_uid,
-                        study_uid=str(x.dataset.get("StudyInstanceUID", "")),
-                        series_uid=str(x.dataset.get("SeriesInstanceUID", "")),
-                        dataset=x.dataset,
-                    )
-                    for x in sent
-                ]
+            # The share jobs live in a state file too: a full disk is waited out here.
+            self._write(
+                lambda: after_store(
+                    [
+                        SentInstance(
+                            orthanc_id=x.item.orthanc_id,
+                            sop_uid=x.sop_uid,
+                            study_uid=str(x.dataset.get("StudyInstanceUID", "")),
+                            series_uid=str(x.dataset.get("SeriesInstanceUID", "")),
+                            dataset=x.dataset,
+                        )
+                        for x in sent
+                    ]
+                )
             )
+        except StoreUnavailable:
+            raise
         except Exception as exc:
             log.exception("could not record the shares of %d stored instances", len(sent))
             self._retry_all([x.item for x in sent], f"could not record its shares: {exc}")
@@ -394,16 +499,18 @@ class Forwarder:
         """A 400 names no instance: send each one alone to find the one KHEOPS cannot read."""
         now = self._clock()
         if len(items) > 1:
-            self._outbox.reschedule(
-                [
-                    Retry(i.orthanc_id, 0.0, error, alone=True, counts_as_attempt=False)
-                    for i in items
-                ],
-                now=now,
+            self._write(
+                lambda: self._outbox.reschedule(
+                    [
+                        Retry(i.orthanc_id, 0.0, error, alone=True, counts_as_attempt=False)
+                        for i in items
+                    ],
+                    now=now,
+                )
             )
             return
         log.warning("KHEOPS refused instance %s: %s", items[0].orthanc_id, error)
-        self._outbox.mark_failed({items[0].orthanc_id: error}, now=now)
+        self._write(lambda: self._outbox.mark_failed({items[0].orthanc_id: error}, now=now))
         self.stats.record_failed(1)
         self.health.record_error(error, now)
 
@@ -424,11 +531,11 @@ class Forwarder:
             )
             retries.append(Retry(item.orthanc_id, delay, error, alone=item.alone))
         if retries:
-            self._outbox.reschedule(retries, now=now)
+            self._write(lambda: self._outbox.reschedule(retries, now=now))
         if gave_up:
             for orthanc_id, reason in gave_up.items():
                 log.warning("instance %s failed: %s", orthanc_id, reason)
-            self._outbox.mark_failed(gave_up, now=now)
+            self._write(lambda: self._outbox.mark_failed(gave_up, now=now))
             self.stats.record_failed(len(gave_up))
 
     # -- supervisor: token checks and reconciliation -----------------------------
@@ -444,16 +551,18 @@ class Forwarder:
             if now >= next_reconcile:
                 next_reconcile = now + self._config.reconcile_interval
                 self._guarded(self.reconcile, "reconciliation")
+                self._guarded(self.prune, "pruning of sent instances")
             if now >= next_check:
                 next_check = now + self._config.token_recheck
                 if self.health.state is State.PAUSED:
                     self._guarded(lambda: self._check_token(first=False), "token check")
             self._stopping.wait(min(1.0, max(0.05, min(next_check, next_reconcile) - now)))
 
-    @staticmethod
-    def _guarded(step: Callable[[], object], what: str) -> None:
+    def _guarded(self, step: Callable[[], object], what: str) -> None:
         try:
             step()
+        except StoreUnavailable as exc:
+            self._store_failed(exc)  # logged once per problem, not once per step
         except Exception:
             log.exception("%s failed; trying again later", what)
 
@@ -505,6 +614,8 @@ class Forwarder:
             # What Orthanc held before is sent on request only (POST /kheops/send).
             self._outbox.set_meta("first_change", last)
             self._outbox.set_meta("last_change", last)
+            if cursor is None:
+                self._note_what_is_not_queued()
             return 0
         first = self._outbox.get_meta("first_change")
         if not isinstance(first, int):  # an outbox older than the window: start it here
@@ -514,7 +625,9 @@ class Forwarder:
         queued = 0
         while since < last and not self._stopping.is_set():
             page = self._orthanc.changes(since)
-            new = [(c.resource_id, 0) for c in page.changes if c.change_type == "NewInstance"]
+            new = self._missing(
+                [c.resource_id for c in page.changes if c.change_type == "NewInstance"]
+            )
             if new:
                 queued += self._outbox.enqueue(new, now=self._clock(), requeue=False)
             if page.last <= since:
@@ -528,6 +641,53 @@ class Forwarder:
             log.warning("found %d stored instances missing from the queue; queued them", queued)
             self.wake()
         return queued
+
+    def _missing(self, orthanc_ids: Sequence[str]) -> list[tuple[str, int]]:
+        """The instances the outbox lacks, with their size from Orthanc (the byte bound needs
+        it); one deleted since is left out."""
+        known = self._outbox.lookup(orthanc_ids)
+        missing: list[tuple[str, int]] = []
+        for orthanc_id in dict.fromkeys(orthanc_ids):
+            if orthanc_id in known:
+                continue
+            try:
+                found = self._orthanc.instances_of("instances", orthanc_id)
+            except OrthancNotFound:
+                continue
+            missing.extend((i.orthanc_id, i.size) for i in found)
+        return missing
+
+    def _note_what_is_not_queued(self) -> None:
+        """A new outbox: say what Orthanc already holds that it will not send by itself."""
+        statistics = self._orthanc.get_json("/statistics")
+        held = statistics.get("CountInstances", 0) if isinstance(statistics, dict) else 0
+        counts = self._outbox.counts()
+        unqueued = int(held) - sum(
+            counts[state] for state in ("pending", "inflight", "sent", "failed")
+        )
+        if unqueued > 0:
+            log.warning(
+                "the queue is new and Orthanc already holds %d instances that are not queued"
+                " (stored before the plugin ran, or the queue file was deleted); they are not"
+                ' sent unless asked: POST /kheops/send {"Resources": [ids]}, or "Send to'
+                ' KHEOPS" on a study page of Orthanc Explorer',
+                unqueued,
+            )
+
+    def prune(self) -> int:
+        """Forget sent rows older than the retention, in steps; the counts keep them."""
+        if self._config.sent_retention is None:
+            return 0
+        before = self._clock() - self._config.sent_retention
+        pruned = 0
+        while not self._stopping.is_set():
+            step = self._outbox.prune_sent(before=before, limit=_PRUNE_STEP)
+            pruned += step
+            if step < _PRUNE_STEP:
+                break
+        if pruned:
+            log.info("forgot %d instances sent more than the retention ago", pruned)
+        return pruned
 
 
 def token_problem(introspection: Introspection) -> str | None:

@@ -19,6 +19,7 @@ from ..forwarding.health import Health, Snapshot, State
 from ..state.backend import RuleStoreApi
 from ..state.outbox import Outbox
 from ..state.rule_store import ShareCounts
+from ..state.store_health import StoreHealth
 from .stats import TransferSnapshot, TransferStats
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ def metric_values(
     health: Snapshot,
     rules: Iterable[RuleFigures],
     now: float,
+    store_writable: bool = True,
 ) -> dict[str, float]:
     """Every metric's value; counters count since the plugin started unless said otherwise."""
     values: dict[str, float] = {}
@@ -66,6 +68,8 @@ def metric_values(
     values["kheops_instances_sent_total"] = transfer.sent
     values["kheops_instances_failed_total"] = transfer.failed
     values["kheops_instances_retried_total"] = retries  # kept in the outbox: survives restarts
+    values["kheops_instances_deleted_unsent_total"] = queue.get("deleted", 0)  # kept, too
+    values["kheops_state_writable"] = int(store_writable)
     for code, count in sorted(transfer.stow_requests.items()):
         values[labelled("kheops_stow_requests_total", code=code)] = count
     values["kheops_stow_request_duration_seconds_sum"] = transfer.stow_seconds
@@ -120,12 +124,14 @@ class MetricsCollector:
         health: Health,
         rules: Callable[[], Iterable[RuleFigures]] = lambda: (),
         clock: Callable[[], float] = time.time,
+        store_health: StoreHealth | None = None,
     ) -> None:
         self._outbox = outbox
         self._stats = stats
         self._health = health
         self._rules = rules
         self._clock = clock
+        self._store_health = store_health or StoreHealth()
         self._seen: set[str] = set()
 
     def values(self) -> dict[str, float]:
@@ -137,6 +143,7 @@ class MetricsCollector:
             health=self._health.snapshot(),
             rules=self._rules(),
             now=self._clock(),
+            store_writable=self._store_health.problem is None,
         )
         current = set(values)
         for gone in self._seen - current:

@@ -8,7 +8,7 @@ SQLite `RuleStore` and `PgRuleStore` both provide it, checked by the same contra
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -95,10 +95,14 @@ class State:
             self.cluster.close()
 
 
-def open_state(config: KheopsConfig) -> State:
-    """Open the configured back-end; raise with a message that says what to do if it cannot."""
+def open_state(config: KheopsConfig, *, clock: Callable[[], float]) -> State:
+    """Open the configured back-end; raise with a message that says what to do if it cannot.
+
+    `clock` is the plugin's: the cluster's heartbeat and leases are on the same time as the
+    claims the workers make.
+    """
     if config.state_database == "postgresql" and config.postgres is not None:
-        return _open_postgres(config)
+        return _open_postgres(config, clock)
     claim_state_directory(config.state_directory, config.node_name)
     return State(
         outbox=SqliteOutbox(config.state_directory / "outbox.sqlite3"),
@@ -106,7 +110,7 @@ def open_state(config: KheopsConfig) -> State:
     )
 
 
-def _open_postgres(config: KheopsConfig) -> State:
+def _open_postgres(config: KheopsConfig, clock: Callable[[], float]) -> State:
     assert config.postgres is not None
     db = PgDatabase(
         config.postgres.conninfo.reveal(),
@@ -115,5 +119,5 @@ def _open_postgres(config: KheopsConfig) -> State:
     )
     outbox = PgOutbox(db, node=config.node_name, lease_seconds=config.lease_seconds)
     store = PgRuleStore(db, node=config.node_name, lease_seconds=config.lease_seconds)
-    cluster = Cluster(db, outbox=outbox, store=store, config=config)
+    cluster = Cluster(db, outbox=outbox, store=store, config=config, clock=clock)
     return State(outbox=outbox, store=store, cluster=cluster)

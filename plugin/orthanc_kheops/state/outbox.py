@@ -1,14 +1,17 @@
 """The durable queue of instances to send: one SQLite database in WAL mode.
 
 Every instance Orthanc stores gets a row here before the store callback
-returns. A row moves pending → inflight → sent, or to failed with a reason;
-inflight rows found at start-up were interrupted by a crash and go back to
-pending. Sent rows stay, so that the forwarding status of a study can be
-shown and a re-stored instance can be told from a new one.
+returns. A row moves pending → inflight → sent, or to failed with a reason.
+A claim holds its rows for a lease: rows a worker never finished (it hung, or
+a write failed) are due again when the lease ends, while Orthanc runs; inflight
+rows found at start-up were interrupted by a crash and go back to pending.
+Sent rows stay for a retention period (the forwarding status of a study, and
+a re-stored instance told from a new one), then are pruned; the counts stay
+exact because they are kept in a tally that triggers maintain, never counted.
 
-`Outbox` is the interface the workers and the REST routes use, so that a
+`Outbox` is the contract the workers and the REST routes use, so that a
 PostgreSQL implementation can take over when several Orthanc nodes share one
-index.
+index; tests/contract runs the same tests against every implementation.
 """
 
 from __future__ import annotations
@@ -20,11 +23,37 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from .state_file import StateFile
+from .errors import StoreUnavailable
+from .state_file import Migration, StateFile
 
-SCHEMA_VERSION = 1
+__all__ = ["STATES", "Outbox", "QueuedInstance", "Retry", "SqliteOutbox", "StoreUnavailable"]
 
-_SCHEMA = """
+SCHEMA_VERSION = 2
+
+_TALLY = """
+CREATE TABLE IF NOT EXISTS tally (
+    name TEXT PRIMARY KEY,
+    n    INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO tally (name, n) VALUES
+    ('pending', 0), ('inflight', 0), ('sent', 0), ('failed', 0), ('pruned', 0), ('deleted', 0);
+CREATE TRIGGER IF NOT EXISTS tally_insert AFTER INSERT ON instances BEGIN
+    UPDATE tally SET n = n + 1 WHERE name = new.state;
+END;
+CREATE TRIGGER IF NOT EXISTS tally_update AFTER UPDATE OF state ON instances
+    WHEN old.state != new.state BEGIN
+    UPDATE tally SET n = n - 1 WHERE name = old.state;
+    UPDATE tally SET n = n + 1 WHERE name = new.state;
+END;
+CREATE TRIGGER IF NOT EXISTS tally_delete AFTER DELETE ON instances BEGIN
+    UPDATE tally SET n = n - 1 WHERE name = old.state;
+END;
+"""
+
+# size 0: not known (a file is never empty); such an instance travels alone.
+# lease_until: while inflight, when the claim ends if no worker finished it.
+_SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS instances (
     orthanc_id   TEXT PRIMARY KEY,
     state        TEXT NOT NULL CHECK (state IN ('pending', 'inflight', 'sent', 'failed')),
@@ -36,12 +65,50 @@ CREATE TABLE IF NOT EXISTS instances (
     alone        INTEGER NOT NULL DEFAULT 0,
     restored     INTEGER NOT NULL DEFAULT 0,
     last_error   TEXT,
-    done_at      REAL
+    done_at      REAL,
+    lease_until  REAL
 );
 CREATE INDEX IF NOT EXISTS instances_due ON instances (state, next_attempt);
+CREATE INDEX IF NOT EXISTS instances_done ON instances (state, done_at);
 """
+    + _TALLY
+)
+
+
+def _v1_to_v2(db: sqlite3.Connection) -> None:
+    """Leases, the index of finished rows, and the tally, filled once from the rows."""
+    db.execute("ALTER TABLE instances ADD COLUMN lease_until REAL")
+    db.execute("CREATE INDEX instances_done ON instances (state, done_at)")
+    for statement in _statements(_TALLY):
+        db.execute(statement)
+    db.execute(
+        "UPDATE tally SET n = (SELECT COUNT(*) FROM instances WHERE state = tally.name)"
+        " WHERE name IN ('pending', 'inflight', 'sent', 'failed')"
+    )
+
+
+def _statements(script: str) -> list[str]:
+    """The statements of a script whose triggers end with END; (for `execute`, one by one)."""
+    parts: list[str] = []
+    current = ""
+    for piece in script.split(";"):
+        current += piece + ";"
+        if sqlite3.complete_statement(current):
+            if current.strip(" \n;"):
+                parts.append(current.strip())
+            current = ""
+    return parts
+
+
+_MIGRATIONS: dict[int, Migration] = {1: _v1_to_v2}
+
+# Rows a write statement may touch in one transaction when it goes through the whole queue
+# (make_due, pruning): the store callback waits for the write lock at most this long.
+_CHUNK = 500
 
 STATES = ("pending", "inflight", "sent", "failed")
+COUNTED = (*STATES, "deleted")
+"""What `counts()` names: the states, and the instances Orthanc deleted before they were sent."""
 
 
 @dataclass(frozen=True)
@@ -80,41 +147,119 @@ class Retry:
 
 
 class Outbox(Protocol):
-    def enqueue(self, items: Iterable[tuple[str, int]], *, now: float, requeue: bool) -> int: ...
+    """The queue of instances to send: the contract every back-end keeps.
+
+    A row moves pending -> inflight (claimed, with a lease) -> sent, or to failed with a
+    reason. Times are seconds on the caller's clock. Every method may raise
+    `StoreUnavailable`; a call that raised changed nothing.
+    """
+
+    def enqueue(self, items: Iterable[tuple[str, int]], *, now: float, requeue: bool) -> int:
+        """Queue (Orthanc id, size in bytes) pairs; the count of rows changed.
+
+        `requeue` resets rows already sent or failed (a file stored again); without it rows
+        already known are left alone (the reconciler). A row in flight stays with its worker
+        and goes back to pending after its verdict.
+        """
+        ...
 
     def claim(
-        self, *, now: float, max_count: int, max_bytes: int, linger: float = 0.0
-    ) -> list[QueuedInstance]: ...
+        self,
+        *,
+        now: float,
+        lease: float,
+        max_count: int,
+        max_bytes: int,
+        linger: float = 0.0,
+        due_by: float | None = None,
+    ) -> list[QueuedInstance]:
+        """Take the longest-waiting due instances for one request; they are in flight.
 
-    def mark_sent(self, orthanc_ids: Sequence[str], *, now: float) -> None: ...
+        At most `max_count`, and at most `max_bytes` unless one instance alone is larger. A
+        batch that is not full is taken only once its oldest instance has been due for
+        `linger` seconds. An instance marked `alone`, or of unknown size (0), travels alone.
+        The rows stay claimed until `now + lease`: rows whose lease ended unfinished are
+        due again first. `due_by` (default `now`) takes instances due until then, before
+        their backoff ends (a probe).
+        """
+        ...
 
-    def mark_failed(self, reasons: Mapping[str, str], *, now: float) -> None: ...
+    def mark_sent(self, orthanc_ids: Sequence[str], *, now: float) -> None:
+        """KHEOPS confirmed these instances: sent, one more attempt, no error."""
+        ...
 
-    def reschedule(self, retries: Sequence[Retry], *, now: float) -> None: ...
+    def mark_failed(self, reasons: Mapping[str, str], *, now: float) -> None:
+        """These instances cannot be sent: failed with their reason, until someone retries."""
+        ...
 
-    def release(self, orthanc_ids: Sequence[str]) -> None: ...
+    def reschedule(self, retries: Sequence[Retry], *, now: float) -> None:
+        """Claimed instances wait `delay` and are tried again; a row not in flight is kept."""
+        ...
 
-    def set_sop_uids(self, uids: Mapping[str, str]) -> None: ...
+    def release(self, orthanc_ids: Sequence[str]) -> None:
+        """Claimed instances go back to pending untouched (shutdown, paused sending)."""
+        ...
 
-    def recover_interrupted(self) -> int: ...
+    def set_sop_uids(self, uids: Mapping[str, str]) -> None:
+        """Remember the SOP Instance UID read from each file (for the queue listing)."""
+        ...
 
-    def make_due(self, *, now: float) -> int: ...
+    def recover_interrupted(self) -> int:
+        """At start-up: rows in flight when the process died are pending again; how many."""
+        ...
 
-    def retry_failed(self, orthanc_ids: Sequence[str] | None, *, now: float) -> int: ...
+    def make_due(self, *, now: float) -> int:
+        """KHEOPS is back: every waiting instance is due now; how many were waiting.
 
-    def counts(self) -> dict[str, int]: ...
+        Done in small steps: the store callback never waits for the whole queue.
+        """
+        ...
 
-    def next_due(self) -> float | None: ...
+    def forget_deleted(self, orthanc_ids: Sequence[str]) -> int:
+        """Orthanc deleted these instances: unsent ones (pending, failed) leave the queue.
 
-    def entries(self, state: str, *, limit: int, offset: int = 0) -> list[QueuedInstance]: ...
+        They are counted under "deleted" in `counts()`; sent and inflight rows stay.
+        """
+        ...
 
-    def lookup(self, orthanc_ids: Sequence[str]) -> dict[str, QueuedInstance]: ...
+    def prune_sent(self, *, before: float, limit: int) -> int:
+        """Delete at most `limit` rows sent before `before`; `counts()` still counts them."""
+        ...
 
-    def get_meta(self, key: str) -> object | None: ...
+    def retry_failed(self, orthanc_ids: Sequence[str] | None, *, now: float) -> int:
+        """Failed instances (all, or those named) are pending again with no attempts."""
+        ...
 
-    def set_meta(self, key: str, value: object) -> None: ...
+    def counts(self) -> dict[str, int]:
+        """How many instances are in each state of `COUNTED`, read without counting rows.
 
-    def close(self) -> None: ...
+        "sent" includes pruned rows: it is every instance ever sent from this queue.
+        """
+        ...
+
+    def next_due(self) -> float | None:
+        """When the earliest pending instance is due; None when nothing is pending."""
+        ...
+
+    def entries(self, state: str, *, limit: int, offset: int = 0) -> list[QueuedInstance]:
+        """One page of a state: pending by due time, others most recently finished first."""
+        ...
+
+    def lookup(self, orthanc_ids: Sequence[str]) -> dict[str, QueuedInstance]:
+        """The rows of these Orthanc ids, for those the outbox knows (any number of ids)."""
+        ...
+
+    def get_meta(self, key: str) -> object | None:
+        """A JSON value kept with the queue (reconciler position, counters); None if unset."""
+        ...
+
+    def set_meta(self, key: str, value: object) -> None:
+        """Keep a JSON value; None deletes the key."""
+        ...
+
+    def close(self) -> None:
+        """Release the store; the object is not used afterwards."""
+        ...
 
 
 class SqliteOutbox:
@@ -125,7 +270,7 @@ class SqliteOutbox:
     """
 
     def __init__(self, path: Path) -> None:
-        self._file = StateFile(path, schema=_SCHEMA, version=SCHEMA_VERSION)
+        self._file = StateFile(path, schema=_SCHEMA, version=SCHEMA_VERSION, migrations=_MIGRATIONS)
 
     def enqueue(self, items: Iterable[tuple[str, int]], *, now: float, requeue: bool) -> int:
         """Queue instances; `requeue` also resets rows already sent or failed (a re-stored file).
@@ -153,29 +298,35 @@ class SqliteOutbox:
         if len(rows) == 1:
             return self._file.write_one(sql, rows[0])
         with self._file.transaction() as db:
-            before = db.total_changes
-            db.executemany(sql, rows)
-            return db.total_changes - before
+            # rowcount sums what each statement changed (not what the tally triggers do).
+            return db.executemany(sql, rows).rowcount
 
     def claim(
-        self, *, now: float, max_count: int, max_bytes: int, linger: float = 0.0
+        self,
+        *,
+        now: float,
+        lease: float,
+        max_count: int,
+        max_bytes: int,
+        linger: float = 0.0,
+        due_by: float | None = None,
     ) -> list[QueuedInstance]:
-        """Take due instances for one request: at most `max_count`, and `max_bytes` unless alone.
-
-        A batch that is not full is taken only once its oldest instance has been due for
-        `linger` seconds, so that instances arriving one by one travel together while none
-        waits longer than that.
-        """
+        """Take due instances for one request (see `Outbox.claim`)."""
         with self._file.transaction() as db:
+            db.execute(
+                "UPDATE instances SET state = 'pending', restored = 0, lease_until = NULL"
+                " WHERE state = 'inflight' AND lease_until <= ?",
+                (now,),
+            )
             candidates = db.execute(
                 "SELECT * FROM instances WHERE state = 'pending' AND next_attempt <= ?"
                 " ORDER BY next_attempt LIMIT ?",
-                (now, max_count),
+                (now if due_by is None else due_by, max_count),
             ).fetchall()
             chosen: list[sqlite3.Row] = []
             total = 0
             for row in candidates:
-                if row["alone"]:
+                if row["alone"] or row["size"] <= 0:
                     if not chosen:
                         chosen.append(row)
                     break
@@ -183,17 +334,17 @@ class SqliteOutbox:
                     break
                 chosen.append(row)
                 total += row["size"]
-            # Stopped by the count, by the bytes or by a lone retry: waiting cannot make it bigger.
+            # Stopped by the count, by the bytes or by a lone one: waiting cannot make it bigger.
             full = (
                 len(chosen) == max_count
                 or len(chosen) < len(candidates)
-                or any(row["alone"] for row in chosen)
+                or any(row["alone"] or row["size"] <= 0 for row in chosen)
             )
             if chosen and not full and chosen[0]["next_attempt"] > now - linger:
                 return []
             db.executemany(
-                "UPDATE instances SET state = 'inflight' WHERE orthanc_id = ?",
-                [(row["orthanc_id"],) for row in chosen],
+                "UPDATE instances SET state = 'inflight', lease_until = ? WHERE orthanc_id = ?",
+                [(now + lease, row["orthanc_id"]) for row in chosen],
             )
         return [_instance(row, state="inflight") for row in chosen]
 
@@ -201,7 +352,7 @@ class SqliteOutbox:
         with self._file.transaction() as db:
             db.executemany(
                 "UPDATE instances SET state = 'sent', done_at = ?, last_error = NULL,"
-                " attempts = attempts + 1 WHERE orthanc_id = ?",
+                " lease_until = NULL, attempts = attempts + 1 WHERE orthanc_id = ?",
                 [(now, orthanc_id) for orthanc_id in orthanc_ids],
             )
             self._requeue_restored(db, orthanc_ids, now)
@@ -210,7 +361,7 @@ class SqliteOutbox:
         with self._file.transaction() as db:
             db.executemany(
                 "UPDATE instances SET state = 'failed', done_at = ?, last_error = ?,"
-                " attempts = attempts + 1 WHERE orthanc_id = ?",
+                " lease_until = NULL, attempts = attempts + 1 WHERE orthanc_id = ?",
                 [(now, reason, orthanc_id) for orthanc_id, reason in reasons.items()],
             )
             self._requeue_restored(db, list(reasons), now)
@@ -232,7 +383,7 @@ class SqliteOutbox:
             for r in retries:
                 moved = db.execute(
                     "UPDATE instances SET state = 'pending', next_attempt = ?, last_error = ?,"
-                    " alone = ?, attempts = attempts + ?, restored = 0"
+                    " alone = ?, attempts = attempts + ?, restored = 0, lease_until = NULL"
                     " WHERE orthanc_id = ? AND state = 'inflight'",
                     (now + r.delay, r.error, int(r.alone), int(r.counts_as_attempt), r.orthanc_id),
                 ).rowcount
@@ -245,7 +396,7 @@ class SqliteOutbox:
         """Put claimed instances back untouched (shutdown, paused token)."""
         with self._file.transaction() as db:
             db.executemany(
-                "UPDATE instances SET state = 'pending', restored = 0"
+                "UPDATE instances SET state = 'pending', restored = 0, lease_until = NULL"
                 " WHERE orthanc_id = ? AND state = 'inflight'",
                 [(orthanc_id,) for orthanc_id in orthanc_ids],
             )
@@ -261,16 +412,47 @@ class SqliteOutbox:
         """At start-up: what was in flight when the process died is pending again."""
         with self._file.transaction() as db:
             return db.execute(
-                "UPDATE instances SET state = 'pending', restored = 0 WHERE state = 'inflight'"
+                "UPDATE instances SET state = 'pending', restored = 0, lease_until = NULL"
+                " WHERE state = 'inflight'"
             ).rowcount
 
     def make_due(self, *, now: float) -> int:
         """KHEOPS is back: every waiting instance is tried now rather than after its backoff."""
+        total = 0
+        while True:
+            with self._file.transaction() as db:
+                moved = db.execute(
+                    "UPDATE instances SET next_attempt = ?1 WHERE orthanc_id IN"
+                    " (SELECT orthanc_id FROM instances"
+                    "  WHERE state = 'pending' AND next_attempt > ?1 LIMIT ?2)",
+                    (now, _CHUNK),
+                ).rowcount
+            total += moved
+            if moved < _CHUNK:
+                return total
+
+    def forget_deleted(self, orthanc_ids: Sequence[str]) -> int:
         with self._file.transaction() as db:
-            return db.execute(
-                "UPDATE instances SET next_attempt = ? WHERE state = 'pending' AND next_attempt > ?",
-                (now, now),
+            gone = 0
+            for orthanc_id in orthanc_ids:
+                gone += db.execute(
+                    "DELETE FROM instances WHERE orthanc_id = ? AND state IN ('pending', 'failed')",
+                    (orthanc_id,),
+                ).rowcount
+            if gone:
+                db.execute("UPDATE tally SET n = n + ? WHERE name = 'deleted'", (gone,))
+            return gone
+
+    def prune_sent(self, *, before: float, limit: int) -> int:
+        with self._file.transaction() as db:
+            gone = db.execute(
+                "DELETE FROM instances WHERE orthanc_id IN (SELECT orthanc_id FROM instances"
+                " WHERE state = 'sent' AND done_at < ? LIMIT ?)",
+                (before, limit),
             ).rowcount
+            if gone:
+                db.execute("UPDATE tally SET n = n + ? WHERE name = 'pruned'", (gone,))
+            return gone
 
     def retry_failed(self, orthanc_ids: Sequence[str] | None, *, now: float) -> int:
         with self._file.transaction() as db:
@@ -280,22 +462,21 @@ class SqliteOutbox:
                     " queued_at = ?, alone = 0, done_at = NULL WHERE state = 'failed'",
                     (now, now),
                 ).rowcount
-            before = db.total_changes
-            db.executemany(
-                "UPDATE instances SET state = 'pending', next_attempt = ?, attempts = 0,"
-                " queued_at = ?, alone = 0, done_at = NULL"
-                " WHERE state = 'failed' AND orthanc_id = ?",
-                [(now, now, orthanc_id) for orthanc_id in orthanc_ids],
-            )
-            return db.total_changes - before
+            moved = 0
+            for orthanc_id in orthanc_ids:
+                moved += db.execute(
+                    "UPDATE instances SET state = 'pending', next_attempt = ?, attempts = 0,"
+                    " queued_at = ?, alone = 0, done_at = NULL"
+                    " WHERE state = 'failed' AND orthanc_id = ?",
+                    (now, now, orthanc_id),
+                ).rowcount
+            return moved
 
     def counts(self) -> dict[str, int]:
         with self._file.read() as db:
-            rows = db.execute(
-                "SELECT state, COUNT(*) AS n FROM instances GROUP BY state"
-            ).fetchall()
-        counts = dict.fromkeys(STATES, 0)
-        counts.update({row["state"]: row["n"] for row in rows})
+            tally = {row["name"]: row["n"] for row in db.execute("SELECT name, n FROM tally")}
+        counts = {name: tally.get(name, 0) for name in COUNTED}
+        counts["sent"] += tally.get("pruned", 0)
         return counts
 
     def next_due(self) -> float | None:

@@ -1,20 +1,34 @@
-"""A durable state file: SQLite in WAL mode, with a schema version and JSON meta values.
+"""A durable state file: SQLite in WAL mode, with a versioned schema and JSON meta values.
 
 One connection writes, inside `transaction()`, under a lock; another reads, inside
 `read()`. In WAL mode readers do not block the writer, so status pages and metrics
 never hold up the store callback. synchronous=NORMAL survives a crash or kill -9 of
 Orthanc (the OS keeps what was written).
+
+A file written by an older release is migrated forward when it is opened, one version at a
+time, each step in its own transaction (SQLite's DDL is transactional: a step that fails
+leaves the file as it was). SQLite's own errors while reading or writing (disk full, I/O
+error, read-only file) are raised as `StoreUnavailable`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+
+from .errors import StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+Migration = Callable[[sqlite3.Connection], None]
+"""One step of a schema: from version N (its key in `migrations`) to N + 1, inside a
+transaction; it must use `execute`, never `executescript` (which commits)."""
 
 _META = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -25,41 +39,78 @@ CREATE TABLE IF NOT EXISTS meta (
 
 
 class StateFile:
-    def __init__(self, path: Path, *, schema: str, version: int, private: bool = False) -> None:
-        """Open (or create) the file; refuse one written with another schema version.
+    def __init__(
+        self,
+        path: Path,
+        *,
+        schema: str,
+        version: int,
+        migrations: Mapping[int, Migration] | None = None,
+        private: bool = False,
+    ) -> None:
+        """Open (or create) the file at schema `version`, migrating an older file forward.
 
-        `private` makes the file readable by its owner only, for files that hold tokens
-        (SQLite gives its -wal and -shm files the same mode).
+        `schema` creates a new file at `version`; `migrations[n]` takes a file from version n
+        to n + 1. A file of a newer version than `version` is refused. `private` makes the
+        file readable by its owner only, for files that hold tokens (SQLite gives its -wal
+        and -shm files the same mode).
         """
         path.parent.mkdir(parents=True, exist_ok=True)
         if private:
             path.touch(mode=0o600, exist_ok=True)
             os.chmod(path, 0o600)
+        self._path = path
         self._lock = threading.Lock()
         self._db = _connect(path)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_META + schema)
+        self._db.executescript(_META)
         self._read_lock = threading.Lock()
         self._reader = _connect(path)
+        try:
+            self._upgrade(schema, version, migrations or {})
+        except BaseException:
+            self.close()
+            raise
+
+    def _upgrade(self, schema: str, version: int, migrations: Mapping[int, Migration]) -> None:
         found = self.get_meta("schema_version")
         if found is None:
+            self._db.executescript(schema)
             self.set_meta("schema_version", version)
-        elif found != version:
-            self.close()
-            raise RuntimeError(f"{path} has schema version {found}; this plugin reads {version}")
+            return
+        if not isinstance(found, int) or found > version:
+            raise RuntimeError(
+                f"{self._path} has schema version {found}; this plugin reads {version} and"
+                " older: it was written by a newer release of the plugin"
+            )
+        for step in range(found, version):
+            if step not in migrations:
+                raise RuntimeError(f"{self._path}: no migration from schema version {step}")
+            with self.transaction() as db:
+                migrations[step](db)
+                db.execute(
+                    "UPDATE meta SET value = ? WHERE key = 'schema_version'",
+                    (json.dumps(step + 1),),
+                )
+            log.warning("%s: schema migrated from version %d to %d", self._path, step, step + 1)
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """The writing connection, in one immediate transaction, rolled back on error."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    # After some errors (a full disk) SQLite has already rolled back.
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.OperationalError as exc:
+                raise StoreUnavailable(f"{self._path.name}: {exc}") from exc
 
     def write_one(self, sql: str, parameters: tuple[object, ...]) -> int:
         """One statement, committed on its own; the count of rows it changed.
@@ -69,13 +120,19 @@ class StateFile:
         holds Orthanc's lock while it runs.
         """
         with self._lock:
-            return self._db.execute(sql, parameters).rowcount
+            try:
+                return self._db.execute(sql, parameters).rowcount
+            except sqlite3.OperationalError as exc:
+                raise StoreUnavailable(f"{self._path.name}: {exc}") from exc
 
     @contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:
         """The reading connection: it sees what was committed."""
         with self._read_lock:
-            yield self._reader
+            try:
+                yield self._reader
+            except sqlite3.OperationalError as exc:
+                raise StoreUnavailable(f"{self._path.name}: {exc}") from exc
 
     def get_meta(self, key: str) -> object | None:
         with self.read() as db:

@@ -67,6 +67,7 @@ class ForwardingApi:
         counts = self._outbox.counts()
         introspection = self._forwarder.introspection
         per_second, bytes_per_second = self._forwarder.throughput()
+        store_problem = self._forwarder.store_health.problem
         document: dict[str, object] = {
             "Url": self._config.url,
             "Token": self._config.token.masked,
@@ -79,12 +80,16 @@ class ForwardingApi:
             "Since": iso(health.since),
             "Counts": {
                 "Queued": counts["pending"],
-                # Several nodes: the claims of all of them, from the shared outbox.
-                "InFlight": self._forwarder.inflight if self._nodes is None else counts["inflight"],
+                "InFlight": counts["inflight"],
                 "Sent": counts["sent"],
                 "Failed": counts["failed"],
+                "DeletedBeforeSent": counts["deleted"],
                 "Retries": self._outbox.get_meta("retries") or 0,
             },
+            # A write to the queue failing (a full disk): nothing is lost, the write is retried.
+            "StoreError": None
+            if store_problem is None
+            else {"Error": store_problem.error, "Since": iso(store_problem.since)},
             "LastError": health.last_error,
             "LastErrorAt": iso(health.last_error_at),
             "LastSuccessAt": iso(health.last_success_at),

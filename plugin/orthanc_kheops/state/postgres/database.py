@@ -2,7 +2,9 @@
 
 Every connection is in autocommit mode with `search_path` set to the plugin's schema, so
 that a single statement (the store callback's) costs one round trip; several statements go
-in `transaction()`. Migrations run when the pool opens, under an advisory lock, so that
+in `transaction()`. A lost connection, a database that does not answer, a full disk on the
+server are raised as `StoreUnavailable`, as the SQLite back-end does; the pool replaces a
+broken connection by itself. Migrations run when the pool opens, under an advisory lock, so that
 nodes starting at the same moment apply each version once and in order.
 """
 
@@ -18,6 +20,7 @@ from psycopg import sql
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from ..errors import StoreUnavailable
 from .migrations import MIGRATIONS, Migration
 
 log = logging.getLogger(__name__)
@@ -71,30 +74,30 @@ class PgDatabase:
 
     @contextmanager
     def connection(self) -> Iterator[Connection]:
-        with self._pool.connection() as connection:
+        with _unavailable(), self._pool.connection() as connection:
             yield connection
 
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
         """One transaction, committed at the end, rolled back on error."""
-        with self._pool.connection() as connection, connection.transaction():
+        with _unavailable(), self._pool.connection() as connection, connection.transaction():
             yield connection
 
     def execute(self, query: str, parameters: Sequence[Any] | dict[str, Any] = ()) -> int:
         """One statement, committed on its own; the count of rows it changed."""
-        with self._pool.connection() as connection:
+        with self.connection() as connection:
             return connection.execute(query, parameters).rowcount
 
     def fetchall(
         self, query: str, parameters: Sequence[Any] | dict[str, Any] = ()
     ) -> list[DictRow]:
-        with self._pool.connection() as connection:
+        with self.connection() as connection:
             return connection.execute(query, parameters).fetchall()
 
     def fetchone(
         self, query: str, parameters: Sequence[Any] | dict[str, Any] = ()
     ) -> DictRow | None:
-        with self._pool.connection() as connection:
+        with self.connection() as connection:
             return connection.execute(query, parameters).fetchone()
 
     @contextmanager
@@ -105,7 +108,7 @@ class PgDatabase:
         it skips the work that another node is doing. PostgreSQL frees it if the node dies.
         """
         key = f"orthanc-kheops {self.schema} {name}"
-        with self._pool.connection() as connection:
+        with self.connection() as connection:
             row = connection.execute(
                 "SELECT pg_try_advisory_lock(hashtext(%s)) AS mine", (key,)
             ).fetchone()
@@ -118,6 +121,17 @@ class PgDatabase:
 
     def close(self) -> None:
         self._pool.close()
+
+
+@contextmanager
+def _unavailable() -> Iterator[None]:
+    """The driver's errors of reach and resources, as the state's own error."""
+    try:
+        yield
+    except PoolTimeout as exc:
+        raise StoreUnavailable(f"state database: no connection within the timeout ({exc})") from exc
+    except (psycopg.OperationalError, psycopg.errors.DiskFull) as exc:
+        raise StoreUnavailable(f"state database: {exc}") from exc
 
 
 def migrate(db: PgDatabase, migrations: Sequence[Migration]) -> None:

@@ -39,10 +39,12 @@ CREATE TABLE instances (
     last_error   text,
     done_at      double precision,
     lease_node   text,
-    lease_until  double precision
+    lease_until  double precision,
+    claim_ends   double precision
 );
 CREATE INDEX instances_due ON instances (state, next_attempt);
 CREATE INDEX instances_leased ON instances (lease_node) WHERE state = 'inflight';
+CREATE INDEX instances_done ON instances (state, done_at);
 CREATE TABLE rules (
     name              text PRIMARY KEY,
     origin            text NOT NULL CHECK (origin IN ('config', 'api')),

@@ -3,29 +3,31 @@
 The contract is `Outbox`'s (see state/outbox.py). What several nodes add:
 
 - A claim is `SELECT … FOR UPDATE SKIP LOCKED`: two nodes claiming at once take different
-  rows, and neither waits for the other. A claimed row carries a lease, the claiming node's
-  name and an expiry; the node renews its leases while it works (`renew_leases`). A row
-  whose lease expired belonged to a node that died or hung: the next claim, on any node,
-  takes it back to pending first, so the work goes on without a restart.
+  rows, and neither waits for the other. A claimed row carries a lease: the claiming node's
+  name and an expiry, at most `lease_seconds` (Kheops.LeaseSeconds) ahead, which the node's
+  heartbeat renews (`renew_leases`) up to the end of the claim the worker asked for. A row
+  whose lease expired belonged to a node that died, hung or lost its worker: the next claim,
+  on any node, takes it back to pending first, so the work goes on without a restart.
 - Only the node holding a lease puts the row back (`reschedule`, `release`), so a node that
   lost its lease cannot undo another node's claim; a verdict (`mark_sent`, `mark_failed`)
   is recorded whoever holds it, since it says what KHEOPS did.
 - `recover_interrupted` at start-up takes back this node's own claims only; other nodes'
   claims are theirs until their leases expire.
 - The store callback's enqueue is a single statement on an autocommit connection.
+- `counts()` counts rows (an index-only scan) rather than keeping a tally row: one row that
+  every node's every write updates would serialise the store callbacks of the whole site.
+  Pruned and deleted rows are counted in `meta`, in the transaction that removes them.
 """
 
 from __future__ import annotations
 
-import math
-import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from psycopg.rows import DictRow
 from psycopg.types.json import Jsonb
 
-from ..outbox import STATES, QueuedInstance, Retry
+from ..outbox import COUNTED, QueuedInstance, Retry
 from .database import Connection, PgDatabase
 
 _COLUMNS = (
@@ -44,23 +46,16 @@ _ADD = (
     "INSERT INTO instances (orthanc_id, state, size, queued_at, next_attempt)"
     " {values} ON CONFLICT (orthanc_id) DO NOTHING"
 )
+_CHUNK = 500  # rows one write touches when it goes through the whole queue
 _ONE = "VALUES (%s, 'pending', %s, %s, %s)"
 _MANY = "SELECT id, 'pending', size, %s, %s FROM unnest(%s::text[], %s::bigint[]) AS t (id, size)"
 
 
 class PgOutbox:
-    def __init__(
-        self,
-        db: PgDatabase,
-        *,
-        node: str,
-        lease_seconds: float,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
+    def __init__(self, db: PgDatabase, *, node: str, lease_seconds: float) -> None:
         self._db = db
         self._node = node
         self._lease = lease_seconds
-        self._clock = clock
 
     def enqueue(self, items: Iterable[tuple[str, int]], *, now: float, requeue: bool) -> int:
         """Queue instances (see `SqliteOutbox.enqueue`); idempotent across nodes."""
@@ -76,32 +71,44 @@ class PgOutbox:
         )
 
     def claim(
-        self, *, now: float, max_count: int, max_bytes: int, linger: float = 0.0
+        self,
+        *,
+        now: float,
+        lease: float,
+        max_count: int,
+        max_bytes: int,
+        linger: float = 0.0,
+        due_by: float | None = None,
     ) -> list[QueuedInstance]:
-        """Take due instances for one request (see `SqliteOutbox.claim`), with a lease."""
-        stamp = now if math.isfinite(now) else self._clock()
+        """Take due instances for one request (see `Outbox.claim`), with this node's lease."""
         with self._db.transaction() as db:
-            _take_back_expired(db, stamp)
+            _take_back_expired(db, now)
             candidates = db.execute(
                 f"SELECT {_COLUMNS} FROM instances WHERE state = 'pending'"
                 " AND next_attempt <= %s ORDER BY next_attempt LIMIT %s FOR UPDATE SKIP LOCKED",
-                (now, max_count),
+                (now if due_by is None else due_by, max_count),
             ).fetchall()
             chosen = choose_batch(
                 candidates, now=now, max_count=max_count, max_bytes=max_bytes, linger=linger
             )
             if chosen:
                 db.execute(
-                    "UPDATE instances SET state = 'inflight', lease_node = %s, lease_until = %s"
-                    " WHERE orthanc_id = ANY(%s)",
-                    (self._node, stamp + self._lease, [row["orthanc_id"] for row in chosen]),
+                    "UPDATE instances SET state = 'inflight', lease_node = %s, lease_until = %s,"
+                    " claim_ends = %s WHERE orthanc_id = ANY(%s)",
+                    (
+                        self._node,
+                        now + min(lease, self._lease),
+                        now + lease,
+                        [row["orthanc_id"] for row in chosen],
+                    ),
                 )
         return [_instance(row, state="inflight") for row in chosen]
 
     def renew_leases(self, *, now: float) -> int:
-        """This node is alive: its claims last another lease."""
+        """This node is alive: its claims last another lease, up to the end of each claim."""
         return self._db.execute(
-            "UPDATE instances SET lease_until = %s WHERE state = 'inflight' AND lease_node = %s",
+            "UPDATE instances SET lease_until = LEAST(%s, claim_ends)"
+            " WHERE state = 'inflight' AND lease_node = %s",
             (now + self._lease, self._node),
         )
 
@@ -113,7 +120,7 @@ class PgOutbox:
             " done_at = CASE WHEN restored THEN NULL ELSE %(now)s END,"
             " next_attempt = CASE WHEN restored THEN %(now)s ELSE next_attempt END,"
             " attempts = CASE WHEN restored THEN 0 ELSE attempts + 1 END,"
-            " last_error = NULL, restored = false, lease_node = NULL, lease_until = NULL"
+            " last_error = NULL, restored = false, lease_node = NULL, lease_until = NULL, claim_ends = NULL"
             " WHERE orthanc_id = ANY(%(ids)s)",
             {"now": now, "ids": list(orthanc_ids)},
         )
@@ -126,7 +133,7 @@ class PgOutbox:
             " next_attempt = CASE WHEN i.restored THEN %(now)s ELSE i.next_attempt END,"
             " attempts = CASE WHEN i.restored THEN 0 ELSE i.attempts + 1 END,"
             " last_error = CASE WHEN i.restored THEN NULL ELSE r.reason END,"
-            " restored = false, lease_node = NULL, lease_until = NULL"
+            " restored = false, lease_node = NULL, lease_until = NULL, claim_ends = NULL"
             " FROM unnest(%(ids)s::text[], %(reasons)s::text[]) AS r (id, reason)"
             " WHERE i.orthanc_id = r.id",
             {"now": now, "ids": list(reasons), "reasons": list(reasons.values())},
@@ -140,7 +147,7 @@ class PgOutbox:
             moved = db.execute(
                 "UPDATE instances AS i SET state = 'pending', next_attempt = %s + r.delay,"
                 " last_error = r.error, alone = r.alone, attempts = i.attempts + r.counts::int,"
-                " restored = false, lease_node = NULL, lease_until = NULL"
+                " restored = false, lease_node = NULL, lease_until = NULL, claim_ends = NULL"
                 " FROM unnest(%s::text[], %s::float8[], %s::text[], %s::bool[], %s::bool[])"
                 " AS r (id, delay, error, alone, counts)"
                 " WHERE i.orthanc_id = r.id AND i.state = 'inflight' AND i.lease_node = %s"
@@ -184,10 +191,42 @@ class PgOutbox:
         )
 
     def make_due(self, *, now: float) -> int:
-        return self._db.execute(
-            "UPDATE instances SET next_attempt = %s WHERE state = 'pending' AND next_attempt > %s",
-            (now, now),
-        )
+        """KHEOPS is back: every waiting instance is due now, in steps of `_CHUNK` rows."""
+        total = 0
+        while True:
+            moved = self._db.execute(
+                "UPDATE instances SET next_attempt = %(now)s WHERE orthanc_id IN"
+                " (SELECT orthanc_id FROM instances WHERE state = 'pending'"
+                " AND next_attempt > %(now)s LIMIT %(chunk)s FOR UPDATE SKIP LOCKED)",
+                {"now": now, "chunk": _CHUNK},
+            )
+            total += moved
+            if moved < _CHUNK:
+                return total
+
+    def forget_deleted(self, orthanc_ids: Sequence[str]) -> int:
+        """Orthanc deleted these: unsent rows leave the queue, counted under "deleted"."""
+        with self._db.transaction() as db:
+            gone = db.execute(
+                "DELETE FROM instances WHERE orthanc_id = ANY(%s)"
+                " AND state IN ('pending', 'failed')",
+                (list(orthanc_ids),),
+            ).rowcount
+            if gone:
+                _add(db, "deleted", gone)
+        return gone
+
+    def prune_sent(self, *, before: float, limit: int) -> int:
+        """Delete at most `limit` rows sent before `before`; `counts()` still counts them."""
+        with self._db.transaction() as db:
+            gone = db.execute(
+                "DELETE FROM instances WHERE orthanc_id IN (SELECT orthanc_id FROM instances"
+                " WHERE state = 'sent' AND done_at < %s LIMIT %s FOR UPDATE SKIP LOCKED)",
+                (before, limit),
+            ).rowcount
+            if gone:
+                _add(db, "pruned", gone)
+        return gone
 
     def retry_failed(self, orthanc_ids: Sequence[str] | None, *, now: float) -> int:
         query = (
@@ -199,9 +238,13 @@ class PgOutbox:
         return self._db.execute(query + " AND orthanc_id = ANY(%s)", (now, now, list(orthanc_ids)))
 
     def counts(self) -> dict[str, int]:
-        rows = self._db.fetchall("SELECT state, COUNT(*) AS n FROM instances GROUP BY state")
-        counts = dict.fromkeys(STATES, 0)
-        counts.update({row["state"]: row["n"] for row in rows})
+        rows = self._db.fetchall(
+            "SELECT state, COUNT(*) AS n FROM instances GROUP BY state UNION ALL"
+            " SELECT key, (value #>> '{}')::bigint FROM meta WHERE key IN ('pruned', 'deleted')"
+        )
+        found = {row["state"]: int(row["n"]) for row in rows}
+        counts = {name: found.get(name, 0) for name in COUNTED}
+        counts["sent"] += found.get("pruned", 0)
         return counts
 
     def next_due(self) -> float | None:
@@ -240,14 +283,15 @@ def choose_batch(
 ) -> list[DictRow]:
     """The rows of one request among due candidates (oldest first); [] to linger.
 
-    A row marked `alone` (a retry after a 400) goes in a request of its own; the bytes
+    A row marked `alone` (a retry after a 400) or of unknown size (0) goes in a request of
+    its own; the bytes
     limit stops a batch unless it would be empty. A batch that is not full waits until its
     oldest row has been due for `linger` seconds.
     """
     chosen: list[DictRow] = []
     total = 0
     for row in candidates:
-        if row["alone"]:
+        if row["alone"] or row["size"] <= 0:
             if not chosen:
                 chosen.append(row)
             break
@@ -258,7 +302,7 @@ def choose_batch(
     full = (
         len(chosen) == max_count
         or len(chosen) < len(candidates)
-        or any(row["alone"] for row in chosen)
+        or any(row["alone"] or row["size"] <= 0 for row in chosen)
     )
     if chosen and not full and chosen[0]["next_attempt"] > now - linger:
         return []
@@ -269,8 +313,8 @@ def _take_back_expired(db: Connection, now: float) -> None:
     """Claims whose node stopped renewing them are pending again (skipping rows being changed)."""
     db.execute(
         "UPDATE instances SET state = 'pending', restored = false, lease_node = NULL,"
-        " lease_until = NULL WHERE orthanc_id IN (SELECT orthanc_id FROM instances"
-        " WHERE state = 'inflight' AND lease_until < %s FOR UPDATE SKIP LOCKED)",
+        " lease_until = NULL, claim_ends = NULL WHERE orthanc_id IN (SELECT orthanc_id"
+        " FROM instances WHERE state = 'inflight' AND lease_until <= %s FOR UPDATE SKIP LOCKED)",
         (now,),
     )
 

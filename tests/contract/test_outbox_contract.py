@@ -1,39 +1,21 @@
-"""The durable queue: a real SqliteOutbox in a temporary folder."""
+"""The outbox contract (`Outbox`), the same tests for every back-end (see conftest.py)."""
 
 from __future__ import annotations
 
-import sqlite3
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 
-from orthanc_kheops.state.outbox import SCHEMA_VERSION, Outbox, Retry, SqliteOutbox
-from orthanc_kheops.state.postgres.outbox import PgOutbox
+from orthanc_kheops.state.outbox import Outbox, Retry
+from tests.contract.conftest import OutboxBackend
 
 T0 = 1_000_000.0
 MB = 1024 * 1024
-
-
-@pytest.fixture
-def path(tmp_path: Path) -> Path:
-    return tmp_path / "state" / "outbox.sqlite3"
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def outbox(request: pytest.FixtureRequest, path: Path) -> Iterator[Outbox]:
-    """The contract holds for both back-ends: each test runs on SQLite and on PostgreSQL."""
-    box: Outbox
-    if request.param == "sqlite":
-        box = SqliteOutbox(path)
-    else:
-        box = PgOutbox(request.getfixturevalue("pg_database"), node="node-a", lease_seconds=30)
-    yield box
-    box.close()
+LEASE = 600.0
 
 
 def _claim(outbox: Outbox, *, now: float = T0, count: int = 50, size: int = 64 * MB) -> list[str]:
-    return [i.orthanc_id for i in outbox.claim(now=now, max_count=count, max_bytes=size)]
+    return [
+        i.orthanc_id for i in outbox.claim(lease=LEASE, now=now, max_count=count, max_bytes=size)
+    ]
 
 
 def _state(outbox: Outbox, orthanc_id: str) -> str:
@@ -47,7 +29,7 @@ def test_enqueued_instances_are_pending_and_due_at_once(outbox: Outbox) -> None:
     added = outbox.enqueue([("a", 10), ("b", 20)], now=T0, requeue=True)
 
     assert added == 2
-    assert outbox.counts() == {"pending": 2, "inflight": 0, "sent": 0, "failed": 0}
+    assert outbox.counts() == {"pending": 2, "inflight": 0, "sent": 0, "failed": 0, "deleted": 0}
     row = outbox.lookup(["a"])["a"]
     assert (row.state, row.size, row.attempts, row.queued_at, row.next_attempt) == (
         "pending",
@@ -103,7 +85,7 @@ def test_claim_takes_the_longest_waiting_first(outbox: Outbox) -> None:
 def test_claimed_instances_are_inflight_and_not_claimed_again(outbox: Outbox) -> None:
     outbox.enqueue([("a", 1), ("b", 1)], now=T0, requeue=True)
 
-    claimed = outbox.claim(now=T0, max_count=50, max_bytes=MB)
+    claimed = outbox.claim(lease=LEASE, now=T0, max_count=50, max_bytes=MB)
 
     assert {i.state for i in claimed} == {"inflight"}
     assert {_state(outbox, i.orthanc_id) for i in claimed} == {"inflight"}
@@ -144,16 +126,16 @@ def test_a_batch_that_is_not_full_waits_until_its_oldest_instance_has_lingered(
     outbox.enqueue([("first", 1)], now=T0, requeue=True)
     outbox.enqueue([("second", 1)], now=T0 + 0.3, requeue=True)
 
-    assert outbox.claim(now=T0 + 0.4, max_count=3, max_bytes=MB, linger=0.5) == []
+    assert outbox.claim(lease=LEASE, now=T0 + 0.4, max_count=3, max_bytes=MB, linger=0.5) == []
     assert _state(outbox, "first") == "pending"
-    claimed = outbox.claim(now=T0 + 0.5, max_count=3, max_bytes=MB, linger=0.5)
+    claimed = outbox.claim(lease=LEASE, now=T0 + 0.5, max_count=3, max_bytes=MB, linger=0.5)
     assert [i.orthanc_id for i in claimed] == ["first", "second"]
 
 
 def test_a_full_batch_is_taken_without_lingering(outbox: Outbox) -> None:
     outbox.enqueue([("a", 1), ("b", 1), ("c", 1)], now=T0, requeue=True)
 
-    claimed = outbox.claim(now=T0, max_count=2, max_bytes=MB, linger=60)
+    claimed = outbox.claim(lease=LEASE, now=T0, max_count=2, max_bytes=MB, linger=60)
 
     assert [i.orthanc_id for i in claimed] == ["a", "b"]
 
@@ -163,7 +145,7 @@ def test_a_batch_that_reached_the_byte_limit_is_taken_without_lingering(
 ) -> None:
     outbox.enqueue([("a", 40), ("b", 40), ("c", 40)], now=T0, requeue=True)
 
-    claimed = outbox.claim(now=T0, max_count=50, max_bytes=100, linger=60)
+    claimed = outbox.claim(lease=LEASE, now=T0, max_count=50, max_bytes=100, linger=60)
 
     assert [i.orthanc_id for i in claimed] == ["a", "b"]
 
@@ -173,7 +155,7 @@ def test_an_instance_retried_alone_is_taken_without_lingering(outbox: Outbox) ->
     _claim(outbox)
     outbox.reschedule([Retry("alone", 0.0, "400", alone=True)], now=T0)
 
-    claimed = outbox.claim(now=T0, max_count=50, max_bytes=MB, linger=60)
+    claimed = outbox.claim(lease=LEASE, now=T0, max_count=50, max_bytes=MB, linger=60)
 
     assert [i.orthanc_id for i in claimed] == ["alone"]
 
@@ -379,15 +361,19 @@ def test_queuing_one_instance_counts_whether_it_changed_the_outbox(outbox: Outbo
 # --- crash recovery and durability -----------------------------------------------------------------
 
 
-def test_instances_in_flight_during_a_crash_are_pending_after_restart(path: Path) -> None:
-    first = SqliteOutbox(path)
+def test_instances_in_flight_during_a_crash_are_pending_after_restart(
+    backend: OutboxBackend,
+) -> None:
+    first = backend.open()
     first.enqueue([("a", 1), ("b", 1), ("c", 1)], now=T0, requeue=True)
-    first.claim(now=T0, max_count=50, max_bytes=MB)
+    first.claim(lease=LEASE, now=T0, max_count=50, max_bytes=MB)
     first.reschedule([Retry("a", 0.0, "503"), Retry("b", 0.0, "503")], now=T0)
-    first.claim(now=T0, max_count=1, max_bytes=MB)  # "a" in flight again, with 1 attempt
+    first.claim(
+        lease=LEASE, now=T0, max_count=1, max_bytes=MB
+    )  # "a" in flight again, with 1 attempt
     first.close()
 
-    second = SqliteOutbox(path)
+    second = backend.open()
     try:
         recovered = second.recover_interrupted()
         rows = second.lookup(["a", "b", "c"])
@@ -402,60 +388,18 @@ def test_instances_in_flight_during_a_crash_are_pending_after_restart(path: Path
     }
 
 
-def test_a_committed_row_is_there_after_reopening_the_file(path: Path) -> None:
-    first = SqliteOutbox(path)
+def test_a_committed_row_is_there_after_reopening_the_store(backend: OutboxBackend) -> None:
+    first = backend.open()
     first.enqueue([("a", 123)], now=T0, requeue=True)
     first.set_meta("last_change", 42)
     first.close()
 
-    second = SqliteOutbox(path)
+    second = backend.open()
     try:
         assert second.lookup(["a"])["a"].size == 123
         assert second.get_meta("last_change") == 42
     finally:
         second.close()
-
-
-def test_a_committed_row_is_visible_to_another_connection_before_close(path: Path) -> None:
-    writer = SqliteOutbox(path)
-    try:
-        writer.enqueue([("a", 1)], now=T0, requeue=True)
-        reader = sqlite3.connect(path)
-        try:
-            rows = reader.execute("SELECT orthanc_id, state FROM instances").fetchall()
-        finally:
-            reader.close()
-    finally:
-        writer.close()
-
-    assert rows == [("a", "pending")]
-
-
-def test_the_outbox_file_uses_write_ahead_logging(path: Path) -> None:
-    SqliteOutbox(path).close()
-
-    connection = sqlite3.connect(path)
-    try:
-        assert connection.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-    finally:
-        connection.close()
-
-
-def test_an_outbox_of_another_schema_version_is_refused(path: Path) -> None:
-    first = SqliteOutbox(path)
-    first.set_meta("schema_version", SCHEMA_VERSION + 1)
-    first.close()
-
-    with pytest.raises(RuntimeError, match=f"schema version {SCHEMA_VERSION + 1}"):
-        SqliteOutbox(path)
-
-
-def test_a_new_outbox_records_its_schema_version(path: Path) -> None:
-    outbox = SqliteOutbox(path)
-    try:
-        assert outbox.get_meta("schema_version") == SCHEMA_VERSION
-    finally:
-        outbox.close()
 
 
 # --- make_due and retry_failed ---------------------------------------------------------------------
@@ -512,11 +456,11 @@ def test_retry_failed_with_ids_queues_only_those_that_failed(outbox: Outbox) -> 
 
 
 def test_counts_name_every_state(outbox: Outbox) -> None:
-    assert outbox.counts() == {"pending": 0, "inflight": 0, "sent": 0, "failed": 0}
+    assert outbox.counts() == {"pending": 0, "inflight": 0, "sent": 0, "failed": 0, "deleted": 0}
     _two_failed_one_sent(outbox)
     outbox.enqueue([("p", 1)], now=T0, requeue=True)
 
-    assert outbox.counts() == {"pending": 1, "inflight": 0, "sent": 1, "failed": 2}
+    assert outbox.counts() == {"pending": 1, "inflight": 0, "sent": 1, "failed": 2, "deleted": 0}
 
 
 def test_pending_entries_are_listed_by_due_time(outbox: Outbox) -> None:
@@ -542,7 +486,7 @@ def test_finished_entries_are_listed_most_recent_first(outbox: Outbox) -> None:
 def test_entries_as_json_show_the_next_attempt_only_while_pending(outbox: Outbox) -> None:
     outbox.enqueue([("a", 1), ("b", 1)], now=T0, requeue=True)
     outbox.set_sop_uids({"a": "1.2.3"})
-    outbox.claim(now=T0, max_count=1, max_bytes=MB)
+    outbox.claim(lease=LEASE, now=T0, max_count=1, max_bytes=MB)
     outbox.mark_failed({"a": "292"}, now=T0 + 1)
 
     failed = outbox.entries("failed", limit=10)[0].as_json()
@@ -581,3 +525,150 @@ def test_meta_values_round_trip_as_json(outbox: Outbox) -> None:
 
     assert outbox.get_meta("last_change") == 18
     assert outbox.get_meta("doc") == {"a": [1, "b"]}
+
+
+# --- leases ----------------------------------------------------------------------------------------
+
+
+def test_a_claim_that_no_worker_finishes_is_due_again_when_its_lease_ends(outbox: Outbox) -> None:
+    outbox.enqueue([("a", 1), ("b", 1)], now=T0, requeue=True)
+    assert sorted(
+        i.orthanc_id for i in outbox.claim(now=T0, lease=60, max_count=50, max_bytes=MB)
+    ) == [
+        "a",
+        "b",
+    ]
+
+    assert outbox.claim(now=T0 + 59, lease=60, max_count=50, max_bytes=MB) == []
+    assert outbox.counts()["inflight"] == 2
+    again = outbox.claim(now=T0 + 60, lease=60, max_count=50, max_bytes=MB)
+
+    assert sorted(i.orthanc_id for i in again) == ["a", "b"]
+    assert {i.attempts for i in again} == {0}
+    assert outbox.counts()["inflight"] == 2
+
+
+def test_a_verdict_after_the_lease_ended_still_counts(outbox: Outbox) -> None:
+    outbox.enqueue([("a", 1)], now=T0, requeue=True)
+    outbox.claim(now=T0, lease=60, max_count=50, max_bytes=MB)
+    outbox.claim(now=T0 + 61, lease=60, max_count=50, max_bytes=MB)
+
+    outbox.mark_sent(["a"], now=T0 + 62)
+
+    assert _state(outbox, "a") == "sent"
+    assert outbox.counts()["inflight"] == 0
+
+
+def test_a_probe_takes_the_oldest_instance_before_its_backoff_ends(outbox: Outbox) -> None:
+    outbox.enqueue([("a", 1), ("b", 1)], now=T0, requeue=True)
+    _claim(outbox)
+    outbox.reschedule([Retry("a", 300.0, "503"), Retry("b", 600.0, "503")], now=T0)
+
+    probe = outbox.claim(now=T0 + 1, lease=60, max_count=1, max_bytes=0, due_by=float("inf"))
+
+    assert [i.orthanc_id for i in probe] == ["a"]
+    assert _state(outbox, "b") == "pending"
+
+
+def test_a_probe_does_not_end_the_leases_of_other_claims(outbox: Outbox) -> None:
+    outbox.enqueue([("a", 1), ("b", 1)], now=T0, requeue=True)
+    outbox.claim(now=T0, lease=60, max_count=1, max_bytes=MB)
+
+    outbox.claim(now=T0 + 1, lease=60, max_count=1, max_bytes=0, due_by=float("inf"))
+
+    assert outbox.counts()["inflight"] == 2
+
+
+def test_an_instance_of_unknown_size_travels_alone(outbox: Outbox) -> None:
+    outbox.enqueue([("a", 1)], now=T0, requeue=True)
+    outbox.enqueue([("unknown", 0)], now=T0 + 1, requeue=True)
+    outbox.enqueue([("b", 1)], now=T0 + 2, requeue=True)
+
+    assert _claim(outbox, now=T0 + 2) == ["a"]
+    assert _claim(outbox, now=T0 + 2) == ["unknown"]
+    assert _claim(outbox, now=T0 + 2) == ["b"]
+
+
+# --- deletions, pruning and exact counts -----------------------------------------------------------
+
+
+def test_instances_deleted_before_they_were_sent_leave_the_queue_counted(outbox: Outbox) -> None:
+    for n, name in enumerate(("failed", "sent", "inflight", "pending")):
+        outbox.enqueue([(name, 1)], now=T0 + n, requeue=True)
+    assert _claim(outbox, now=T0 + 3, count=3) == ["failed", "sent", "inflight"]
+    outbox.mark_failed({"failed": "292"}, now=T0 + 3)
+    outbox.mark_sent(["sent"], now=T0 + 3)
+
+    gone = outbox.forget_deleted(["pending", "failed", "sent", "inflight", "unknown"])
+
+    assert gone == 2
+    remaining = outbox.lookup(["pending", "failed", "sent", "inflight"])
+    assert {k: v.state for k, v in remaining.items()} == {"sent": "sent", "inflight": "inflight"}
+    assert outbox.counts() == {"pending": 0, "inflight": 1, "sent": 1, "failed": 0, "deleted": 2}
+
+
+def test_sent_rows_are_pruned_after_the_retention_and_still_counted(outbox: Outbox) -> None:
+    outbox.enqueue(
+        [(f"old{n}", 1) for n in range(5)] + [("new", 1), ("failed", 1)], now=T0, requeue=True
+    )
+    _claim(outbox)
+    outbox.mark_sent([f"old{n}" for n in range(5)], now=T0)
+    outbox.mark_sent(["new"], now=T0 + 100)
+    outbox.mark_failed({"failed": "292"}, now=T0)
+
+    first = outbox.prune_sent(before=T0 + 50, limit=3)
+    second = outbox.prune_sent(before=T0 + 50, limit=3)
+
+    assert (first, second) == (3, 2)
+    assert outbox.prune_sent(before=T0 + 50, limit=3) == 0
+    assert set(outbox.lookup([f"old{n}" for n in range(5)] + ["new", "failed"])) == {
+        "new",
+        "failed",
+    }
+    assert outbox.counts() == {"pending": 0, "inflight": 0, "sent": 6, "failed": 1, "deleted": 0}
+
+
+def test_a_pruned_instance_stored_again_is_queued_again(outbox: Outbox) -> None:
+    outbox.enqueue([("a", 1)], now=T0, requeue=True)
+    _claim(outbox)
+    outbox.mark_sent(["a"], now=T0)
+    outbox.prune_sent(before=T0 + 1, limit=10)
+
+    assert outbox.enqueue([("a", 1)], now=T0 + 2, requeue=True) == 1
+    assert _claim(outbox, now=T0 + 2) == ["a"]
+
+
+def test_counts_follow_every_move_and_survive_a_restart(backend: OutboxBackend) -> None:
+    first = backend.open()
+    first.enqueue([(f"i{n}", 1) for n in range(10)], now=T0, requeue=True)
+    claimed = [i.orthanc_id for i in first.claim(now=T0, lease=LEASE, max_count=6, max_bytes=MB)]
+    first.mark_sent(claimed[:2], now=T0)
+    first.mark_failed({claimed[2]: "292"}, now=T0)
+    first.reschedule([Retry(claimed[3], 5.0, "503")], now=T0)
+    first.enqueue([(claimed[0], 1)], now=T0 + 1, requeue=True)  # stored again: pending
+    first.retry_failed(None, now=T0 + 2)
+    first.close()
+
+    second = backend.open()
+    try:
+        second.recover_interrupted()
+        assert second.counts() == {
+            "pending": 9,
+            "inflight": 0,
+            "sent": 1,
+            "failed": 0,
+            "deleted": 0,
+        }
+    finally:
+        second.close()
+
+
+def test_make_due_brings_forward_more_instances_than_one_step_takes(outbox: Outbox) -> None:
+    ids = [f"i{n:04}" for n in range(1234)]
+    outbox.enqueue([(i, 1) for i in ids], now=T0, requeue=True)
+    for _ in range(0, len(ids), 500):
+        claimed = outbox.claim(now=T0, lease=LEASE, max_count=500, max_bytes=10 * MB)
+        outbox.reschedule([Retry(i.orthanc_id, 300.0, "503") for i in claimed], now=T0)
+
+    assert outbox.make_due(now=T0 + 1) == 1234
+    assert outbox.next_due() == T0 + 1
