@@ -112,6 +112,11 @@ SERIES_ATTRIBUTES = ("Modality", "SeriesDescription", "SeriesNumber", "BodyPartE
 _UID_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 
 _ALPHANUMERIC = string.ascii_letters + string.digits
+
+# --- Route shapes ---------------------------------------------------------------------------------
+# KHEOPS's path templates take UIDs of digits and dots only: a share path whose UID is anything
+# else ("1.2#x", "1.2%2F..%2Fx") matches no route and is a plain 404 Not Found, whatever the tokens.
+_SHARE_UID = r"([0-9.]+)"
 _TOKEN_SHAPE = re.compile(r"[A-Za-z0-9._~+/=-]+")  # RFC 6750 b64token: fits in a Bearer header
 _DICOM_JSON = "application/dicom+json"
 _JSON = "application/json"
@@ -586,8 +591,10 @@ class _KheopsApi:
         self.router.add("POST", r"/api/studies", self._stow)
         self.router.add("GET", r"/api/studies", self._search_studies)
         self.router.add("GET", rf"/api/studies/{uid}/series", self._search_series)
-        self.router.add("PUT", rf"/api/studies/{uid}", self._share_study)
-        self.router.add("PUT", rf"/api/studies/{uid}/series/{uid}", self._share_series)
+        self.router.add("PUT", rf"/api/studies/{_SHARE_UID}", self._share_study)
+        self.router.add(
+            "PUT", rf"/api/studies/{_SHARE_UID}/series/{_SHARE_UID}", self._share_series
+        )
         self.router.add("PUT", rf"/api/studies/{uid}/albums/{uid}", self._share_to_album)
         self.router.add(
             "PUT", rf"/api/studies/{uid}/series/{uid}/albums/{uid}", self._share_to_album

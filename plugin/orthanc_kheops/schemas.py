@@ -19,6 +19,8 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 from referencing import Registry, Resource
 
+from .observability.masking import excerpt
+
 SCHEMA_DIRECTORY = Path(__file__).resolve().parent.parent.parent / "config"
 _SECRET_KEYS = frozenset({"Token", "DestinationToken", "SourceToken"})
 
@@ -83,13 +85,18 @@ def _describe(error: ValidationError, root: str) -> tuple[str, str]:
         texts = []
         for key in _unexpected_keys(error):
             hint = difflib.get_close_matches(key, known, n=1)
-            texts.append(f"unknown key {key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
-        return field_path(root, path), "; ".join(texts)
+            texts.append(
+                f"unknown key {excerpt(key)}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+            )
+        keys = _unexpected_keys(error)
+        # At the top of a REST body, an unknown key names itself as the field.
+        where = [keys[0]] if len(keys) == 1 and not path and not root else path
+        return field_path(root, where) or "body", "; ".join(texts)
     message = schema.get("x-message")
     if isinstance(message, str) and error.validator in ("pattern", "format"):
         # Not str.format: a message may hold other braces ("${...}"), and a secret's value
         # must not be substituted.
-        shown = "(hidden)" if secret else repr(error.instance)
+        shown = "(hidden)" if secret else excerpt(str(error.instance))
         return field_path(root, path), message.replace("{value!r}", shown)
     if secret:
         return field_path(root, path), _secret_safe(error)
@@ -132,12 +139,23 @@ def _plain(error: ValidationError) -> str:
                 # An object or array may hold tokens (a rule's DestinationToken): never repeat it.
                 found = "object" if isinstance(value, Mapping) else "array"
                 return f"must be {wanted}, not {_article(found)}"
-            return f"{value!r} is not {wanted}"
+            return f"{_shown(value)} is not {wanted}"
         case "enum":
             choices = error.validator_value if isinstance(error.validator_value, list) else []
-            return f"{value!r} is not one of {', '.join(map(repr, choices))}"
+            return f"{_shown(value)} is not one of {', '.join(map(repr, choices))}"
         case "minLength":
             return "must not be empty"
+        case "maxLength":
+            length = len(value) if isinstance(value, str) else 0
+            return f"is {length} characters long; at most {error.validator_value} are allowed"
         case "pattern":
-            return f"{value!r} does not match {error.validator_value!r}"
+            return f"{_shown(value)} does not match {error.validator_value!r}"
     return str(error.message)
+
+
+def _shown(value: object) -> str:
+    """A short quote of a value: a message never repeats a huge input whole."""
+    if isinstance(value, str):
+        return excerpt(value)
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:40]}…"

@@ -33,7 +33,7 @@ from .switching.rules import Rule, config_rules
 from .switching.sharing import Sharer
 from .web.forwarding_api import ForwardingApi
 from .web.resources_api import ResourcesApi
-from .web.routing import Request, Response, Router
+from .web.routing import Reply, Request, Router
 from .web.rules_api import RulesApi
 
 log = logging.getLogger("orthanc_kheops")
@@ -110,7 +110,7 @@ class _Plugin:
             clock=self.clock,
             store_health=self.store_health,
         )
-        self.router = Router()
+        self.router = Router(redact=redactor.redact)
         rules_api = RulesApi(
             config,
             sharer=self.sharer,
@@ -118,6 +118,7 @@ class _Plugin:
             orthanc=self.orthanc,
             outbox=self.outbox,
             remember_secret=redactor.add,
+            known_secret=redactor.knows,
         )
         rules_api.register(self.router)
         ForwardingApi(
@@ -202,12 +203,9 @@ class _Plugin:
             query=dict(request.get("get") or {}),
             body=request.get("body") or b"",
         )
-        try:
-            response = self.router.handle(call)
-        except Exception as exc:
-            log.exception("REST %s failed", uri)
-            response = Response(500, {"HttpStatus": 500, "Message": self.redactor.redact(str(exc))})
-        _answer(output, response)
+        reply = self.router.reply(call)  # never raises: every error is an answer
+        response = reply.response
+        _answer(output, reply)
         if call.method != "GET":
             self.metrics.wake()
             line = audit_line(call, response)
@@ -219,11 +217,11 @@ def _set_metric(name: str, value: float) -> None:
     orthanc.SetMetricsValue(name, value, orthanc.MetricsType.DEFAULT)
 
 
-def _answer(output: Any, response: Response) -> None:
+def _answer(output: Any, reply: Reply) -> None:
+    response, body = reply.response, reply.body
     if response.status == 405:
         output.SendMethodNotAllowed(",".join(response.allowed))
         return
-    body = response.encoded()
     if response.status == 200:
         output.AnswerBuffer(body, "application/json")
         return

@@ -278,9 +278,12 @@ def test_backfill_of_an_unknown_id_is_a_404_that_names_it(
     orthanc_factory: OrthancFactory, album: Album
 ) -> None:
     orthanc = orthanc_factory(kheops=album.section())
-    answer = orthanc.post("/kheops/send", json={"Resources": ["no-such-id"]})
+    unknown = "0123abcd-0123abcd-0123abcd-0123abcd-0123abcd"
+    answer = orthanc.post("/kheops/send", json={"Resources": [unknown]})
+    malformed = orthanc.post("/kheops/send", json={"Resources": ["no-such-id"]})
     assert answer.status_code == 404
-    assert "no-such-id" in answer.json()["Message"]
+    assert unknown in answer.json()["Message"]
+    assert (malformed.status_code, malformed.json()["Field"]) == (400, "Resources")
 
 
 def test_forwarding_works_with_orthanc_authentication_enabled(

@@ -693,11 +693,14 @@ def test_the_dry_run_refuses_a_bad_condition_and_an_unknown_resource(
 ) -> None:
     start()
 
-    bad = env.call("POST", "/kheops/rules/test", json={"Condition": "x(", "Resources": ["a"]})
-    unknown = env.call("POST", "/kheops/rules/test", json={"Condition": "", "Resources": ["nope"]})
+    some_id = "0123abcd-0123abcd-0123abcd-0123abcd-0123abcd"
+    bad = env.call("POST", "/kheops/rules/test", json={"Condition": "x(", "Resources": [some_id]})
+    unknown = env.call("POST", "/kheops/rules/test", json={"Condition": "", "Resources": [some_id]})
+    not_an_id = env.call("POST", "/kheops/rules/test", json={"Resources": ["../nope"]})
 
     assert (bad.status_code, bad.json()["Field"]) == (400, "Condition")
     assert (unknown.status_code, unknown.json()["Field"]) == (404, "Resources")
+    assert (not_an_id.status_code, not_an_id.json()["Field"]) == (400, "Resources")
 
 
 def test_apply_shares_the_matching_series_already_in_the_main_album(
@@ -716,7 +719,14 @@ def test_apply_shares_the_matching_series_already_in_the_main_album(
         "POST", "/kheops/rules/late/apply", json={"Resources": [_study_of(env, study)]}
     )
 
-    assert applied == {"Rule": "late", "Series": 2, "NotInMainAlbum": 0, "Matched": 1, "Queued": 1}
+    assert applied == {
+        "Rule": "late",
+        "Series": 2,
+        "NotInMainAlbum": 0,
+        "Matched": 1,
+        "Queued": 1,
+        "NotShareable": 0,
+    }
     env.await_shared("late", 1)
     assert env.kheops.album_series(album) == {ct}
     assert mr not in env.kheops.album_series(album) and other_ct not in env.kheops.album_series(

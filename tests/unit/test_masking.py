@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from orthanc_kheops.observability.masking import Redactor, Secret, mask
+from orthanc_kheops.observability.masking import Redactor, Secret, excerpt, mask
 
 TOKEN = "KbSVRVsa0rTCh6D5l9JnAb"
 OTHER = "See1fW5f2ZhxS6Q2nv0Xyz"
@@ -79,3 +79,26 @@ def test_redactor_replaces_every_known_token_in_a_text() -> None:
 def test_redactor_leaves_other_text_alone() -> None:
     assert Redactor([Secret(TOKEN)]).redact("nothing to hide") == "nothing to hide"
     assert Redactor().redact(TOKEN) == TOKEN
+
+
+def test_credentials_in_a_url_are_masked_wherever_they_appear() -> None:
+    redactor = Redactor()
+
+    text = redactor.redact("cannot reach https://bob:s3cret@kheops.example.org/api (refused)")
+
+    assert text == "cannot reach https://…@kheops.example.org/api (refused)"
+
+
+def test_a_url_without_credentials_is_left_as_it_is() -> None:
+    assert Redactor().redact("https://kheops.example.org/a@b") == "https://kheops.example.org/a@b"
+
+
+def test_a_known_token_is_known_and_another_text_is_not() -> None:
+    redactor = Redactor([Secret("y8KlAbcdefghijklmnopbg")])
+
+    assert redactor.knows("y8KlAbcdefghijklmnopbg") and not redactor.knows("other")
+
+
+def test_an_excerpt_of_a_long_text_is_short_and_says_how_long_it_was() -> None:
+    assert excerpt("x" * 10_000) == f"{'x' * 40!r}… (10000 characters)"
+    assert excerpt("short") == "'short'"

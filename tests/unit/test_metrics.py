@@ -18,7 +18,7 @@ from orthanc_kheops.observability.metrics import (
 )
 from orthanc_kheops.observability.stats import TransferSnapshot, TransferStats
 from orthanc_kheops.state.outbox import Retry, SqliteOutbox
-from orthanc_kheops.state.rule_store import RuleStore, ShareKey
+from orthanc_kheops.state.rule_store import Decision, RuleStore, ShareKey
 from tests.waiting import wait_until
 
 T0 = 1_700_000_000.0
@@ -217,7 +217,8 @@ def test_rule_figures_count_the_shares_of_each_rule_in_the_store(tmp_path: Path)
     store = RuleStore(tmp_path / "switching.sqlite3")
     for name in ("ct", "mr"):
         store.save_rule(name, origin="api", document={"Name": name}, albums=None, now=T0)
-    store.add_shares([ShareKey("ct", "1.2", "1.2.1"), ShareKey("ct", "1.2", "1.2.2")], now=T0)
+    decision = Decision("", "destination", None)
+    store.add_shares({ShareKey("ct", "1.2", s): decision for s in ("1.2.1", "1.2.2")}, now=T0)
     store.mark_shared(ShareKey("ct", "1.2", "1.2.1"), now=T0)
 
     figures = rule_figures(store, {"mr": "DestinationToken: is not active"})

@@ -18,7 +18,7 @@ from orthanc_kheops.state.postgres.database import PgDatabase, StateDatabaseErro
 from orthanc_kheops.state.postgres.migrations import MIGRATIONS, Migration
 from orthanc_kheops.state.postgres.outbox import PgOutbox
 from orthanc_kheops.state.postgres.rule_store import PgRuleStore
-from orthanc_kheops.state.rule_store import ShareKey
+from orthanc_kheops.state.rule_store import Decision, ShareKey
 
 T0 = 1_000_000.0
 LEASE = 30.0  # the node's lease (Kheops.LeaseSeconds)
@@ -280,7 +280,7 @@ def test_a_share_claimed_by_one_node_is_not_due_on_another_until_its_lease_expir
 ) -> None:
     a, b = _stores(pg_database, second_database)
     a.save_rule("r", origin="api", document=_doc("r"), albums=None, now=T0)
-    a.add_shares([ShareKey("r", "1.2", "1.2.3")], now=T0)
+    a.add_shares({ShareKey("r", "1.2", "1.2.3"): Decision("", "destination", "i")}, now=T0)
 
     assert len(a.due_shares(["r"], now=T0, limit=10)) == 1
     assert b.due_shares(["r"], now=T0 + 1, limit=10) == []

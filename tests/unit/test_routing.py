@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Sequence
 
 import pytest
 
 from orthanc_kheops.web.routing import (
+    MAXIMUM_BODY_BYTES,
     HttpError,
     Request,
     Response,
     Router,
     json_object,
+    nesting_depth,
     string_list,
 )
 
@@ -47,7 +50,11 @@ def test_an_unknown_route_is_a_404_naming_it() -> None:
     response = _router().handle(Request("GET", "nowhere"))
 
     assert response.status == 404
-    assert response.body == {"HttpStatus": 404, "Message": "no route GET /kheops/nowhere"}
+    assert response.body == {
+        "HttpStatus": 404,
+        "Message": "no route GET /kheops/nowhere",
+        "Field": "path",
+    }
 
 
 def test_a_known_route_with_another_method_is_a_405_listing_the_allowed_ones() -> None:
@@ -151,3 +158,75 @@ def test_a_wrong_list_of_ids_names_the_field(document: dict[str, object], messag
 
 def test_responses_are_encoded_as_utf8_json() -> None:
     assert Response(200, {"Name": "Zoë"}).encoded() == '{\n  "Name": "Zoë"\n}'.encode()
+
+
+def test_a_state_that_cannot_be_written_is_a_503_with_the_cause() -> None:
+    def handler(request: Request, groups: Sequence[str]) -> Response:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    router = Router()
+    router.add("POST", "rules", handler)
+
+    response = router.handle(Request("POST", "rules", body=b"{}"))
+
+    assert response.status == 503
+    assert isinstance(response.body, dict)
+    assert "database or disk is full" in str(response.body["Message"])
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "words"),
+    [
+        (b"[" * 65 + b"]" * 65, 400, "deeper than 64 levels"),
+        (b'{"a": "' + b"x" * MAXIMUM_BODY_BYTES + b'"}', 413, "at most 1048576"),
+    ],
+    ids=["deep", "huge"],
+)
+def test_a_body_past_the_limits_is_refused_before_it_is_parsed(
+    body: bytes, status: int, words: str
+) -> None:
+    with pytest.raises(HttpError) as caught:
+        Request("POST", "send", body=body).json()
+
+    assert (caught.value.status, caught.value.field) == (status, "body")
+    assert words in caught.value.message
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting() -> None:
+    assert nesting_depth(b'{"a": "[[[[\\"[[[[", "b": [1]}') == 2
+
+
+def test_a_lone_surrogate_is_a_400_naming_its_field() -> None:
+    with pytest.raises(HttpError) as caught:
+        Request("POST", "rules", body=b'{"Rule": {"Condition": "\\ud800"}}').json()
+
+    assert (caught.value.status, caught.value.field) == (400, "Rule.Condition")
+
+
+def test_a_reply_never_shows_a_value_sent_under_a_token_key_nor_a_known_token() -> None:
+    def handler(request: Request, groups: Sequence[str]) -> Response:
+        raise HttpError(400, f"Condition: {request.json()}", field="Condition")
+
+    router = Router(redact=lambda text: text.replace("KnownToken123", "Know…23"))
+    router.add("POST", "rules", handler)
+
+    reply = router.reply(
+        Request(
+            "POST", "rules", body=b'{"DestinationToken": "Secret0123456", "X": "KnownToken123"}'
+        )
+    )
+
+    assert b"Secret0123456" not in reply.body and b"KnownToken123" not in reply.body
+    assert reply.response.status == 400
+
+
+def test_an_unexpected_error_is_a_500_without_its_text() -> None:
+    def handler(request: Request, groups: Sequence[str]) -> Response:
+        raise RuntimeError("secret detail")
+
+    router = Router()
+    router.add("GET", "status", handler)
+
+    reply = router.reply(Request("GET", "status"))
+
+    assert reply.response.status == 500 and b"secret detail" not in reply.body

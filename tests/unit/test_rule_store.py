@@ -15,10 +15,12 @@ from orthanc_kheops.state.backend import RuleStoreApi
 from orthanc_kheops.state.postgres.rule_store import PgRuleStore
 from orthanc_kheops.state.rule_store import (
     SCHEMA_VERSION,
+    Decision,
     RuleStore,
     ShareCounts,
     ShareKey,
     StoredRule,
+    destination_identity,
 )
 
 T0 = 1_000_000.0
@@ -62,6 +64,10 @@ def _stored(store: RuleStoreApi, name: str = "r") -> StoredRule:
 
 def _key(series: str, rule: str = "r") -> ShareKey:
     return ShareKey(rule, "1.2.study", series)
+
+
+def _decided(*keys: ShareKey) -> dict[ShareKey, Decision]:
+    return {key: Decision("", "destination", f"instance-{key.series_uid}") for key in keys}
 
 
 def _states(store: RuleStoreApi, rule: str = "r") -> dict[str, str]:
@@ -150,7 +156,7 @@ def test_a_failing_rule_keeps_the_time_it_started_failing(store: RuleStoreApi) -
 def test_deleting_a_rule_drops_its_shares(store: RuleStoreApi) -> None:
     _save(store)
     _save(store, "other")
-    store.add_shares([_key("s1"), _key("s2", "other")], now=T0)
+    store.add_shares(_decided(_key("s1"), _key("s2", "other")), now=T0)
 
     assert store.delete_rule("r")
 
@@ -159,21 +165,75 @@ def test_deleting_a_rule_drops_its_shares(store: RuleStoreApi) -> None:
     assert not store.delete_rule("r")
 
 
-def test_a_new_destination_forgets_finished_shares_but_keeps_pending_ones(
-    store: RuleStoreApi,
-) -> None:
+def test_a_new_destination_forgets_every_share_pending_ones_included(store: RuleStoreApi) -> None:
+    """A pending share was decided for the old album: the new one must not receive it."""
     _save(store)
-    store.add_shares([_key("done"), _key("waiting")], now=T0)
+    store.add_shares(_decided(_key("done"), _key("waiting")), now=T0)
     store.mark_shared(_key("done"), now=T0)
 
-    _save(store, token=TOKEN_B)
+    dropped = store.save_rule(
+        "r", origin="api", document=_doc(token=TOKEN_B), albums=("NEW", "MAIN"), now=T0
+    )
 
-    assert _states(store) == {"waiting": "pending"}
+    assert (dropped, _states(store)) == (1, {})
+
+
+def test_a_new_token_of_the_same_album_keeps_the_pending_shares_for_it(store: RuleStoreApi) -> None:
+    _save(store)
+    store.add_shares({_key("waiting"): Decision("", destination_identity(TOKEN_A), "i")}, now=T0)
+
+    dropped = store.save_rule(
+        "r", origin="api", document=_doc(token=TOKEN_B), albums=("DEST", "MAIN"), now=T0
+    )
+
+    [job] = store.due_shares(["r"], now=T0, limit=10)
+    assert dropped == 0
+    assert job.decision == Decision("", destination_identity(TOKEN_B), "i")
+
+
+def test_a_share_records_what_it_was_decided_under(store: RuleStoreApi) -> None:
+    _save(store)
+    store.add_shares(_decided(_key("s")), now=T0)
+
+    [job] = store.due_shares(["r"], now=T0, limit=10)
+
+    assert job.decision == Decision("", "destination", "instance-s")
+
+
+def test_a_version_1_file_is_migrated_and_its_pending_shares_have_no_decision(
+    path: Path,
+) -> None:
+    path.parent.mkdir(parents=True)
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+        " INSERT INTO meta VALUES ('schema_version', '1');"
+        " CREATE TABLE rules (name TEXT PRIMARY KEY, origin TEXT NOT NULL, document TEXT NOT NULL,"
+        " destination_album TEXT, source_album TEXT, failing TEXT, failing_since REAL,"
+        " last_error TEXT, last_error_at REAL, created_at REAL NOT NULL, updated_at REAL NOT NULL);"
+        " CREATE TABLE shares (rule TEXT NOT NULL REFERENCES rules (name) ON DELETE CASCADE,"
+        " study_uid TEXT NOT NULL, series_uid TEXT NOT NULL, state TEXT NOT NULL,"
+        " attempts INTEGER NOT NULL DEFAULT 0, not_found INTEGER NOT NULL DEFAULT 0,"
+        " queued_at REAL NOT NULL, next_attempt REAL NOT NULL, last_error TEXT, done_at REAL,"
+        " PRIMARY KEY (rule, series_uid));"
+        f" INSERT INTO rules VALUES ('r', 'api', '{json.dumps(_doc())}', 'D', 'M', NULL, NULL,"
+        " NULL, NULL, 1, 1);"
+        " INSERT INTO shares VALUES ('r', '1.2', '1.2.3', 'pending', 0, 0, 1, 1, NULL, NULL);"
+    )
+    old.close()
+
+    store = RuleStore(path)
+    try:
+        [job] = store.due_shares(["r"], now=T0, limit=10)
+        assert store.get_meta("schema_version") == SCHEMA_VERSION == 2
+        assert (job.key, job.decision) == (ShareKey("r", "1.2", "1.2.3"), None)
+    finally:
+        store.close()
 
 
 def test_saving_with_the_same_destination_keeps_finished_shares(store: RuleStoreApi) -> None:
     _save(store)
-    store.add_shares([_key("done")], now=T0)
+    store.add_shares(_decided(_key("done")), now=T0)
     store.mark_shared(_key("done"), now=T0)
 
     _save(store, Condition="tagIsPresent('00100010')")
@@ -197,7 +257,7 @@ def test_config_rules_are_added_kept_and_removed_with_the_configuration(
 ) -> None:
     store.sync_config({"a": _doc("a"), "b": _doc("b")}, now=T0)
     store.set_failing("a", "refused", now=T0)
-    store.add_shares([_key("s", "b")], now=T0)
+    store.add_shares(_decided(_key("s", "b")), now=T0)
 
     replaced = store.sync_config({"a": _doc("a")}, now=T0 + 1)
 
@@ -219,7 +279,7 @@ def test_a_changed_config_rule_is_saved_again(store: RuleStoreApi) -> None:
 
 def test_a_config_rule_replaces_a_rest_rule_of_the_same_name(store: RuleStoreApi) -> None:
     _save(store, "a")
-    store.add_shares([_key("s", "a")], now=T0)
+    store.add_shares(_decided(_key("s", "a")), now=T0)
 
     replaced = store.sync_config({"a": _doc("a", token=TOKEN_B)}, now=T0)
 
@@ -244,20 +304,20 @@ def test_a_series_is_queued_once_per_rule(store: RuleStoreApi) -> None:
     _save(store)
     _save(store, "other")
 
-    assert store.add_shares([_key("s1"), _key("s2"), _key("s1", "other")], now=T0) == 3
-    assert store.add_shares([_key("s1"), _key("s3")], now=T0 + 1) == 1
+    assert store.add_shares(_decided(_key("s1"), _key("s2"), _key("s1", "other")), now=T0) == 3
+    assert store.add_shares(_decided(_key("s1"), _key("s3")), now=T0 + 1) == 1
 
     assert store.counts()["r"] == ShareCounts(pending=3)
 
 
 def test_shares_of_an_unknown_rule_are_ignored(store: RuleStoreApi) -> None:
-    assert store.add_shares([_key("s1", "gone")], now=T0) == 0
+    assert store.add_shares(_decided(_key("s1", "gone")), now=T0) == 0
 
 
 def test_due_shares_are_those_of_the_given_rules_whose_time_has_come(store: RuleStoreApi) -> None:
     _save(store)
     _save(store, "held")
-    store.add_shares([_key("s1"), _key("s2"), _key("h", "held")], now=T0)
+    store.add_shares(_decided(_key("s1"), _key("s2"), _key("h", "held")), now=T0)
     store.reschedule(_key("s2"), delay=30, error="503", not_found=False, now=T0)
 
     due = store.due_shares(["r"], now=T0, limit=10)
@@ -271,7 +331,7 @@ def test_due_shares_are_those_of_the_given_rules_whose_time_has_come(store: Rule
 
 def test_a_rescheduled_share_counts_attempts_and_not_found_answers(store: RuleStoreApi) -> None:
     _save(store)
-    store.add_shares([_key("s")], now=T0)
+    store.add_shares(_decided(_key("s")), now=T0)
 
     store.reschedule(_key("s"), delay=2, error="503", not_found=False, now=T0)
     store.reschedule(_key("s"), delay=4, error="404", not_found=True, now=T0 + 2)
@@ -287,7 +347,7 @@ def test_a_rescheduled_share_counts_attempts_and_not_found_answers(store: RuleSt
 
 def test_shared_and_failed_shares_are_counted_and_the_failure_noted(store: RuleStoreApi) -> None:
     _save(store)
-    store.add_shares([_key("a"), _key("b"), _key("c")], now=T0)
+    store.add_shares(_decided(_key("a"), _key("b"), _key("c")), now=T0)
 
     store.mark_shared(_key("a"), now=T0)
     store.mark_failed(_key("b"), reason="Series Not Found", now=T0)
@@ -301,7 +361,7 @@ def test_retry_ends_the_failure_and_makes_failed_and_waiting_shares_due(
     store: RuleStoreApi,
 ) -> None:
     _save(store)
-    store.add_shares([_key("a"), _key("b"), _key("c")], now=T0)
+    store.add_shares(_decided(_key("a"), _key("b"), _key("c")), now=T0)
     store.mark_shared(_key("a"), now=T0)
     store.mark_failed(_key("b"), reason="404", now=T0)
     store.reschedule(_key("c"), delay=300, error="503", not_found=False, now=T0)
@@ -316,17 +376,17 @@ def test_retry_ends_the_failure_and_makes_failed_and_waiting_shares_due(
 
 def test_requeue_queues_again_shares_already_done(store: RuleStoreApi) -> None:
     _save(store)
-    store.add_shares([_key("a")], now=T0)
+    store.add_shares(_decided(_key("a")), now=T0)
     store.mark_shared(_key("a"), now=T0)
 
-    assert store.requeue_shares([_key("a"), _key("new")], now=T0 + 1) == 2
+    assert store.requeue_shares(_decided(_key("a"), _key("new")), now=T0 + 1) == 2
 
     assert _states(store) == {"a": "pending", "new": "pending"}
 
 
 def test_make_due_brings_every_waiting_share_forward(store: RuleStoreApi) -> None:
     _save(store)
-    store.add_shares([_key("a"), _key("b")], now=T0)
+    store.add_shares(_decided(_key("a"), _key("b")), now=T0)
     store.reschedule(_key("a"), delay=300, error="503", not_found=False, now=T0)
 
     assert store.make_due(now=T0 + 1) == 1

@@ -182,12 +182,17 @@ def world(tmp_path: Path) -> Iterator[_World]:
     made.store.close()
 
 
+def _uid(name: str) -> str:
+    """A DICOM UID for a short name, so that tests can speak of series "a" and "ct1"."""
+    return f"1.2.9.{int.from_bytes(name.encode(), 'big')}" if name else ""
+
+
 def _instance(
     series: str, modality: str = "CT", *, study: str = "1.2.3", n: int = 1
 ) -> SentInstance:
     dataset = Dataset()  # the uids travel in SentInstance, as the forwarder gives them
     dataset.Modality = modality
-    return SentInstance(f"{series}-{n}", f"{series}.{n}", study, series, dataset)
+    return SentInstance(f"{series}-{n}", f"{series}.{n}", study, _uid(series), dataset)
 
 
 def _rule(name: str, condition: str) -> Rule:
@@ -203,10 +208,10 @@ def test_each_rule_queues_the_series_its_condition_matches() -> None:
 
     found, errors = matching_shares([_rule("ct", CT), _rule("mr", MR)], instances)
 
-    assert found == {
-        ShareKey("ct", "1.2.3", "ct1"),
-        ShareKey("ct", "1.2.3", "ct2"),
-        ShareKey("mr", "1.2.3", "mr1"),
+    assert set(found) == {
+        ShareKey("ct", "1.2.3", _uid("ct1")),
+        ShareKey("ct", "1.2.3", _uid("ct2")),
+        ShareKey("mr", "1.2.3", _uid("mr1")),
     }
     assert errors == []
 
@@ -216,13 +221,13 @@ def test_a_series_matches_when_any_of_its_instances_does() -> None:
 
     found, _ = matching_shares([_rule("ct", CT)], instances)
 
-    assert found == {ShareKey("ct", "1.2.3", "s")}
+    assert set(found) == {ShareKey("ct", "1.2.3", _uid("s"))}
 
 
 def test_instances_without_series_or_study_uid_are_skipped() -> None:
     found, _ = matching_shares([_rule("all", "")], [_instance(""), _instance("s", study="")])
 
-    assert found == set()
+    assert found == {}
 
 
 class _Boom:
@@ -247,8 +252,10 @@ def test_a_condition_that_raises_is_reported_and_does_not_stop_the_other_rules()
 
     found, errors = matching_shares([broken, _rule("all", "")], [_instance("s")])
 
-    assert found == {ShareKey("all", "1.2.3", "s")}
-    assert [(rule.name, instance.series_uid) for rule, instance, _ in errors] == [("broken", "s")]
+    assert set(found) == {ShareKey("all", "1.2.3", _uid("s"))}
+    assert [(rule.name, instance.series_uid) for rule, instance, _ in errors] == [
+        ("broken", _uid("s"))
+    ]
 
 
 # --- after_store --------------------------------------------------------------------------------
@@ -306,7 +313,7 @@ def test_a_due_share_is_made_with_the_destination_and_source_tokens(world: _Worl
 
     assert world.sharer.step()
 
-    assert world.kheops.shares == [_Share(DESTINATION, MAIN, "9.8", "a")]
+    assert world.kheops.shares == [_Share(DESTINATION, MAIN, "9.8", _uid("a"))]
     assert world.counts("all") == ShareCounts(shared=1)
     assert not world.sharer.step()
 
@@ -333,7 +340,7 @@ def test_shares_waiting_for_their_backoff_are_due_once_kheops_answers_again(
     world.add_rule("all")
     world.sharer.after_store([_instance("waiting")])
     world.store.reschedule(
-        ShareKey("all", "1.2.3", "waiting"), delay=250, error="503", not_found=False, now=T0
+        ShareKey("all", "1.2.3", _uid("waiting")), delay=250, error="503", not_found=False, now=T0
     )
     world.sharer.after_store([_instance("new")])
     world.kheops.answers = [KheopsUnavailable("503")]
@@ -617,3 +624,92 @@ def test_a_deleted_or_unreadable_instance_reads_as_none() -> None:
 
     assert read_instance(orthanc, "deleted") is None
     assert read_instance(orthanc, "junk") is None
+
+
+# --- the rule in force --------------------------------------------------------------------------
+
+
+def _in_orthanc(world: _World, instance: SentInstance, modality: str) -> None:
+    """Orthanc holds the instance, so that its series can be evaluated again."""
+    world.orthanc.levels[instance.orthanc_id] = "instances"
+    world.orthanc.documents[f"/instances/{instance.orthanc_id}"] = {"ParentSeries": "S"}
+    world.orthanc.documents["/series/S"] = {"ID": "S", "Instances": [instance.orthanc_id]}
+    world.orthanc.files[instance.orthanc_id] = to_bytes(
+        make_dataset(
+            patient_id="P",
+            patient_name="A^B",
+            study_uid=instance.study_uid,
+            series_uid=instance.series_uid,
+            modality=modality,
+        )
+    )
+
+
+def test_a_pending_share_the_changed_condition_refuses_is_dropped_not_made(world: _World) -> None:
+    world.add_rule("r", CT)
+    ct = _instance("a")
+    _in_orthanc(world, ct, "CT")
+    world.sharer.after_store([ct])
+
+    world.add_rule("r", MR)
+    world.sharer.step()
+
+    assert world.kheops.shares == []
+    assert world.counts("r") == ShareCounts()
+
+
+def test_a_pending_share_the_changed_condition_still_matches_is_made(world: _World) -> None:
+    world.add_rule("r", CT)
+    ct = _instance("a")
+    _in_orthanc(world, ct, "CT")
+    world.sharer.after_store([ct])
+
+    world.add_rule("r", f"{CT} || {MR}")
+    world.sharer.step()
+
+    assert world.counts("r") == ShareCounts(shared=1)
+
+
+def test_a_share_queued_from_an_older_snapshot_of_the_rules_is_evaluated_again(
+    world: _World,
+) -> None:
+    """after_store evaluated rules read before a PUT; the PUT's condition decides."""
+    world.add_rule("r", CT)
+    snapshot = world.sharer.rules
+    world.add_rule("r", MR)  # the PUT lands while after_store runs on the older snapshot
+    ct = _instance("a")
+    _in_orthanc(world, ct, "CT")
+    keys, _ = matching_shares(snapshot.values(), [ct])
+    world.store.add_shares(keys, now=T0)
+
+    world.sharer.step()
+
+    assert world.kheops.shares == []
+
+
+def test_a_series_with_a_uid_kheops_cannot_carry_fails_at_once_with_the_reason(
+    world: _World,
+) -> None:
+    world.add_rule("all")
+    crafted = SentInstance("x-1", "1.2.3.4", "1.2.3", "1.2.3.4#x", Dataset())
+
+    world.sharer.after_store([crafted])
+    world.sharer.step()
+
+    assert world.kheops.shares == []
+    assert world.counts("all") == ShareCounts(failed=1)
+    error = world.stored("all").last_error
+    assert error is not None and "is not a DICOM UID" in error
+
+
+def test_a_404_while_the_source_token_cannot_send_marks_the_rule_failing(world: _World) -> None:
+    world.add_rule("all")
+    world.sharer.after_store([_instance("a")])
+    world.kheops.tokens[MAIN] = Introspection(True, frozenset({"read", "write"}), "MAIN")
+    world.kheops.answers = [KheopsNotFound("share: KHEOPS answered 404")]
+
+    world.sharer.step()
+
+    reason = world.sharer.failing()["all"]
+    assert "lacks the send permission" in reason and "404" in reason
+    assert world.counts("all") == ShareCounts(pending=1)

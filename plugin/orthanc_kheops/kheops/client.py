@@ -8,9 +8,11 @@ subclass that says whether retrying can help, with the token masked.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
+from urllib.parse import quote
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -19,6 +21,17 @@ from ..observability.masking import Secret
 from .stow import MalformedAnswer, StowAnswer, encode_multipart, parse_answer
 
 _RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+_DICOM_UID = re.compile(r"[0-9]+(?:\.[0-9]+)*")
+_UID_LENGTH = 64
+
+
+def uid_problem(uid: str) -> str | None:
+    """Why a text cannot be a DICOM UID in a KHEOPS path (its routes take digits and dots only)."""
+    if len(uid) > _UID_LENGTH:
+        return f"is {len(uid)} characters long, more than the {_UID_LENGTH} of a DICOM UID"
+    if _DICOM_UID.fullmatch(uid) is None:
+        return "is not a DICOM UID (digits in components joined by single dots)"
+    return None
 
 
 class KheopsError(Exception):
@@ -153,9 +166,14 @@ class KheopsClient:
     def share_series(
         self, *, destination: Secret, source: Secret, study_uid: str, series_uid: str
     ) -> None:
+        for name, uid in (("StudyInstanceUID", study_uid), ("SeriesInstanceUID", series_uid)):
+            problem = uid_problem(uid)
+            if problem:  # never a path KHEOPS could read as another resource
+                shown = uid if len(uid) <= 64 else f"{uid[:64]}…"
+                raise KheopsRejected(f"{name} {shown!r} {problem}: KHEOPS cannot share it")
         response = self._send(
             "PUT",
-            f"/studies/{study_uid}/series/{series_uid}",
+            f"/studies/{quote(study_uid, safe='')}/series/{quote(series_uid, safe='')}",
             headers={
                 "Authorization": f"Bearer {destination.reveal()}",
                 "X-Authorization-Source": f"Bearer {source.reveal()}",

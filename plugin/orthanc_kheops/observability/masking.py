@@ -8,11 +8,14 @@ from text that is about to leave the process (log lines, error details).
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Iterable
 
 _VISIBLE_HEAD = 4
 _VISIBLE_TAIL = 2
+_EXCERPT = 40
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/?#@\s'\"]+@")
 
 
 def mask(token: str) -> str:
@@ -20,6 +23,18 @@ def mask(token: str) -> str:
     if len(token) <= _VISIBLE_HEAD + _VISIBLE_TAIL + 4:
         return "…" * min(len(token), 3)
     return f"{token[:_VISIBLE_HEAD]}…{token[-_VISIBLE_TAIL:]}"
+
+
+def excerpt(text: str, limit: int = _EXCERPT) -> str:
+    """A short quote of what a user sent: an error message never repeats a huge input whole."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}… ({len(text)} characters)"
+
+
+def mask_url_credentials(text: str) -> str:
+    """`https://user:password@host` becomes `https://…@host` wherever it appears."""
+    return _URL_CREDENTIALS.sub(r"\g<scheme>…@", text)
 
 
 class Secret:
@@ -51,7 +66,7 @@ class Secret:
 
 
 class Redactor:
-    """Replaces every registered token in a text by its masked form."""
+    """Replaces every registered token, and URL credentials, in a text by a masked form."""
 
     def __init__(self, secrets: Iterable[Secret] = ()) -> None:
         self._lock = threading.Lock()
@@ -63,10 +78,15 @@ class Redactor:
         with self._lock:
             self._tokens[secret.reveal()] = secret.masked
 
+    def knows(self, text: str) -> bool:
+        """Whether a text is a registered token (then it must be neither shown nor a name)."""
+        with self._lock:
+            return text in self._tokens
+
     def redact(self, text: str) -> str:
         with self._lock:
             tokens = list(self._tokens.items())
         for clear, masked in tokens:
             if clear in text:
                 text = text.replace(clear, masked)
-        return text
+        return mask_url_credentials(text)

@@ -8,7 +8,7 @@ SQLite `RuleStore` and `PgRuleStore` both provide it, checked by the same contra
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -19,7 +19,7 @@ from .postgres.cluster import Cluster
 from .postgres.database import PgDatabase
 from .postgres.outbox import PgOutbox
 from .postgres.rule_store import PgRuleStore
-from .rule_store import RuleStore, ShareCounts, ShareJob, ShareKey, StoredRule
+from .rule_store import Decision, RuleStore, ShareCounts, ShareJob, ShareKey, StoredRule
 
 
 class RuleStoreApi(Protocol):
@@ -35,7 +35,7 @@ class RuleStoreApi(Protocol):
         document: Mapping[str, Any],
         albums: tuple[str, str] | None,
         now: float,
-    ) -> None: ...
+    ) -> int: ...
 
     def delete_rule(self, name: str) -> bool: ...
 
@@ -49,9 +49,15 @@ class RuleStoreApi(Protocol):
 
     def note_error(self, name: str, error: str, *, now: float) -> None: ...
 
-    def add_shares(self, keys: Iterable[ShareKey], *, now: float) -> int: ...
+    def add_shares(
+        self, decided: Mapping[ShareKey, Decision], *, now: float, failed: str | None = None
+    ) -> int: ...
 
-    def requeue_shares(self, keys: Iterable[ShareKey], *, now: float) -> int: ...
+    def requeue_shares(self, decided: Mapping[ShareKey, Decision], *, now: float) -> int: ...
+
+    def redecide(self, key: ShareKey, decision: Decision) -> None: ...
+
+    def drop_share(self, key: ShareKey) -> None: ...
 
     def due_shares(self, rules: Collection[str], *, now: float, limit: int) -> list[ShareJob]: ...
 

@@ -10,20 +10,29 @@ it; that row is the dedupe, so a series is shared into a rule's album once:
     pending --401/403--> pending, and the rule is marked failing: its jobs wait
 
 Deleting a rule deletes its rows (ON DELETE CASCADE). Counters are derived from the rows.
+
+Pending shares follow the rule in force: each row records what it was decided under (the
+condition text the series matched, a digest of the destination token, the Orthanc id of the
+instance that matched). Saving a rule with another destination drops its pending rows; the share
+worker re-evaluates a row whose condition is not the rule's any more (see `Sharer`).
+
+Schema versions: 1 had no decision columns; `_migrate` brings a version 1 file to 2, whose
+pending rows then have no decision and are re-evaluated or dropped, never shared on trust.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .state_file import StateFile
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SHARE_STATES = ("pending", "shared", "failed")
 
 _SCHEMA = """
@@ -51,10 +60,21 @@ CREATE TABLE IF NOT EXISTS shares (
     next_attempt REAL NOT NULL,
     last_error   TEXT,
     done_at      REAL,
+    condition    TEXT,
+    destination  TEXT,
+    instance_id  TEXT,
     PRIMARY KEY (rule, series_uid)
 );
 CREATE INDEX IF NOT EXISTS shares_due ON shares (state, next_attempt);
 """
+_MIGRATIONS = {
+    # version reached: the statements that reach it from the one before
+    2: (
+        "ALTER TABLE shares ADD COLUMN condition TEXT",
+        "ALTER TABLE shares ADD COLUMN destination TEXT",
+        "ALTER TABLE shares ADD COLUMN instance_id TEXT",
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -83,6 +103,15 @@ class ShareKey:
 
 
 @dataclass(frozen=True)
+class Decision:
+    """What a share was decided under: it is made only while the rule in force still says so."""
+
+    condition: str
+    destination: str  # `destination_identity` of the token
+    instance_id: str | None  # the Orthanc instance that matched, to evaluate the series again
+
+
+@dataclass(frozen=True)
 class ShareJob:
     key: ShareKey
     state: str
@@ -91,6 +120,7 @@ class ShareJob:
     queued_at: float
     next_attempt: float
     last_error: str | None
+    decision: Decision | None = None  # None: decided before decisions were recorded
 
 
 @dataclass(frozen=True)
@@ -108,6 +138,7 @@ class RuleStore:
     """Rules and share jobs in their own state file (see `StateFile`), owner-only: it holds tokens."""
 
     def __init__(self, path: Path) -> None:
+        _migrate(path)
         self._file = StateFile(path, schema=_SCHEMA, version=SCHEMA_VERSION, private=True)
 
     # -- rules ---------------------------------------------------------------------------
@@ -130,14 +161,16 @@ class RuleStore:
         document: Mapping[str, Any],
         albums: tuple[str, str] | None,
         now: float,
-    ) -> None:
+    ) -> int:
         """Create or replace a rule; it is no longer failing (its tokens were just checked).
 
         When the destination token changes, the rule's finished shares are forgotten, so that
-        the series they were about are shared into the new album when they next grow.
+        the series they were about are shared into the new album when they next grow; pending
+        ones are dropped too (they were decided for the old album) unless the new token names
+        the same album. Returns the pending shares dropped.
         """
         with self._file.transaction() as db:
-            self._save(db, name, origin=origin, document=document, albums=albums, now=now)
+            return self._save(db, name, origin=origin, document=document, albums=albums, now=now)
 
     def _save(
         self,
@@ -148,11 +181,29 @@ class RuleStore:
         document: Mapping[str, Any],
         albums: tuple[str, str] | None,
         now: float,
-    ) -> None:
+    ) -> int:
         old = db.execute("SELECT * FROM rules WHERE name = ?", (name,)).fetchone()
         previous = json.loads(old["document"]) if old is not None else {}
-        if old is not None and previous.get("DestinationToken") != document.get("DestinationToken"):
-            db.execute("DELETE FROM shares WHERE rule = ? AND state != 'pending'", (name,))
+        dropped = 0
+        old_token, new_token = previous.get("DestinationToken"), document.get("DestinationToken")
+        if old is not None and old_token != new_token:
+            if albums is not None and albums[0] == old["destination_album"]:
+                # A new token of the same album: the pending decisions still hold.
+                db.execute(
+                    "UPDATE shares SET destination = ? WHERE rule = ? AND state = 'pending'"
+                    " AND destination = ?",
+                    (
+                        destination_identity(str(new_token)),
+                        name,
+                        destination_identity(str(old_token)),
+                    ),
+                )
+                db.execute("DELETE FROM shares WHERE rule = ? AND state != 'pending'", (name,))
+            else:
+                dropped = db.execute(
+                    "SELECT COUNT(*) FROM shares WHERE rule = ? AND state = 'pending'", (name,)
+                ).fetchone()[0]
+                db.execute("DELETE FROM shares WHERE rule = ?", (name,))
         if albums is None and old is not None and tokens(previous) == tokens(document):
             albums = (old["destination_album"], old["source_album"])
         destination, source = albums if albums is not None else (None, None)
@@ -165,6 +216,7 @@ class RuleStore:
             " updated_at = excluded.updated_at",
             (name, origin, json.dumps(document), destination, source, now, now),
         )
+        return int(dropped)
 
     def delete_rule(self, name: str) -> bool:
         """Delete a rule and every share row of it, pending ones included."""
@@ -227,32 +279,77 @@ class RuleStore:
 
     # -- shares --------------------------------------------------------------------------
 
-    def add_shares(self, keys: Iterable[ShareKey], *, now: float) -> int:
-        """Queue shares not seen before (the dedupe); returns how many are new."""
-        rows = [(k.rule, k.study_uid, k.series_uid, now, now) for k in keys]
+    def add_shares(
+        self, decided: Mapping[ShareKey, Decision], *, now: float, failed: str | None = None
+    ) -> int:
+        """Queue shares not seen before (the dedupe); returns how many are new.
+
+        With `failed`, the rows are recorded failed at once with that reason (a series KHEOPS
+        cannot share), so that the rule shows it.
+        """
+        rows = [_row(key, decision, now) for key, decision in decided.items()]
+        state, error = ("failed", failed) if failed is not None else ("pending", None)
         with self._file.transaction() as db:
             before = db.total_changes
             db.executemany(
                 "INSERT OR IGNORE INTO shares (rule, study_uid, series_uid, state, queued_at,"
-                " next_attempt) SELECT ?, ?, ?, 'pending', ?, ? WHERE EXISTS"
+                " next_attempt, condition, destination, instance_id, last_error, done_at)"
+                f" SELECT ?1, ?2, ?3, '{state}', ?4, ?4, ?5, ?6, ?7, ?8, ?9 WHERE EXISTS"
                 " (SELECT 1 FROM rules WHERE name = ?1)",
+                [(*row, error, now if failed is not None else None) for row in rows],
+            )
+            new = db.total_changes - before
+            if failed is not None:
+                db.executemany(
+                    "UPDATE rules SET last_error = ?, last_error_at = ? WHERE name = ?",
+                    [(failed, now, name) for name in {key.rule for key in decided}],
+                )
+            return new
+
+    def requeue_shares(self, decided: Mapping[ShareKey, Decision], *, now: float) -> int:
+        """Queue shares now whatever their past (an administrator asked): returns how many.
+
+        A rule deleted meanwhile gets nothing (its rows would be orphans).
+        """
+        rows = [_row(key, decision, now) for key, decision in decided.items()]
+        with self._file.transaction() as db:
+            before = db.total_changes
+            db.executemany(
+                "INSERT INTO shares (rule, study_uid, series_uid, state, queued_at, next_attempt,"
+                " condition, destination, instance_id)"
+                " SELECT ?1, ?2, ?3, 'pending', ?4, ?4, ?5, ?6, ?7"
+                " WHERE EXISTS (SELECT 1 FROM rules WHERE name = ?1)"
+                " ON CONFLICT (rule, series_uid) DO UPDATE SET"
+                " state = 'pending', attempts = 0, not_found = 0, queued_at = excluded.queued_at,"
+                " next_attempt = excluded.next_attempt, last_error = NULL, done_at = NULL,"
+                " condition = excluded.condition, destination = excluded.destination,"
+                " instance_id = excluded.instance_id",
                 rows,
             )
             return db.total_changes - before
 
-    def requeue_shares(self, keys: Iterable[ShareKey], *, now: float) -> int:
-        """Queue shares now whatever their past (an administrator asked): returns how many."""
-        rows = [(k.rule, k.study_uid, k.series_uid, now, now) for k in keys]
+    def redecide(self, key: ShareKey, decision: Decision) -> None:
+        """The series was evaluated again under the rule in force, and still matches."""
         with self._file.transaction() as db:
-            before = db.total_changes
-            db.executemany(
-                "INSERT INTO shares (rule, study_uid, series_uid, state, queued_at, next_attempt)"
-                " VALUES (?, ?, ?, 'pending', ?, ?) ON CONFLICT (rule, series_uid) DO UPDATE SET"
-                " state = 'pending', attempts = 0, not_found = 0, queued_at = excluded.queued_at,"
-                " next_attempt = excluded.next_attempt, last_error = NULL, done_at = NULL",
-                rows,
+            db.execute(
+                "UPDATE shares SET condition = ?, destination = ?, instance_id = ?"
+                " WHERE rule = ? AND series_uid = ? AND state = 'pending'",
+                (
+                    decision.condition,
+                    decision.destination,
+                    decision.instance_id,
+                    key.rule,
+                    key.series_uid,
+                ),
             )
-            return db.total_changes - before
+
+    def drop_share(self, key: ShareKey) -> None:
+        """Forget a pending share the rule in force no longer makes (a later match queues it)."""
+        with self._file.transaction() as db:
+            db.execute(
+                "DELETE FROM shares WHERE rule = ? AND series_uid = ? AND state = 'pending'",
+                (key.rule, key.series_uid),
+            )
 
     def due_shares(self, rules: Collection[str], *, now: float, limit: int) -> list[ShareJob]:
         """Pending shares of the given rules whose time has come, oldest first."""
@@ -383,7 +480,52 @@ def tokens(document: Mapping[str, Any]) -> tuple[object, object]:
     return document.get("DestinationToken"), document.get("SourceToken")
 
 
+def destination_identity(token: str) -> str:
+    """A digest that tells destination tokens apart without keeping a second clear copy."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()[:32]
+
+
+def _row(key: ShareKey, decision: Decision, now: float) -> tuple[object, ...]:
+    return (
+        key.rule,
+        key.study_uid,
+        key.series_uid,
+        now,
+        decision.condition,
+        decision.destination,
+        decision.instance_id,
+    )
+
+
+def _migrate(path: Path) -> None:
+    """Bring an existing file of an older schema version to SCHEMA_VERSION, one step at a time."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        has_meta = db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+        ).fetchone()
+        row = (
+            has_meta
+            and db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        )
+        version = json.loads(row[0]) if row else None
+        while isinstance(version, int) and version in range(1, SCHEMA_VERSION):
+            version += 1
+            db.execute("BEGIN IMMEDIATE")
+            for statement in _MIGRATIONS[version]:
+                db.execute(statement)
+            db.execute(
+                "UPDATE meta SET value = ? WHERE key = 'schema_version'", (json.dumps(version),)
+            )
+            db.execute("COMMIT")
+    finally:
+        db.close()
+
+
 def _job(row: sqlite3.Row) -> ShareJob:
+    condition = row["condition"]
     return ShareJob(
         key=ShareKey(row["rule"], row["study_uid"], row["series_uid"]),
         state=row["state"],
@@ -392,4 +534,7 @@ def _job(row: sqlite3.Row) -> ShareJob:
         queued_at=row["queued_at"],
         next_attempt=row["next_attempt"],
         last_error=row["last_error"],
+        decision=None
+        if condition is None
+        else Decision(condition, row["destination"] or "", row["instance_id"]),
     )

@@ -662,7 +662,7 @@ def _describe(token: Token) -> str:
         return f"number {token}"
     if token.type == "OTHER" and (not token.isprintable() or token.isspace()):
         return f"character U+{ord(token):04X}"
-    return f"'{token}'"
+    return f"'{token}'" if len(token) <= 40 else f"'{token[:37]}...'"
 
 
 def _error(text: str, rejected: _Rejected) -> ConditionError:

@@ -9,11 +9,22 @@ records the outcome:
 - 201: shared.
 - 5xx, timeouts, resets: retried with backoff; the worker pauses so an outage costs one
   request per pause, and every waiting share is due again once KHEOPS answers.
-- 404 (the series may not have landed yet): retried a few times with delay, then failed.
+- 404: the source token is introspected; if it cannot read and send, the rule is marked failing
+  with that reason (KHEOPS answers 404 for what a token may not send). Otherwise the series
+  may not have landed yet: retried a few times with delay, then failed with the reason.
 - 401/403: the rule is marked failing with the reason introspection finds; its shares wait.
   Its tokens are checked again every Kheops.TokenRecheckSeconds; once they look valid the
   rule resumes, and the next share decides.
 - other 4xx: failed with KHEOPS's reason.
+
+Pending shares follow the rule in force. A job records what it was decided under (the
+condition text, the destination token's identity, the instance that matched). Right before
+sharing, the worker compares it with the rule as it is then: a job decided for another
+destination is dropped; a job decided under another condition (a PUT, disable-edit-enable, a
+configuration rule changed at start, or `after_store` evaluating a snapshot older than a PUT)
+is evaluated again on the series' instances in Orthanc, and shared only if it still matches;
+a series that cannot be evaluated again (deleted from Orthanc) is dropped. A series whose
+UIDs are not DICOM UIDs is never put into a URL: its job fails at once with the reason.
 
 Crash window: the forwarder hands instances to `after_store` before the outbox marks them
 sent, and retries them if it raises. A crash in between costs a second upload of those
@@ -43,13 +54,14 @@ from ..kheops.client import (
     KheopsNotFound,
     KheopsRejected,
     KheopsUnauthorized,
+    uid_problem,
 )
 from ..observability.masking import Secret
-from ..orthanc_rest import OrthancNotFound, OrthancRest
+from ..orthanc_rest import OrthancNotFound, OrthancRest, OrthancUnavailable
 from ..state.backend import RuleStoreApi
-from ..state.rule_store import ShareJob, ShareKey
+from ..state.rule_store import Decision, ShareJob, ShareKey, destination_identity
 from .conditions import Condition
-from .rules import Origin, Rule, RuleError, check_tokens, parse_rule
+from .rules import Origin, Rule, RuleError, check_tokens, parse_rule, token_problem
 
 log = logging.getLogger(__name__)
 
@@ -59,22 +71,40 @@ _BATCH = 20
 _IDLE_POLL = 1.0
 
 
+def decision(rule: Rule, instance_id: str | None) -> Decision:
+    """What a share of this rule is decided under, now."""
+    return Decision(
+        rule.condition.text, destination_identity(rule.destination.reveal()), instance_id
+    )
+
+
+def series_problem(study_uid: str, series_uid: str) -> str | None:
+    """Why KHEOPS cannot share a series with these UIDs, in words; None when it can."""
+    for name, uid in (("StudyInstanceUID", study_uid), ("SeriesInstanceUID", series_uid)):
+        problem = uid_problem(uid)
+        if problem:
+            shown = uid if len(uid) <= 64 else f"{uid[:64]}…"
+            return f"{name} {shown!r} {problem}: KHEOPS cannot share it"
+    return None
+
+
 def matching_shares(
     rules: Iterable[Rule], instances: Iterable[SentInstance]
-) -> tuple[set[ShareKey], list[tuple[Rule, SentInstance, Exception]]]:
-    """The (rule, series) pairs an instance matches, and the evaluations that raised.
+) -> tuple[dict[ShareKey, Decision], list[tuple[Rule, SentInstance, Exception]]]:
+    """The (rule, series) pairs an instance matches, each with its decision, and the
+    evaluations that raised.
 
     A rule is not evaluated again on further instances of a series it already matched.
     """
     rules = list(rules)
-    found: set[ShareKey] = set()
-    matched: set[tuple[str, str]] = set()
+    found: dict[ShareKey, Decision] = {}
     errors: list[tuple[Rule, SentInstance, Exception]] = []
     for instance in instances:
         if not instance.series_uid or not instance.study_uid:
             continue
         for rule in rules:
-            if (rule.name, instance.series_uid) in matched:
+            key = ShareKey(rule.name, instance.study_uid, instance.series_uid)
+            if key in found:
                 continue
             try:
                 hit = rule.condition.matches(instance.dataset)
@@ -82,8 +112,7 @@ def matching_shares(
                 errors.append((rule, instance, exc))
                 continue
             if hit:
-                matched.add((rule.name, instance.series_uid))
-                found.add(ShareKey(rule.name, instance.study_uid, instance.series_uid))
+                found[key] = decision(rule, instance.orthanc_id)
     return found, errors
 
 
@@ -180,7 +209,15 @@ class Sharer:
             )
         if not keys:
             return
-        new = self.store.add_shares(keys, now=self._clock())
+        refused: dict[str, dict[ShareKey, Decision]] = {}
+        for key in list(keys):
+            problem = series_problem(key.study_uid, key.series_uid)
+            if problem:
+                refused.setdefault(problem, {})[key] = keys.pop(key)
+        for problem, decided in refused.items():
+            if self.store.add_shares(decided, now=self._clock(), failed=problem):
+                log.warning("a series cannot be shared: %s", problem)
+        new = self.store.add_shares(keys, now=self._clock()) if keys else 0
         if new:
             log.info("%d series to share into switching albums", new)
             self._wake.set()
@@ -266,6 +303,8 @@ class Sharer:
         if rule is None or held:
             return  # changed since the jobs were read
         key = job.key
+        if not self._still_decided(rule, job):
+            return
         try:
             self._kheops.share_series(
                 destination=rule.destination,
@@ -277,7 +316,7 @@ class Sharer:
             self._refused(rule, str(exc))
         except KheopsNotFound as exc:
             self._reachable()
-            self._not_found(job, str(exc))
+            self._not_found(rule, job, str(exc))
         except KheopsRejected as exc:
             self._reachable()
             log.warning(
@@ -295,11 +334,71 @@ class Sharer:
             if recovered:
                 log.warning("rule %r: sharing works again", rule.name)
 
-    def _not_found(self, job: ShareJob, error: str) -> None:
+    def _still_decided(self, rule: Rule, job: ShareJob) -> bool:
+        """Whether the rule in force still makes this share; drops or re-decides it if not."""
+        key = job.key
+        problem = series_problem(key.study_uid, key.series_uid)
+        if problem:
+            self.store.mark_failed(key, reason=problem, now=self._clock())
+            return False
+        now = decision(rule, job.decision.instance_id if job.decision else None)
+        if job.decision is not None and job.decision.destination != now.destination:
+            log.info(
+                "rule %r: series %s was queued for another destination; dropped",
+                rule.name,
+                key.series_uid,
+            )
+            self.store.drop_share(key)
+            return False
+        if job.decision is not None and job.decision.condition == now.condition:
+            return True
+        if now.instance_id is None:
+            log.info(
+                "rule %r: series %s was queued under an unknown condition; dropped",
+                rule.name,
+                key.series_uid,
+            )
+            self.store.drop_share(key)
+            return False
+        try:
+            found = series_of(self._orthanc, [now.instance_id])
+            verdicts = [
+                evaluate_series(rule.condition, s, lambda i: read_instance(self._orthanc, i))
+                for s in found
+            ]
+        except OrthancNotFound:
+            verdicts = []
+        except OrthancUnavailable as exc:
+            self._unreachable(job, f"cannot read the series from Orthanc to evaluate it: {exc}")
+            return False
+        hit = next(
+            (
+                v
+                for v in verdicts
+                if v.matches and v.instance is not None and v.instance.series_uid == key.series_uid
+            ),
+            None,
+        )
+        if hit is None or hit.instance is None:
+            log.info(
+                "rule %r: series %s no longer matches the rule's condition; not shared",
+                rule.name,
+                key.series_uid,
+            )
+            self.store.drop_share(key)
+            return False
+        self.store.redecide(key, decision(rule, hit.instance.orthanc_id))
+        return True
+
+    def _not_found(self, rule: Rule, job: ShareJob, error: str) -> None:
         now = self._clock()
+        if self._source_cannot_send(rule, error):
+            return
         if job.not_found + 1 >= NOT_FOUND_ATTEMPTS:
             reason = (
-                f"the main album still lacks the series after {NOT_FOUND_ATTEMPTS} tries: {error}"
+                f"KHEOPS still answers 404 after {NOT_FOUND_ATTEMPTS} tries although the series"
+                " was stored in the main album and the source token may read and send"
+                f" (has the series been removed from the main album?): {error}"
             )
             log.warning("rule %r: series %s failed: %s", job.key.rule, job.key.series_uid, reason)
             self.store.mark_failed(job.key, reason=reason, now=now)
@@ -310,6 +409,23 @@ class Sharer:
             maximum=self._config.retry_maximum,
         )
         self.store.reschedule(job.key, delay=delay, error=error, not_found=True, now=now)
+
+    def _source_cannot_send(self, rule: Rule, error: str) -> bool:
+        """A 404 while the source token cannot read or send: the rule is failing, not the job."""
+        try:
+            source = self._kheops.introspect(rule.source)
+        except KheopsError:
+            return False  # unknown: the retries decide
+        problem = token_problem(source, ("read", "send"))
+        if problem is None:
+            return False
+        which = "SourceToken" if rule.source_given else "SourceToken (not given: Kheops.Token)"
+        self._mark_failing(
+            rule.name,
+            f"{which} {problem}, so KHEOPS answers 404 to its shares ({error});"
+            " its shares wait until the rule is fixed",
+        )
+        return True
 
     def _unreachable(self, job: ShareJob, error: str) -> None:
         now = self._clock()

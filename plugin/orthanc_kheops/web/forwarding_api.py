@@ -8,13 +8,15 @@ from datetime import UTC, datetime
 
 from ..config import KheopsConfig
 from ..forwarding.forwarder import Forwarder
+from ..observability.masking import excerpt
 from ..orthanc_rest import OrthancNotFound, OrthancRest, OrthancUnavailable, StoredInstance
 from ..state.outbox import Outbox
-from .routing import HttpError, Request, Response, Router, json_object, string_list
+from .routing import HttpError, Request, Response, Router, json_object, orthanc_ids
 
 _QUEUE_STATES = ("pending", "failed", "sent")
 _DEFAULT_PAGE = 100
 _MAXIMUM_PAGE = 1000
+_MAXIMUM_OFFSET = 1_000_000_000  # far above any queue, far below SQLite's 64-bit integers
 
 
 _NODE_TIMES = frozenset({"StartedAt", "LastSeen", "LastSentAt"})
@@ -109,10 +111,12 @@ class ForwardingApi:
         state = request.query.get("state", "pending")
         if state not in _QUEUE_STATES:
             raise HttpError(
-                400, f"state: {state!r} is not one of {', '.join(_QUEUE_STATES)}", field="state"
+                400,
+                f"state: {excerpt(state)} is not one of {', '.join(_QUEUE_STATES)}",
+                field="state",
             )
         limit = _integer(request, "limit", _DEFAULT_PAGE, maximum=_MAXIMUM_PAGE)
-        offset = _integer(request, "offset", 0, maximum=None)
+        offset = _integer(request, "offset", 0, maximum=_MAXIMUM_OFFSET)
         entries = self._outbox.entries(state, limit=limit, offset=offset)
         total = self._outbox.counts()[state]
         return Response(
@@ -126,14 +130,14 @@ class ForwardingApi:
         )
 
     def retry(self, request: Request, _: Sequence[str]) -> Response:
-        ids = string_list(json_object(request), "Instances", required=False)
+        ids = orthanc_ids(json_object(request), "Instances", required=False)
         moved = self._outbox.retry_failed(ids, now=self._clock())
         self._forwarder.check_token_now()
         self._forwarder.wake()
         return Response(200, {"Retried": moved})
 
     def send(self, request: Request, _: Sequence[str]) -> Response:
-        resources = string_list(json_object(request), "Resources", required=True) or []
+        resources = orthanc_ids(json_object(request), "Resources", required=True) or []
         if not resources:
             raise HttpError(400, "Resources: must list at least one Orthanc id", field="Resources")
         instances: dict[str, StoredInstance] = {}
@@ -155,13 +159,15 @@ class ForwardingApi:
         return Response(200, {"Queued": len(instances)})
 
 
-def _integer(request: Request, name: str, default: int, *, maximum: int | None) -> int:
+def _integer(request: Request, name: str, default: int, *, maximum: int) -> int:
     text = request.query.get(name)
     if text is None or text == "":
         return default
-    if not text.isdigit() or (maximum is not None and int(text) > maximum):
-        bound = f" from 0 to {maximum}" if maximum is not None else ""
-        raise HttpError(400, f"{name}: {text!r} is not a whole number{bound}", field=name)
+    # isdigit() takes other scripts' digits too ('٣', '²'); only ASCII digits are a number here.
+    if not (text.isascii() and text.isdigit()) or len(text) > 12 or int(text) > maximum:
+        raise HttpError(
+            400, f"{name}: {excerpt(text)} is not a whole number from 0 to {maximum}", field=name
+        )
     return int(text)
 
 

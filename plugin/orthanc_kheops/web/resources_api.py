@@ -17,11 +17,11 @@ from typing import cast
 from ..orthanc_rest import OrthancNotFound, OrthancRest, OrthancUnavailable
 from ..state.outbox import Outbox, QueuedInstance
 from .forwarding_api import iso
-from .routing import HttpError, Request, Response, Router
+from .routing import ORTHANC_ID_PATTERN, HttpError, Request, Response, Router
 
 _RECENT_STUDIES = 50
 _FAILURES_SHOWN = 20
-_ID = r"([0-9a-f-]+)"
+_ID = ORTHANC_ID_PATTERN  # checked before it goes into a loopback URL
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ class ResourcesApi:
         try:
             return self._orthanc.get_json(path)
         except OrthancNotFound:
-            raise HttpError(404, f"Orthanc has no {path.lstrip('/')}") from None
+            raise HttpError(404, f"Orthanc has no {path.lstrip('/')}", field="id") from None
         except OrthancUnavailable as exc:
             raise HttpError(503, f"Orthanc did not answer: {exc}") from None
 

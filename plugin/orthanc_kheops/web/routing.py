@@ -1,16 +1,35 @@
 """Plain request and response values for the plugin's REST routes.
 
-The shell turns Orthanc's callback arguments into a `Request` and a
-`Response` back into calls on Orthanc's output object, so that every route
-can be tested without Orthanc.
+The shell turns Orthanc's callback arguments into a `Request` and hands it to `Router.reply`,
+which answers every request with bytes, whatever the request holds: a body is bounded in size
+and nesting before it is parsed (`json.loads` recurses, and Orthanc's HTTP threads have small
+stacks: a deep body would crash Orthanc), text that cannot be encoded is refused naming its
+field, the answer is encoded inside the error handling, and every answer passes through the
+redactor. Every route can be tested without Orthanc.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
-from collections.abc import Callable, Mapping, Sequence
+import sqlite3
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+
+from ..observability.masking import excerpt
+
+log = logging.getLogger(__name__)
+
+MAXIMUM_BODY_BYTES = 1024 * 1024
+"""Largest body read: a rule is a few hundred bytes, a list of 20 000 Orthanc ids under 1 MB."""
+MAXIMUM_DEPTH = 64
+"""Deepest nesting of arrays and objects in a body; no route reads more than 3 levels."""
+
+ORTHANC_ID = re.compile(r"[0-9a-f]{8}(?:-[0-9a-f]{8}){4}")
+"""Orthanc's resource ids: a SHA-1 in five groups of eight lower-case hex digits."""
+ORTHANC_ID_PATTERN = r"([0-9a-f]{8}(?:-[0-9a-f]{8}){4})"
+_SECRET_KEY = re.compile(r"token|password|secret|authorization", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -21,13 +40,47 @@ class Request:
     body: bytes = b""
 
     def json(self) -> object:
-        """The body as JSON; an empty body reads as an empty object."""
+        """The body as JSON, bounded in size and depth; an empty body reads as an empty object."""
+        if len(self.body) > MAXIMUM_BODY_BYTES:
+            raise HttpError(
+                413,
+                f"the body is {len(self.body)} bytes; at most {MAXIMUM_BODY_BYTES} are read",
+                field="body",
+            )
         if not self.body.strip():
             return {}
+        depth = nesting_depth(self.body)
+        if depth > MAXIMUM_DEPTH:
+            raise HttpError(
+                400,
+                f"the body nests arrays and objects deeper than {MAXIMUM_DEPTH} levels",
+                field="body",
+            )
         try:
-            return json.loads(self.body)
+            document = json.loads(self.body)
         except ValueError as exc:
-            raise HttpError(400, f"the body is not valid JSON: {exc}") from None
+            raise HttpError(400, f"the body is not valid JSON: {exc}", field="body") from None
+        for path, text in _strings(document):
+            if not encodable(text):
+                raise HttpError(
+                    400,
+                    f"{path or 'body'}: holds text that is not valid Unicode"
+                    " (a lone surrogate such as \\ud800)",
+                    field=path or "body",
+                )
+        return document
+
+    def secrets(self) -> list[str]:
+        """The body's values under keys that name a credential: never echoed, even if wrong."""
+        try:
+            document = self.json()  # bounded: json.loads of a deep body would crash Orthanc
+        except HttpError:
+            return []
+        return [
+            text
+            for path, text in _strings(document)
+            if _SECRET_KEY.search(path.rpartition(".")[2]) and len(text) >= 6
+        ]
 
 
 @dataclass(frozen=True)
@@ -37,7 +90,19 @@ class Response:
     allowed: tuple[str, ...] = ()
 
     def encoded(self) -> bytes:
-        return json.dumps(self.body, indent=2, ensure_ascii=False).encode("utf-8")
+        """UTF-8 JSON; text that UTF-8 cannot carry (a lone surrogate) is escaped, never a crash."""
+        try:
+            return json.dumps(self.body, indent=2, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            return json.dumps(self.body, indent=2, ensure_ascii=True).encode("ascii")
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What the shell sends: the response (for the audit line) and its encoded, redacted body."""
+
+    response: Response
+    body: bytes
 
 
 class HttpError(Exception):
@@ -62,8 +127,9 @@ Handler = Callable[[Request, Sequence[str]], Response]
 class Router:
     """Routes `METHOD path` to handlers; path patterns are regular expressions."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, redact: Callable[[str], str] = lambda text: text) -> None:
         self._routes: list[tuple[re.Pattern[str], dict[str, Handler]]] = []
+        self._redact = redact
 
     def add(self, method: str, pattern: str, handler: Handler) -> None:
         compiled = re.compile(pattern + r"\Z")
@@ -74,6 +140,11 @@ class Router:
         self._routes.append((compiled, {method: handler}))
 
     def handle(self, request: Request) -> Response:
+        for name, text in (("path", request.path), *request.query.items()):
+            if not encodable(name) or not encodable(text):
+                return HttpError(
+                    400, f"{name}: is not valid Unicode", field=name if encodable(name) else "query"
+                ).response()
         for pattern, methods in self._routes:
             match = pattern.match(request.path)
             if match is None:
@@ -85,13 +156,91 @@ class Router:
                 return handler(request, match.groups())
             except HttpError as error:
                 return error.response()
-        return HttpError(404, f"no route {request.method} /kheops/{request.path}").response()
+            except sqlite3.Error as exc:
+                log.error("the plugin's state cannot be read or written: %s", exc)
+                return HttpError(
+                    503,
+                    f"the plugin's state cannot be read or written ({exc}); nothing was"
+                    " changed, try again once the state directory is writable",
+                ).response()
+        shown = request.path if len(request.path) <= 80 else f"{request.path[:80]}…"
+        return HttpError(404, f"no route {request.method} /kheops/{shown}", field="path").response()
+
+    def reply(self, request: Request) -> Reply:
+        """The answer to any request, encoded and redacted; never raises."""
+        try:
+            response = self.handle(request)
+            text = response.encoded().decode("utf-8")
+        except Exception:
+            log.exception("REST %s /kheops/%s failed", request.method, excerpt(request.path))
+            response = Response(
+                500,
+                {"HttpStatus": 500, "Message": "internal error; see Orthanc's log for details"},
+            )
+            text = response.encoded().decode("utf-8")
+        for secret in request.secrets():
+            text = text.replace(secret, "(hidden)")
+        return Reply(response, self._redact(text).encode("utf-8"))
+
+
+def nesting_depth(body: bytes) -> int:
+    """How deep arrays and objects nest in a JSON text, by a scan without recursion.
+
+    Brackets inside strings do not count; the scan stops at the first level past the limit.
+    """
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in body:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > MAXIMUM_DEPTH:
+                    return deepest
+        elif byte in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return deepest
+
+
+def encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _strings(document: object) -> Iterator[tuple[str, str]]:
+    """Every key and string value of a parsed document with its field path, without recursion."""
+    stack: list[tuple[str, object]] = [("", document)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            yield path, value
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                child = f"{path}.{key}" if path else str(key)
+                if not encodable(key):
+                    yield path, key
+                else:
+                    stack.append((child, item))
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{index}]", item) for index, item in enumerate(value))
 
 
 def json_object(request: Request) -> Mapping[str, object]:
     document = request.json()
     if not isinstance(document, dict):
-        raise HttpError(400, "the body must be a JSON object")
+        raise HttpError(400, "the body must be a JSON object", field="body")
     return document
 
 
@@ -104,3 +253,17 @@ def string_list(document: Mapping[str, object], key: str, *, required: bool) -> 
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise HttpError(400, f"{key}: must be a list of Orthanc ids (strings)", field=key)
     return value
+
+
+def orthanc_ids(document: Mapping[str, object], key: str, *, required: bool) -> list[str] | None:
+    """A list of Orthanc ids, each checked before it can go into a loopback URL."""
+    ids = string_list(document, key, required=required)
+    for index, orthanc_id in enumerate(ids or ()):
+        if ORTHANC_ID.fullmatch(orthanc_id) is None:
+            raise HttpError(
+                400,
+                f"{key}[{index}]: {excerpt(orthanc_id)} is not an Orthanc id"
+                " (five groups of eight hex digits joined by '-')",
+                field=key,
+            )
+    return ids

@@ -8,6 +8,7 @@ KHEOPS could not be asked. Tokens never leave masked. PUT takes only the fields 
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -17,25 +18,36 @@ from pydicom.datadict import keyword_for_tag
 from pydicom.tag import BaseTag
 
 from ..config import KheopsConfig
+from ..forwarding.forwarder import SentInstance
 from ..kheops.client import KheopsApi, KheopsError
-from ..observability.masking import Secret, mask
+from ..observability.masking import Secret, excerpt, mask
 from ..orthanc_rest import OrthancNotFound, OrthancRest, OrthancUnavailable
 from ..state.outbox import Outbox
 from ..state.rule_store import ShareCounts, ShareKey, StoredRule, tokens
-from ..switching.conditions import Condition, ConditionError, compile_condition, tag_value
+from ..switching.conditions import (
+    MAX_LENGTH,
+    Condition,
+    ConditionError,
+    compile_condition,
+    tag_value,
+)
 from ..switching.rules import CONFIG_KEY, Albums, Rule, RuleError, check_tokens, parse_rule
 from ..switching.sharing import (
     OrthancSeries,
     SeriesVerdict,
     Sharer,
+    decision,
     evaluate_series,
     read_instance,
     series_of,
+    series_problem,
 )
 from .forwarding_api import iso
-from .routing import HttpError, Request, Response, Router, json_object, string_list
+from .routing import HttpError, Request, Response, Router, json_object, orthanc_ids
 
 _NAME = r"([^/]+)"
+
+log = logging.getLogger(__name__)
 
 
 class RulesApi:
@@ -48,6 +60,7 @@ class RulesApi:
         orthanc: OrthancRest,
         outbox: Outbox,
         remember_secret: Callable[[Secret], None] = lambda secret: None,
+        known_secret: Callable[[str], bool] = lambda text: False,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._config = config
@@ -57,8 +70,10 @@ class RulesApi:
         self._orthanc = orthanc
         self._outbox = outbox
         self._remember = remember_secret
+        self._known_secret = known_secret
         self._clock = clock
-        self._saving = threading.Lock()  # one change at a time: checks and write agree
+        # One change at a time (create, change, delete, apply): checks and write agree.
+        self._saving = threading.Lock()
 
     def register(self, router: Router) -> None:
         router.add("GET", "rules", self.list_rules)
@@ -157,6 +172,16 @@ class RulesApi:
         return Response(200, {"Rule": stored.name, "Retried": retried})
 
     def _parse(self, document: Mapping[str, Any]) -> Rule:
+        name = document.get("Name")
+        given = {document.get("DestinationToken"), document.get("SourceToken")}
+        if isinstance(name, str) and (
+            self._known_secret(name) or name in given or name == self._config.token.reveal()
+        ):
+            raise HttpError(
+                400,
+                "Name: is a token; a rule name is shown everywhere, choose another",
+                field="Name",
+            )
         try:
             rule = parse_rule(document, self._config, origin="api")
         except RuleError as exc:
@@ -178,13 +203,20 @@ class RulesApi:
             ) from exc
 
     def _save(self, rule: Rule, albums: Albums | None) -> None:
-        self._store.save_rule(
+        dropped = self._store.save_rule(
             rule.name,
             origin="api",
             document=rule.document(),
             albums=None if albums is None else (albums.destination, albums.source),
             now=self._clock(),
         )
+        if dropped:
+            log.warning(
+                "rule %r: its destination changed; %d pending shares decided for the old"
+                " album are dropped",
+                rule.name,
+                dropped,
+            )
         self._sharer.reload()
         self._sharer.notify()
 
@@ -196,6 +228,12 @@ class RulesApi:
         text = body.get("Condition", "")
         if not isinstance(text, str):
             raise HttpError(400, "Condition: must be a string", field="Condition")
+        if len(text) > MAX_LENGTH:
+            raise HttpError(
+                400,
+                f"Condition: is {len(text)} characters long; at most {MAX_LENGTH} are allowed",
+                field="Condition",
+            )
         try:
             condition = compile_condition(text)
         except ConditionError as exc:
@@ -229,12 +267,26 @@ class RulesApi:
             return [i for i in series.instances if i in known and known[i].state == "sent"]
 
         verdicts = self._evaluate(body, sent, rule.condition)
-        keys = [
-            ShareKey(rule.name, v.instance.study_uid, v.instance.series_uid)
-            for v in verdicts
-            if v.matches and v.instance is not None
-        ]
-        queued = self._store.requeue_shares(keys, now=self._clock())
+        matched = [v.instance for v in verdicts if v.matches and v.instance is not None]
+        decided = {
+            ShareKey(rule.name, i.study_uid, i.series_uid): decision(rule, i.orthanc_id)
+            for i in matched
+            if series_problem(i.study_uid, i.series_uid) is None
+        }
+        with self._saving:  # a DELETE of the rule waits, or went first and nothing is queued
+            current = self._sharer.rules.get(rule.name)
+            if (
+                current is None
+                or not current.enabled
+                or decision(current, None) != decision(rule, None)
+            ):
+                raise HttpError(
+                    409,
+                    f"rule {rule.name!r} changed or was deleted while it was applied;"
+                    " nothing was queued, apply it again",
+                    field="Name",
+                )
+            queued = self._store.requeue_shares(decided, now=self._clock())
         self._sharer.notify()
         return Response(
             200,
@@ -242,8 +294,9 @@ class RulesApi:
                 "Rule": rule.name,
                 "Series": len(verdicts),
                 "NotInMainAlbum": sum(1 for v in verdicts if v.read == 0),
-                "Matched": len(keys),
+                "Matched": len(matched),
                 "Queued": queued,
+                "NotShareable": len(matched) - len(decided),
             },
         )
 
@@ -253,7 +306,7 @@ class RulesApi:
         instances: Callable[[OrthancSeries], Sequence[str]],
         condition: Condition,
     ) -> list[SeriesVerdict]:
-        resources = string_list(body, "Resources", required=True) or []
+        resources = orthanc_ids(body, "Resources", required=True) or []
         if not resources:
             raise HttpError(400, "Resources: must list at least one Orthanc id", field="Resources")
         try:
@@ -276,7 +329,7 @@ class RulesApi:
     def _existing(self, name: str) -> StoredRule:
         stored = self._store.rule(name)
         if stored is None:
-            raise HttpError(404, f"no rule named {name!r}", field="Name")
+            raise HttpError(404, f"no rule named {excerpt(name)}", field="Name")
         return stored
 
     def _editable(self, name: str) -> StoredRule:
@@ -284,7 +337,7 @@ class RulesApi:
         if stored.origin == "config":
             raise HttpError(
                 403,
-                f"rule {name!r} comes from the configuration ({CONFIG_KEY}) and is read-only"
+                f"rule {excerpt(name)} comes from the configuration ({CONFIG_KEY}) and is read-only"
                 " here; change it in the configuration file and restart Orthanc",
                 field="Name",
             )
@@ -366,8 +419,16 @@ def _verdict_json(verdict: SeriesVerdict, tags: Sequence[BaseTag]) -> dict[str, 
         "Instances": len(verdict.series.instances),
         "InstancesRead": verdict.read,
         "DecidingInstance": instance.orthanc_id if instance else None,
-        "Values": {
-            _tag_name(tag): tag_value(instance.dataset, tag) if instance else None for tag in tags
-        },
+        "Values": {_tag_name(tag): _value(instance, tag) for tag in tags},
         "Error": verdict.error,
     }
+
+
+def _value(instance: SentInstance | None, tag: BaseTag) -> str | None:
+    """A tag's value as the condition reads it; a value pydicom cannot read says why."""
+    if instance is None:
+        return None
+    try:
+        return tag_value(instance.dataset, tag)
+    except Exception as exc:  # noqa: BLE001 -- a malformed value is shown, never a 500
+        return f"(unreadable: {type(exc).__name__})"

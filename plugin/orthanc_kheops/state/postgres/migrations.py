@@ -84,4 +84,13 @@ CREATE TABLE nodes (
 );
 """,
     ),
+    Migration(
+        2,
+        "what each share was decided under",
+        """
+ALTER TABLE shares ADD COLUMN condition text;
+ALTER TABLE shares ADD COLUMN destination text;
+ALTER TABLE shares ADD COLUMN instance_id text;
+""",
+    ),
 )

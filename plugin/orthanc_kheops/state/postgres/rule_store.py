@@ -14,12 +14,20 @@ The contract is `RuleStore`'s (see state/rule_store.py). What several nodes add:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from psycopg.types.json import Jsonb
 
-from ..rule_store import ShareCounts, ShareJob, ShareKey, StoredRule, tokens
+from ..rule_store import (
+    Decision,
+    ShareCounts,
+    ShareJob,
+    ShareKey,
+    StoredRule,
+    destination_identity,
+    tokens,
+)
 from .database import Connection, PgDatabase
 from .outbox import get_meta, set_meta
 
@@ -28,7 +36,8 @@ _RULE_COLUMNS = (
     " last_error, last_error_at, created_at, updated_at"
 )
 _SHARE_COLUMNS = (
-    "rule, study_uid, series_uid, state, attempts, not_found, queued_at, next_attempt, last_error"
+    "rule, study_uid, series_uid, state, attempts, not_found, queued_at, next_attempt,"
+    " last_error, condition, destination, instance_id"
 )
 
 
@@ -69,11 +78,12 @@ class PgRuleStore:
         document: Mapping[str, Any],
         albums: tuple[str, str] | None,
         now: float,
-    ) -> None:
-        """Create or replace a rule (see `RuleStore.save_rule`)."""
+    ) -> int:
+        """Create or replace a rule (see `RuleStore.save_rule`); the pending shares dropped."""
         with self._db.transaction() as db:
-            self._save(db, name, origin=origin, document=document, albums=albums, now=now)
+            dropped = self._save(db, name, origin=origin, document=document, albums=albums, now=now)
             _bump(db)
+        return dropped
 
     def _save(
         self,
@@ -84,15 +94,34 @@ class PgRuleStore:
         document: Mapping[str, Any],
         albums: tuple[str, str] | None,
         now: float,
-    ) -> None:
+    ) -> int:
         old = db.execute(
             "SELECT document, destination_album, source_album FROM rules WHERE name = %s"
             " FOR UPDATE",
             (name,),
         ).fetchone()
         previous = old["document"] if old is not None else {}
-        if old is not None and previous.get("DestinationToken") != document.get("DestinationToken"):
-            db.execute("DELETE FROM shares WHERE rule = %s AND state != 'pending'", (name,))
+        dropped = 0
+        old_token, new_token = previous.get("DestinationToken"), document.get("DestinationToken")
+        if old is not None and old_token != new_token:
+            if albums is not None and albums[0] == old["destination_album"]:
+                # A new token of the same album: the pending decisions still hold.
+                db.execute(
+                    "UPDATE shares SET destination = %s WHERE rule = %s AND state = 'pending'"
+                    " AND destination = %s",
+                    (
+                        destination_identity(str(new_token)),
+                        name,
+                        destination_identity(str(old_token)),
+                    ),
+                )
+                db.execute("DELETE FROM shares WHERE rule = %s AND state != 'pending'", (name,))
+            else:
+                gone = db.execute(
+                    "DELETE FROM shares WHERE rule = %s RETURNING state = 'pending' AS pending",
+                    (name,),
+                ).fetchall()
+                dropped = sum(1 for row in gone if row["pending"])
         if albums is None and old is not None and tokens(previous) == tokens(document):
             albums = (old["destination_album"], old["source_album"])
         destination, source = albums if albums is not None else (None, None)
@@ -105,6 +134,7 @@ class PgRuleStore:
             " updated_at = excluded.updated_at",
             (name, origin, Jsonb(dict(document)), destination, source, now, now),
         )
+        return dropped
 
     def delete_rule(self, name: str) -> bool:
         with self._db.transaction() as db:
@@ -188,33 +218,78 @@ class PgRuleStore:
 
     # -- shares --------------------------------------------------------------------------
 
-    def add_shares(self, keys: Iterable[ShareKey], *, now: float) -> int:
-        """Queue shares not seen before (the dedupe, across nodes); returns how many are new."""
-        keys = list(dict.fromkeys(keys))
-        if not keys:
-            return 0
-        return self._db.execute(
-            "INSERT INTO shares (rule, study_uid, series_uid, state, queued_at, next_attempt)"
-            " SELECT k.rule, k.study, k.series, 'pending', %s, %s"
-            " FROM unnest(%s::text[], %s::text[], %s::text[]) AS k (rule, study, series)"
-            " JOIN rules ON rules.name = k.rule"
-            " ON CONFLICT (rule, series_uid) DO NOTHING",
-            (now, now, *_columns(keys)),
-        )
+    def add_shares(
+        self, decided: Mapping[ShareKey, Decision], *, now: float, failed: str | None = None
+    ) -> int:
+        """Queue shares not seen before (the dedupe, across nodes); returns how many are new.
 
-    def requeue_shares(self, keys: Iterable[ShareKey], *, now: float) -> int:
-        keys = list(dict.fromkeys(keys))
-        if not keys:
+        With `failed`, the rows are recorded failed at once with that reason.
+        """
+        if not decided:
+            return 0
+        with self._db.transaction() as db:
+            new = db.execute(
+                "INSERT INTO shares (rule, study_uid, series_uid, state, queued_at,"
+                " next_attempt, condition, destination, instance_id, last_error, done_at)"
+                " SELECT k.rule, k.study, k.series, %s, %s, %s, k.condition, k.destination,"
+                " k.instance, %s, %s FROM unnest(%s::text[], %s::text[], %s::text[],"
+                " %s::text[], %s::text[], %s::text[])"
+                " AS k (rule, study, series, condition, destination, instance)"
+                " JOIN rules ON rules.name = k.rule ON CONFLICT (rule, series_uid) DO NOTHING",
+                (
+                    "pending" if failed is None else "failed",
+                    now,
+                    now,
+                    failed,
+                    None if failed is None else now,
+                    *_columns(decided),
+                ),
+            ).rowcount
+            if failed is not None:
+                db.execute(
+                    "UPDATE rules SET last_error = %s, last_error_at = %s WHERE name = ANY(%s)",
+                    (failed, now, sorted({key.rule for key in decided})),
+                )
+        return new
+
+    def requeue_shares(self, decided: Mapping[ShareKey, Decision], *, now: float) -> int:
+        """Queue shares now whatever their past; a rule deleted meanwhile gets nothing."""
+        if not decided:
             return 0
         return self._db.execute(
-            "INSERT INTO shares (rule, study_uid, series_uid, state, queued_at, next_attempt)"
-            " SELECT k.rule, k.study, k.series, 'pending', %s, %s"
-            " FROM unnest(%s::text[], %s::text[], %s::text[]) AS k (rule, study, series)"
+            "INSERT INTO shares (rule, study_uid, series_uid, state, queued_at, next_attempt,"
+            " condition, destination, instance_id)"
+            " SELECT k.rule, k.study, k.series, 'pending', %s, %s, k.condition, k.destination,"
+            " k.instance FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[],"
+            " %s::text[], %s::text[]) AS k (rule, study, series, condition, destination, instance)"
+            " JOIN rules ON rules.name = k.rule"
             " ON CONFLICT (rule, series_uid) DO UPDATE SET state = 'pending', attempts = 0,"
             " not_found = 0, queued_at = excluded.queued_at,"
             " next_attempt = excluded.next_attempt, last_error = NULL, done_at = NULL,"
-            " lease_node = NULL, lease_until = NULL",
-            (now, now, *_columns(keys)),
+            " condition = excluded.condition, destination = excluded.destination,"
+            " instance_id = excluded.instance_id, lease_node = NULL, lease_until = NULL",
+            (now, now, *_columns(decided)),
+        )
+
+    def redecide(self, key: ShareKey, decision: Decision) -> None:
+        """The series was evaluated again under the rule in force, and still matches."""
+        self._db.execute(
+            "UPDATE shares SET condition = %s, destination = %s, instance_id = %s"
+            " WHERE rule = %s AND series_uid = %s AND state = 'pending'",
+            (
+                decision.condition,
+                decision.destination,
+                decision.instance_id,
+                key.rule,
+                key.series_uid,
+            ),
+        )
+
+    def drop_share(self, key: ShareKey) -> None:
+        """Forget a pending share the rule in force no longer makes."""
+        self._db.execute(
+            "DELETE FROM shares WHERE rule = %s AND series_uid = %s AND state = 'pending'",
+            (key.rule, key.series_uid),
         )
 
     def due_shares(self, rules: Collection[str], *, now: float, limit: int) -> list[ShareJob]:
@@ -331,11 +406,15 @@ def _bump(db: Connection) -> None:
     )
 
 
-def _columns(keys: list[ShareKey]) -> tuple[list[str], list[str], list[str]]:
+def _columns(decided: Mapping[ShareKey, Decision]) -> tuple[list[object], ...]:
+    """The columns of `unnest`: rule, study, series, condition, destination, instance."""
     return (
-        [k.rule for k in keys],
-        [k.study_uid for k in keys],
-        [k.series_uid for k in keys],
+        [k.rule for k in decided],
+        [k.study_uid for k in decided],
+        [k.series_uid for k in decided],
+        [d.condition for d in decided.values()],
+        [d.destination for d in decided.values()],
+        [d.instance_id for d in decided.values()],
     )
 
 
@@ -356,6 +435,7 @@ def _rule(row: Mapping[str, Any]) -> StoredRule:
 
 
 def _job(row: Mapping[str, Any]) -> ShareJob:
+    condition = row["condition"]
     return ShareJob(
         key=ShareKey(row["rule"], row["study_uid"], row["series_uid"]),
         state=row["state"],
@@ -364,4 +444,7 @@ def _job(row: Mapping[str, Any]) -> ShareJob:
         queued_at=row["queued_at"],
         next_attempt=row["next_attempt"],
         last_error=row["last_error"],
+        decision=None
+        if condition is None
+        else Decision(condition, row["destination"] or "", row["instance_id"]),
     )
