@@ -187,27 +187,27 @@ def test_a_rule_created_on_one_node_is_listed_and_applied_by_the_other(site: Sit
     assert mr not in site.album.server.album_series(destination)
 
 
-def test_a_rule_disabled_on_one_node_holds_the_other_nodes_pending_shares(site: Site) -> None:
-    held_album, held_token = site.album.other_album()
-    witness_album, witness_token = site.album.other_album()
-    _create_rule(site.a, "held", held_token, "")
-    _create_rule(site.a, "witness", witness_token, "")
+def test_a_rule_narrowed_on_one_node_is_in_force_on_the_other_for_pending_shares(
+    site: Site,
+) -> None:
+    cohort_album, cohort_token = site.album.other_album()
+    _create_rule(site.a, "cohort", cohort_token, "")
     wait_until(lambda: _follows_current_rules(site.a, "node-b"), message="node B follows")
     site.album.server.fail_next(10_000, status=503, method="PUT")  # every share waits
-    series = (new_uid(), new_uid())
-    site.b.upload(_instance(*series, "CT"))
-    wait_until(lambda: _rule(site.b, "held")["Counts"]["Pending"] == 1, message="share pending")
-    wait_until(lambda: _rule(site.b, "witness")["Counts"]["Pending"] == 1)
+    ct, mr = (new_uid(), new_uid()), (new_uid(), new_uid())
+    site.b.upload(_instance(*ct, "CT"))
+    site.b.upload(_instance(*mr, "MR"))
+    wait_until(lambda: _rule(site.b, "cohort")["Counts"]["Pending"] == 2, message="pending")
 
-    response = site.a.put("/kheops/rules/held", json={"Enabled": False})
+    narrowed = {"Condition": "tagValueIsPresent(#Tag.Modality, 'CT')"}
+    response = site.a.put("/kheops/rules/cohort", json=narrowed)
     assert response.status_code == 200, response.text
     site.a.stop()  # from now on only node B can share
     wait_until(lambda: _follows_current_rules(site.b, "node-b"), message="node B follows")
     site.album.server.reset_faults()
 
-    wait_until(lambda: series in site.album.server.album_series(witness_album))
-    assert series not in site.album.server.album_series(held_album)
-    assert _rule(site.b, "held")["Counts"]["Pending"] == 1
+    wait_until(lambda: _rule(site.b, "cohort")["Counts"]["Pending"] == 0, message="decided")
+    assert site.album.server.album_series(cohort_album) == {ct}
 
 
 def test_a_killed_node_leaves_nothing_behind_and_its_restart_sends_no_second_copy(
