@@ -192,6 +192,7 @@ class _Plugin:
             self.metrics.stop()
             if self.state.cluster is not None:
                 self.state.cluster.stop()
+                self.state.cluster.close()  # the pool's connections end cleanly
             else:
                 release_state_directory(self.config.state_directory, self.config.node_name)
             log.warning("forwarding stopped; unsent instances stay queued")

@@ -7,13 +7,18 @@ which run on SQLite and on PostgreSQL.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 
+from orthanc_kheops.config import KheopsConfig
+from orthanc_kheops.observability.masking import Secret
+from orthanc_kheops.state.postgres.cluster import Cluster
 from orthanc_kheops.state.postgres.database import PgDatabase, StateDatabaseError
 from orthanc_kheops.state.postgres.migrations import MIGRATIONS, Migration
 from orthanc_kheops.state.postgres.outbox import PgOutbox
@@ -299,3 +304,85 @@ def test_configuration_rules_that_differ_from_the_database_are_named(
     )
 
     assert differences == ["changed", "new"]
+
+
+# --- the node among the others -------------------------------------------------------------------
+
+
+def _cluster(db: PgDatabase, node: str) -> Cluster:
+    config = KheopsConfig(
+        url="https://kheops.example.org",
+        token=Secret("TokenAAAAAAAAAAAAAAAAAAA"),
+        state_directory=Path("/nonexistent"),
+        orthanc_url="http://127.0.0.1:8042",
+        node_name=node,
+        lease_seconds=LEASE,
+    )
+    return Cluster(
+        db,
+        outbox=PgOutbox(db, node=node, lease_seconds=LEASE),
+        store=PgRuleStore(db, node=node, lease_seconds=LEASE),
+        config=config,
+        clock=lambda: T0,
+    )
+
+
+def test_a_node_reloads_the_rules_when_another_node_changed_them(
+    pg_database: PgDatabase, second_database: PgDatabase
+) -> None:
+    a = _cluster(pg_database, "node-a")
+    a.install_config_rules({})
+    reloads: list[int] = []
+    a.start(on_rules_changed=lambda: reloads.append(1), last_sent=lambda: None)
+    a.stop()  # the heartbeat would call follow_rules by itself
+    store_b = PgRuleStore(second_database, node="node-b", lease_seconds=LEASE)
+
+    assert not a.follow_rules()
+    store_b.save_rule("r", origin="api", document=_doc("r"), albums=None, now=T0)
+
+    assert a.follow_rules()
+    assert reloads == [1]
+    assert not a.follow_rules()
+
+
+def test_configuration_rules_unlike_the_databases_are_logged_as_errors_naming_them(
+    pg_database: PgDatabase, second_database: PgDatabase, caplog: pytest.LogCaptureFixture
+) -> None:
+    PgRuleStore(second_database, node="node-b", lease_seconds=LEASE).sync_config(
+        {"cohort": _doc("cohort")}, now=T0
+    )
+
+    _cluster(pg_database, "node-a").install_config_rules(
+        {"cohort": _doc("cohort", Condition="tagIsPresent('00100010')")}
+    )
+
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1
+    assert "rule 'cohort' in Kheops.SwitchingAlbums differs" in errors[0]
+    assert "same configuration" in errors[0]
+
+
+def test_the_status_lists_the_nodes_seen_with_their_state(
+    pg_database: PgDatabase, second_database: PgDatabase
+) -> None:
+    a, b = _cluster(pg_database, "node-a"), _cluster(second_database, "node-b")
+    for cluster in (a, b):
+        cluster.install_config_rules({})
+        cluster.start(on_rules_changed=lambda: None, last_sent=lambda: T0 - 5)
+        cluster.beat(T0)
+    b.stop()
+    a.stop()
+    with pg_database.connection() as connection:  # node A was killed: its beat is old
+        connection.execute(
+            "UPDATE nodes SET stopped_at = NULL, last_seen = %s WHERE name = 'node-a'",
+            (T0 - 60,),
+        )
+
+    nodes = {n["Name"]: n for n in a.nodes()}
+
+    assert {name: n["State"] for name, n in nodes.items()} == {
+        "node-a": "silent",
+        "node-b": "stopped",
+    }
+    assert nodes["node-b"]["LastSentAt"] == T0 - 5
+    assert nodes["node-a"]["This"] and not nodes["node-b"]["This"]
