@@ -26,7 +26,7 @@ from .orthanc_rest import OrthancRest
 from .state.backend import open_state
 from .state.clock import SteadyClock
 from .state.errors import StoreUnavailable
-from .state.node_lock import StateDirectoryInUse, release_state_directory
+from .state.node_lock import StateDirectoryInUse
 from .state.postgres.database import StateDatabaseError
 from .state.store_health import StoreHealth
 from .switching.rules import Rule, config_rules
@@ -193,8 +193,8 @@ class _Plugin:
             if self.state.cluster is not None:
                 self.state.cluster.stop()
                 self.state.cluster.close()  # the pool's connections end cleanly
-            else:
-                release_state_directory(self.config.state_directory, self.config.node_name)
+            if self.state.lock is not None:
+                self.state.lock.release()
             log.warning("forwarding stopped; unsent instances stay queued")
 
     def on_rest(self, output: Any, uri: str, **request: Any) -> None:

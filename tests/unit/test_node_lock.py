@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from orthanc_kheops.state.node_lock import (
+    LOCK_FILE,
+    STALE_SECONDS,
+    NodeLock,
     StateDirectoryInUse,
-    claim_state_directory,
     file_system_type,
-    release_state_directory,
 )
 
 
@@ -24,18 +26,18 @@ def local_mounts(tmp_path: Path) -> Path:
 def test_the_node_that_claimed_a_directory_may_use_it_again(
     tmp_path: Path, local_mounts: Path
 ) -> None:
-    claim_state_directory(tmp_path / "state", "host-a:8042", mounts=local_mounts)
+    NodeLock(tmp_path / "state", "host-a:8042", mounts=local_mounts)
 
-    claim_state_directory(tmp_path / "state", "host-a:8042", mounts=local_mounts)
+    NodeLock(tmp_path / "state", "host-a:8042", mounts=local_mounts)
 
 
 def test_another_node_is_refused_with_a_message_that_says_to_use_postgresql(
     tmp_path: Path, local_mounts: Path
 ) -> None:
-    claim_state_directory(tmp_path / "state", "host-a:8042", mounts=local_mounts)
+    NodeLock(tmp_path / "state", "host-a:8042", mounts=local_mounts)
 
     with pytest.raises(StateDirectoryInUse) as refused:
-        claim_state_directory(tmp_path / "state", "host-b:8042", mounts=local_mounts)
+        NodeLock(tmp_path / "state", "host-b:8042", mounts=local_mounts)
 
     message = str(refused.value)
     assert "is used by Orthanc node 'host-a:8042'" in message
@@ -45,10 +47,44 @@ def test_another_node_is_refused_with_a_message_that_says_to_use_postgresql(
 def test_a_clean_stop_lets_another_node_take_the_directory_over(
     tmp_path: Path, local_mounts: Path
 ) -> None:
-    claim_state_directory(tmp_path / "state", "host-a:8042", mounts=local_mounts)
-    release_state_directory(tmp_path / "state", "host-a:8042")
+    NodeLock(tmp_path / "state", "host-a:8042", mounts=local_mounts).release()
 
-    claim_state_directory(tmp_path / "state", "host-b:8042", mounts=local_mounts)
+    NodeLock(tmp_path / "state", "host-b:8042", mounts=local_mounts)
+
+
+def test_the_lock_of_a_node_silent_for_long_is_taken_over(
+    tmp_path: Path, local_mounts: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    NodeLock(tmp_path / "state", "old-container:8042", mounts=local_mounts)
+    lock = tmp_path / "state" / LOCK_FILE
+    beat = lock.stat().st_mtime
+
+    with pytest.raises(StateDirectoryInUse):
+        NodeLock(
+            tmp_path / "state",
+            "new-container:8042",
+            mounts=local_mounts,
+            clock=lambda: beat + STALE_SECONDS - 1,
+        )
+    NodeLock(
+        tmp_path / "state",
+        "new-container:8042",
+        mounts=local_mounts,
+        clock=lambda: beat + STALE_SECONDS + 1,
+    )
+
+    assert "'old-container:8042', silent for 61 s" in caplog.text
+    assert '"new-container:8042"' in lock.read_text()
+
+
+def test_a_running_node_keeps_its_lock_fresh(tmp_path: Path, local_mounts: Path) -> None:
+    lock = NodeLock(tmp_path / "state", "host-a:8042", mounts=local_mounts)
+    path = tmp_path / "state" / LOCK_FILE
+    os.utime(path, (0, 0))
+
+    lock.refresh()
+
+    assert path.stat().st_mtime > 0
 
 
 def test_a_directory_on_a_network_file_system_is_refused(tmp_path: Path) -> None:
@@ -57,7 +93,7 @@ def test_a_directory_on_a_network_file_system_is_refused(tmp_path: Path) -> None
     (tmp_path / "nfs").mkdir()
 
     with pytest.raises(StateDirectoryInUse, match=r"network file system \(nfs4\).*postgresql"):
-        claim_state_directory(tmp_path / "nfs" / "kheops", "host-a:8042", mounts=mounts)
+        NodeLock(tmp_path / "nfs" / "kheops", "host-a:8042", mounts=mounts)
 
 
 def test_the_file_system_is_that_of_the_deepest_mount_point(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..config import KheopsConfig
-from .node_lock import claim_state_directory
+from .node_lock import NodeLock
 from .outbox import Outbox, SqliteOutbox
 from .postgres.cluster import Cluster
 from .postgres.database import PgDatabase
@@ -88,17 +88,13 @@ class RuleStoreApi(Protocol):
 
 @dataclass
 class State:
-    """The opened state: the outbox, the rule store, and the cluster when there is one."""
+    """The opened state: the outbox, the rule store, and the cluster (PostgreSQL) or this
+    node's lock on the state directory (SQLite)."""
 
     outbox: Outbox
     store: RuleStoreApi
     cluster: Cluster | None = None
-
-    def close(self) -> None:
-        self.outbox.close()
-        self.store.close()
-        if self.cluster is not None:
-            self.cluster.close()
+    lock: NodeLock | None = None
 
 
 def open_state(config: KheopsConfig, *, clock: Callable[[], float]) -> State:
@@ -109,10 +105,12 @@ def open_state(config: KheopsConfig, *, clock: Callable[[], float]) -> State:
     """
     if config.state_database == "postgresql" and config.postgres is not None:
         return _open_postgres(config, clock)
-    claim_state_directory(config.state_directory, config.node_name)
+    lock = NodeLock(config.state_directory, config.node_name)
+    lock.start()
     return State(
         outbox=SqliteOutbox(config.state_directory / "outbox.sqlite3"),
         store=RuleStore(config.state_directory / "switching.sqlite3"),
+        lock=lock,
     )
 
 
