@@ -136,6 +136,7 @@ class _Plugin:
             stats=self.forwarder.stats,
             health=self.forwarder.health,
             rules=lambda: rule_figures(self.sharer.store, self.sharer.failing()),
+            clock=self.clock,  # the forwarder's: the age of the last send is a difference
             store_health=self.store_health,
         )
         self.metrics = MetricsPublisher(collector.values, _set_metric)
@@ -167,6 +168,9 @@ class _Plugin:
         if change_type == orthanc.ChangeType.DELETED and level == orthanc.ResourceType.INSTANCE:
             try:
                 self.forwarder.instances_deleted([resource_id])
+            except StoreUnavailable as exc:
+                # Its row stays; the worker that reads it finds the 404 and forgets it then.
+                self.store_health.failed(f"cannot note a deleted instance: {exc}", self.clock())
             except Exception:
                 log.exception("could not take deleted instance %s off the queue", resource_id)
         elif change_type == orthanc.ChangeType.ORTHANC_STARTED:

@@ -140,3 +140,25 @@ def test_storage_recycling_during_an_outage_is_logged_as_an_error(
     album.server.set_down(False)
     wait_until(lambda: album.holds([newest_uid]), timeout=60, message="the newest one sent")
     assert counts(orthanc)["Failed"] == 0
+
+
+def test_a_new_queue_over_instances_orthanc_already_holds_says_how_to_queue_them(
+    orthanc_factory: OrthancFactory, album: Album
+) -> None:
+    album.server.set_down(True)
+    orthanc = orthanc_factory(kheops=album.section())
+    for _ in range(2):
+        orthanc.upload(single_instance()[1])
+    wait_until(lambda: counts(orthanc)["Queued"] == 2, message="queued")
+    orthanc.stop()
+    for path in Path(orthanc.config["Kheops"]["StateDirectory"]).glob("outbox.sqlite3*"):
+        path.unlink()  # an administrator deletes the queue
+
+    orthanc.start()
+
+    line = wait_until(
+        lambda: next((x for x in orthanc.log.splitlines() if "not queued" in x), ""),
+        message="the log says what is not queued",
+    )
+    assert "2 instances that are not queued" in line and "POST /kheops/send" in line
+    assert counts(orthanc)["Queued"] == 0

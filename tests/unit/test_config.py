@@ -366,3 +366,29 @@ def test_the_sqlite_state_database_ignores_postgresql_settings() -> None:
     config = _load(_section(), PostgreSQL={"Host": "db"})
 
     assert (config.state_database, config.postgres) == ("sqlite", None)
+
+
+def test_sent_instances_are_kept_thirty_days_unless_told() -> None:
+    assert _load(_section()).sent_retention == 30 * 86400
+    assert _load(_section(SentRetentionDays=2)).sent_retention == 2 * 86400
+    assert _load(_section(SentRetentionDays=0)).sent_retention is None
+    assert "Kheops.SentRetentionDays" in _error(_section(SentRetentionDays=-1))
+
+
+@pytest.mark.parametrize(
+    ("orthanc", "expected"),
+    [
+        ({}, None),
+        ({"MaximumPatientCount": 0, "MaximumStorageSize": 0}, None),
+        ({"MaximumPatientCount": 5}, "MaximumPatientCount 5"),
+        (
+            {"MaximumPatientCount": 5, "MaximumStorageSize": 100},
+            "MaximumPatientCount 5, MaximumStorageSize 100",
+        ),
+        ({"MaximumStorageSize": 100, "MaximumStorageMode": "Reject"}, None),
+    ],
+)
+def test_storage_recycling_is_known_when_orthanc_may_delete_instances_by_itself(
+    orthanc: dict[str, Any], expected: str | None
+) -> None:
+    assert _load(_section(), **orthanc).storage_recycling == expected

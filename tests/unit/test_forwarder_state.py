@@ -280,3 +280,17 @@ def test_the_steady_clock_follows_the_monotonic_clock_from_the_wall_time_at_star
     monotonic.advance(5)
 
     assert clock() == T0 + 5
+
+
+def test_a_clock_stepped_back_while_orthanc_was_stopped_does_not_stall_the_backlog(
+    make_rig: RigFactory,
+) -> None:
+    rig = make_rig()
+    rig.outbox.set_meta("clock", T0 + 3600)  # the plugin last ran an hour "later"
+    rig.add(1, queue=False)
+    rig.outbox.enqueue([(orthanc_id(1), len(dicom_file(1)))], now=T0 + 3600, requeue=True)
+    rig.kheops.then = store_all
+
+    started(rig)
+
+    rig.await_counts("sent without waiting an hour", sent=1)

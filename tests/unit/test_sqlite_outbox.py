@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from orthanc_kheops.state.outbox import SCHEMA_VERSION, SqliteOutbox
+from orthanc_kheops.state.outbox import SCHEMA_VERSION, SqliteOutbox, StoreUnavailable
 
 T0 = 1_000_000.0
 
@@ -55,3 +55,26 @@ def test_a_new_outbox_records_its_schema_version(path: Path) -> None:
     outbox = SqliteOutbox(path)
     assert outbox.get_meta("schema_version") == SCHEMA_VERSION
     outbox.close()
+
+
+def test_a_full_disk_is_raised_as_store_unavailable_and_changes_nothing(path: Path) -> None:
+    outbox = SqliteOutbox(path)
+    try:
+        outbox.enqueue([("before", 1)], now=T0, requeue=True)
+        writer = outbox._file._db
+        pages = writer.execute("PRAGMA page_count").fetchone()[0]
+        writer.execute(f"PRAGMA max_page_count = {pages}")  # SQLite's own "disk full"
+
+        with pytest.raises(StoreUnavailable, match="database or disk is full"):
+            outbox.enqueue(
+                [(f"id{n:05}-{'x' * 200}", 1) for n in range(2000)], now=T0, requeue=True
+            )
+        with pytest.raises(StoreUnavailable, match="database or disk is full"):
+            outbox.enqueue([(f"one-{'x' * 5000}", 1)], now=T0, requeue=True)
+
+        assert outbox.counts()["pending"] == 1
+        writer.execute("PRAGMA max_page_count = 1073741823")
+        assert outbox.enqueue([("after", 1)], now=T0, requeue=True) == 1
+        assert outbox.counts()["pending"] == 2
+    finally:
+        outbox.close()

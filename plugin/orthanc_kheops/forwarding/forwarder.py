@@ -123,6 +123,7 @@ class Forwarder:
         recovered = self._outbox.recover_interrupted()
         if recovered:
             log.info("%d instances were in flight when Orthanc stopped; queued again", recovered)
+        self._catch_up_with_a_clock_step_back()
         for index in range(self._config.workers):
             self._spawn(self._work, f"kheops-sender-{index + 1}")
         self._spawn(self._supervise, "kheops-supervisor")
@@ -304,11 +305,12 @@ class Forwarder:
         failed: dict[str, str] = {}
         later: list[Retry] = []
         deleted: list[str] = []
+        left: list[str] = []
         budget = self._config.batch_max_bytes
         for item in batch:
             if loaded and budget <= 0:
-                # The sizes in the queue were wrong: never hold more than the bound.
-                later.append(Retry(item.orthanc_id, 0.0, "", counts_as_attempt=False))
+                # The sizes in the queue were wrong: never hold more than the bound in memory.
+                left.append(item.orthanc_id)
                 continue
             try:
                 data = self._orthanc.read_file(item.orthanc_id)
@@ -336,6 +338,8 @@ class Forwarder:
             self.stats.record_failed(len(failed))
         if later:
             self._write(lambda: self._outbox.reschedule(later, now=now))
+        if left:
+            self._write(lambda: self._outbox.release(left))
         unknown = {x.item.orthanc_id: x.sop_uid for x in loaded if x.item.sop_uid != x.sop_uid}
         if unknown:
             self._write(lambda: self._outbox.set_sop_uids(unknown))
@@ -596,6 +600,20 @@ class Forwarder:
         if self.health.state is State.PAUSED:
             self._check_token(first=False)
 
+    def _catch_up_with_a_clock_step_back(self) -> None:
+        """The system clock is behind the last time the plugin ran (it was stepped back while
+        Orthanc was stopped): what was due then is due now, not once the clock catches up."""
+        seen = self._outbox.get_meta("clock")
+        now = self._clock()
+        if isinstance(seen, int | float) and now < seen:
+            woken = self._outbox.make_due(now=now)
+            log.warning(
+                "the system clock is %.0f s behind the last time the plugin ran; %d waiting"
+                " instances are due now",
+                seen - now,
+                woken,
+            )
+
     def reconcile(self) -> int:
         """Queue instances that Orthanc's change log has and the outbox lacks.
 
@@ -608,6 +626,7 @@ class Forwarder:
             return self._reconcile() if mine else 0
 
     def _reconcile(self) -> int:
+        self._outbox.set_meta("clock", self._clock())  # see _catch_up_with_a_clock_step_back
         cursor = self._outbox.get_meta("last_change")
         last = self._orthanc.last_change()
         if not isinstance(cursor, int) or cursor > last:
@@ -685,6 +704,7 @@ class Forwarder:
             pruned += step
             if step < _PRUNE_STEP:
                 break
+            time.sleep(0)  # let a waiting writer (the store callback) take the lock first
         if pruned:
             log.info("forgot %d instances sent more than the retention ago", pruned)
         return pruned

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,8 +103,8 @@ def _statements(script: str) -> list[str]:
 
 _MIGRATIONS: dict[int, Migration] = {1: _v1_to_v2}
 
-# Rows a write statement may touch in one transaction when it goes through the whole queue
-# (make_due, pruning): the store callback waits for the write lock at most this long.
+# Rows make_due changes per transaction: the store callback waits for one step at most,
+# never for the whole queue.
 _CHUNK = 500
 
 STATES = ("pending", "inflight", "sent", "failed")
@@ -155,7 +156,7 @@ class Outbox(Protocol):
     """
 
     def enqueue(self, items: Iterable[tuple[str, int]], *, now: float, requeue: bool) -> int:
-        """Queue (Orthanc id, size in bytes) pairs; the count of rows changed.
+        """Queue (Orthanc id, size in bytes; 0 when not known) pairs; the count of rows changed.
 
         `requeue` resets rows already sent or failed (a file stored again); without it rows
         already known are left alone (the reconciler). A row in flight stays with its worker
@@ -430,6 +431,7 @@ class SqliteOutbox:
             total += moved
             if moved < _CHUNK:
                 return total
+            time.sleep(0)  # let a waiting writer (the store callback) take the lock first
 
     def forget_deleted(self, orthanc_ids: Sequence[str]) -> int:
         with self._file.transaction() as db:
