@@ -40,6 +40,15 @@ log = logging.getLogger("orthanc_kheops")
 
 _EXPLORER_JS = Path(__file__).parent / "web" / "explorer.js"
 
+# A URI that is not UTF-8 (a lone surrogate, a stray byte) gets a 500 from the Python plugin
+# itself, before any plugin code runs: the route matches well-formed UTF-8 only (in boost's
+# byte escapes), and Orthanc answers 404 to the rest.
+_UTF8 = (
+    r"(?:[\x01-\x7f]|[\xc2-\xdf][\x80-\xbf]|\xe0[\xa0-\xbf][\x80-\xbf]"
+    r"|[\xe1-\xec\xee\xef][\x80-\xbf]{2}|\xed[\x80-\x9f][\x80-\xbf]"
+    r"|\xf0[\x90-\xbf][\x80-\xbf]{2}|[\xf1-\xf3][\x80-\xbf]{3}|\xf4[\x80-\x8f][\x80-\xbf]{2})"
+)
+
 _LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
@@ -262,7 +271,7 @@ def install() -> None:
         raise
     orthanc.RegisterOnStoredInstanceCallback(plugin.on_stored_instance)
     orthanc.RegisterOnChangeCallback(plugin.on_change)
-    orthanc.RegisterRestCallback("/kheops/(.*)", plugin.on_rest)
+    orthanc.RegisterRestCallback(f"/kheops/({_UTF8}*)", plugin.on_rest)
     orthanc.ExtendOrthancExplorer(_EXPLORER_JS.read_text(encoding="utf-8"))
     log.warning("plugin loaded; state in %s", config.state_directory)
 

@@ -168,3 +168,21 @@ def test_apply_racing_a_delete_of_the_same_rule_never_answers_500(api: Env) -> N
     assert statuses and all(status in (200, 404, 409) for status in statuses), statuses
     assert 500 not in statuses
     assert _alive(api.orthanc)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/kheops/rules/%ED%A0%80",  # a lone surrogate, encoded as UTF-8 would if it could
+        "/kheops/rules/%FF%FE",  # not UTF-8 at all
+        "/kheops/rules/" + "n" * 5000,
+        "/kheops/queue?state=%ED%A0%80",
+    ],
+    ids=["surrogate", "not-utf8", "long", "query"],
+)
+def test_a_path_or_query_that_is_not_text_is_a_4xx_and_orthanc_lives(api: Env, path: str) -> None:
+    response = api.call("GET", path)
+
+    assert 400 <= response.status_code < 500, response.text[:300]
+    assert len(response.text) < 1000
+    assert _alive(api.orthanc)

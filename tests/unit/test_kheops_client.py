@@ -398,6 +398,21 @@ def test_share_puts_the_series_with_both_tokens(server: RecordingServer) -> None
 
 
 @pytest.mark.parametrize(
+    ("study", "series"),
+    [("1.2.3", "1.2.3.4#x"), ("1.2.3/../../../x", "1.2.3.4"), ("1.2..3", "1.2"), ("1.2", "9" * 65)],
+)
+def test_a_share_of_uids_kheops_routes_cannot_carry_sends_nothing(
+    server: RecordingServer, study: str, series: str
+) -> None:
+    with pytest.raises(KheopsRejected, match="is not a DICOM UID|more than the 64"):
+        _client(server.url).share_series(
+            destination=TOKEN, source=SOURCE, study_uid=study, series_uid=series
+        )
+
+    assert server.received == []
+
+
+@pytest.mark.parametrize(
     ("status", "kind"),
     [(404, KheopsNotFound), (403, KheopsUnauthorized), (401, KheopsUnauthorized)],
 )

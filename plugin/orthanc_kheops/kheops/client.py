@@ -34,6 +34,16 @@ def uid_problem(uid: str) -> str | None:
     return None
 
 
+def series_uid_problem(study_uid: str, series_uid: str) -> str | None:
+    """Why KHEOPS cannot share a series with these UIDs, in words; None when it can."""
+    for name, uid in (("StudyInstanceUID", study_uid), ("SeriesInstanceUID", series_uid)):
+        problem = uid_problem(uid)
+        if problem:
+            shown = uid if len(uid) <= _UID_LENGTH else f"{uid[:_UID_LENGTH]}…"
+            return f"{name} {shown!r} {problem}: KHEOPS cannot share it"
+    return None
+
+
 class KheopsError(Exception):
     """Base of every error raised by the KHEOPS client."""
 
@@ -166,11 +176,9 @@ class KheopsClient:
     def share_series(
         self, *, destination: Secret, source: Secret, study_uid: str, series_uid: str
     ) -> None:
-        for name, uid in (("StudyInstanceUID", study_uid), ("SeriesInstanceUID", series_uid)):
-            problem = uid_problem(uid)
-            if problem:  # never a path KHEOPS could read as another resource
-                shown = uid if len(uid) <= 64 else f"{uid[:64]}…"
-                raise KheopsRejected(f"{name} {shown!r} {problem}: KHEOPS cannot share it")
+        problem = series_uid_problem(study_uid, series_uid)
+        if problem:  # never a path KHEOPS could read as another resource
+            raise KheopsRejected(problem)
         response = self._send(
             "PUT",
             f"/studies/{quote(study_uid, safe='')}/series/{quote(series_uid, safe='')}",

@@ -54,7 +54,7 @@ from ..kheops.client import (
     KheopsNotFound,
     KheopsRejected,
     KheopsUnauthorized,
-    uid_problem,
+    series_uid_problem,
 )
 from ..observability.masking import Secret
 from ..orthanc_rest import OrthancNotFound, OrthancRest, OrthancUnavailable
@@ -76,16 +76,6 @@ def decision(rule: Rule, instance_id: str | None) -> Decision:
     return Decision(
         rule.condition.text, destination_identity(rule.destination.reveal()), instance_id
     )
-
-
-def series_problem(study_uid: str, series_uid: str) -> str | None:
-    """Why KHEOPS cannot share a series with these UIDs, in words; None when it can."""
-    for name, uid in (("StudyInstanceUID", study_uid), ("SeriesInstanceUID", series_uid)):
-        problem = uid_problem(uid)
-        if problem:
-            shown = uid if len(uid) <= 64 else f"{uid[:64]}…"
-            return f"{name} {shown!r} {problem}: KHEOPS cannot share it"
-    return None
 
 
 def matching_shares(
@@ -211,7 +201,7 @@ class Sharer:
             return
         refused: dict[str, dict[ShareKey, Decision]] = {}
         for key in list(keys):
-            problem = series_problem(key.study_uid, key.series_uid)
+            problem = series_uid_problem(key.study_uid, key.series_uid)
             if problem:
                 refused.setdefault(problem, {})[key] = keys.pop(key)
         for problem, decided in refused.items():
@@ -337,7 +327,7 @@ class Sharer:
     def _still_decided(self, rule: Rule, job: ShareJob) -> bool:
         """Whether the rule in force still makes this share; drops or re-decides it if not."""
         key = job.key
-        problem = series_problem(key.study_uid, key.series_uid)
+        problem = series_uid_problem(key.study_uid, key.series_uid)
         if problem:
             self.store.mark_failed(key, reason=problem, now=self._clock())
             return False
@@ -368,8 +358,14 @@ class Sharer:
             ]
         except OrthancNotFound:
             verdicts = []
-        except OrthancUnavailable as exc:
-            self._unreachable(job, f"cannot read the series from Orthanc to evaluate it: {exc}")
+        except OrthancUnavailable as exc:  # Orthanc's trouble, not KHEOPS's: no pause
+            delay = next_delay(
+                job.attempts + 1,
+                initial=self._config.retry_initial,
+                maximum=self._config.retry_maximum,
+            )
+            error = f"cannot read the series from Orthanc to evaluate it again: {exc}"
+            self.store.reschedule(key, delay=delay, error=error, not_found=False, now=self._clock())
             return False
         hit = next(
             (

@@ -19,7 +19,7 @@ from pydicom.tag import BaseTag
 
 from ..config import KheopsConfig
 from ..forwarding.forwarder import SentInstance
-from ..kheops.client import KheopsApi, KheopsError
+from ..kheops.client import KheopsApi, KheopsError, series_uid_problem
 from ..observability.masking import Secret, excerpt, mask
 from ..orthanc_rest import OrthancNotFound, OrthancRest, OrthancUnavailable
 from ..state.outbox import Outbox
@@ -40,7 +40,6 @@ from ..switching.sharing import (
     evaluate_series,
     read_instance,
     series_of,
-    series_problem,
 )
 from .forwarding_api import iso
 from .routing import HttpError, Request, Response, Router, json_object, orthanc_ids
@@ -271,7 +270,7 @@ class RulesApi:
         decided = {
             ShareKey(rule.name, i.study_uid, i.series_uid): decision(rule, i.orthanc_id)
             for i in matched
-            if series_problem(i.study_uid, i.series_uid) is None
+            if series_uid_problem(i.study_uid, i.series_uid) is None
         }
         with self._saving:  # a DELETE of the rule waits, or went first and nothing is queued
             current = self._sharer.rules.get(rule.name)
