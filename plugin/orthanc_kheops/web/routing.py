@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ..observability.masking import excerpt
+from ..state.errors import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ class Router:
                 return handler(request, match.groups())
             except HttpError as error:
                 return error.response()
-            except sqlite3.Error as exc:
+            except (sqlite3.Error, StoreUnavailable) as exc:
                 log.error("the plugin's state cannot be read or written: %s", exc)
                 return HttpError(
                     503,
