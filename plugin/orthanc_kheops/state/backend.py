@@ -12,7 +12,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ..config import KheopsConfig
+from ..config import KheopsConfig, PostgresSettings
 from .node_lock import NodeLock
 from .outbox import Outbox, SqliteOutbox
 from .postgres.cluster import Cluster
@@ -103,8 +103,8 @@ def open_state(config: KheopsConfig, *, clock: Callable[[], float]) -> State:
     `clock` is the plugin's: the cluster's heartbeat and leases are on the same time as the
     claims the workers make.
     """
-    if config.state_database == "postgresql" and config.postgres is not None:
-        return _open_postgres(config, clock)
+    if config.postgres is not None:  # StateDatabase "postgresql"
+        return _open_postgres(config, config.postgres, clock)
     lock = NodeLock(config.state_directory, config.node_name)
     lock.start()
     return State(
@@ -114,11 +114,12 @@ def open_state(config: KheopsConfig, *, clock: Callable[[], float]) -> State:
     )
 
 
-def _open_postgres(config: KheopsConfig, clock: Callable[[], float]) -> State:
-    assert config.postgres is not None
+def _open_postgres(
+    config: KheopsConfig, settings: PostgresSettings, clock: Callable[[], float]
+) -> State:
     db = PgDatabase(
-        config.postgres.conninfo.reveal(),
-        schema=config.postgres.schema,
+        settings.conninfo.reveal(),
+        schema=settings.schema,
         max_size=config.workers + 6,
     )
     outbox = PgOutbox(db, node=config.node_name, lease_seconds=config.lease_seconds)
