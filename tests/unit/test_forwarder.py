@@ -11,6 +11,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -364,6 +365,7 @@ def make_rig(tmp_path: Path) -> Iterator[RigFactory]:
         *,
         outbox: SqliteOutbox | None = None,
         after_store: AfterStore | None = None,
+        exclusive: Callable[[str], AbstractContextManager[bool]] | None = None,
         **settings: Any,
     ) -> Rig:
         config = KheopsConfig(
@@ -391,6 +393,7 @@ def make_rig(tmp_path: Path) -> Iterator[RigFactory]:
             kheops=_check_protocol(kheops),
             after_store=after_store or received.extend,
             clock=clock,
+            exclusive=exclusive,
         )
         rig = Rig(forwarder, box, kheops, orthanc, clock, received)
         rigs.append(rig)
@@ -995,6 +998,23 @@ def test_reconcile_queues_new_instances_missing_from_the_outbox(make_rig: RigFac
     assert rig.outbox.get_meta("last_change") == 9
     assert rig.orthanc.pages_read == [3, 5, 7]
     assert rig.forwarder.reconcile() == 0
+
+
+def test_only_the_node_holding_the_reconcile_lock_reads_the_change_log(
+    make_rig: RigFactory,
+) -> None:
+    asked: list[str] = []
+
+    def elsewhere(name: str) -> AbstractContextManager[bool]:
+        asked.append(name)
+        return nullcontext(False)  # another node holds it
+
+    rig = make_rig(exclusive=elsewhere)
+    rig.outbox.set_meta("last_change", 0)
+    rig.orthanc.change_log = _changes((1, "NewInstance", "missing"))
+
+    assert rig.forwarder.reconcile() == 0
+    assert (asked, rig.orthanc.pages_read, rig.outbox.counts()["pending"]) == (["reconcile"], [], 0)
 
 
 def test_reconcile_reads_again_a_window_of_changes_behind_its_cursor(
