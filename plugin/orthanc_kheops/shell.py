@@ -188,6 +188,7 @@ class _Plugin:
                 self.state.cluster.start(
                     on_rules_changed=self.sharer.reload,
                     last_sent=lambda: self.forwarder.stats.snapshot().last_sent_at,
+                    on_sent_elsewhere=self.forwarder.sent_elsewhere,
                 )
             if self.config.enabled:
                 self.sharer.start()

@@ -386,3 +386,25 @@ def test_the_status_lists_the_nodes_seen_with_their_state(
     }
     assert nodes["node-b"]["LastSentAt"] == T0 - 5
     assert nodes["node-a"]["This"] and not nodes["node-b"]["This"]
+
+
+def test_a_node_hears_when_another_node_has_just_sent(
+    pg_database: PgDatabase, second_database: PgDatabase
+) -> None:
+    a, b = _cluster(pg_database, "node-a"), _cluster(second_database, "node-b")
+    heard: list[str] = []
+    sent_by_b: list[float | None] = [None]
+    a.start(on_rules_changed=lambda: None, last_sent=lambda: None,
+            on_sent_elsewhere=lambda: heard.append("b sent"))  # fmt: skip
+    b.start(on_rules_changed=lambda: None, last_sent=lambda: sent_by_b[0])
+    a.stop()  # beats are driven by hand below
+    b.stop()
+
+    b.beat(T0)
+    a.beat(T0)
+    sent_by_b[0] = T0 + 1
+    b.beat(T0 + 1)
+    a.beat(T0 + 1)
+    a.beat(T0 + 2)
+
+    assert heard == ["b sent"]

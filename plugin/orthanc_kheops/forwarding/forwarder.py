@@ -595,6 +595,11 @@ class Forwarder:
             self._outbox.make_due(now=now)
             self.wake()
 
+    def sent_elsewhere(self) -> None:
+        """Another node of the site just had KHEOPS store instances: if this node waits out
+        an outage, it probes now, so that it rejoins the drain at once."""
+        self.health.probe_now()
+
     def check_token_now(self) -> None:
         """An administrator asked to retry: check a paused token without waiting."""
         if self.health.state is State.PAUSED:

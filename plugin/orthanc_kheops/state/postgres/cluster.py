@@ -2,7 +2,9 @@
 
 A thread of the plugin's own beats every second: it records the node's last activity in
 `nodes` (the status lists the nodes seen recently), renews the leases of what the node has
-in flight, and reloads the rules when another node changed them (`rules_version`). When the
+in flight, reloads the rules when another node changed them (`rules_version`), and tells
+the forwarder when another node has just sent (after an outage, it probes KHEOPS at once
+rather than at the end of its backoff). When the
 rules in the database stop matching this node's Kheops.SwitchingAlbums, it logs an error
 naming each rule that differs: every node must have the same configuration.
 """
@@ -47,6 +49,8 @@ class Cluster:
         self._config_rules: Mapping[str, Mapping[str, Any]] = {}
         self._on_rules_changed: Callable[[], None] = lambda: None
         self._last_sent: Callable[[], float | None] = lambda: None
+        self._on_sent_elsewhere: Callable[[], None] = lambda: None
+        self._sent_elsewhere_at: float | None = None
         self._rules_version: int | None = None
         self._reported: frozenset[str] = frozenset()
         self._stopping = threading.Event()
@@ -83,10 +87,17 @@ class Cluster:
     # -- the heartbeat ------------------------------------------------------------------
 
     def start(
-        self, *, on_rules_changed: Callable[[], None], last_sent: Callable[[], float | None]
+        self,
+        *,
+        on_rules_changed: Callable[[], None],
+        last_sent: Callable[[], float | None],
+        on_sent_elsewhere: Callable[[], None] = lambda: None,
     ) -> None:
+        """Register this node and beat; `last_sent` is when KHEOPS last stored what this node
+        sent, `on_sent_elsewhere` is called when another node has sent since the last beat."""
         self._on_rules_changed = on_rules_changed
         self._last_sent = last_sent
+        self._on_sent_elsewhere = on_sent_elsewhere
         now = self._clock()
         self._db.execute(
             "INSERT INTO nodes (name, started_at, last_seen) VALUES (%s, %s, %s)"
@@ -130,6 +141,13 @@ class Cluster:
             " rules_version = %s WHERE name = %s",
             (now, self._last_sent(), self._rules_version, self.node),
         )
+        row = self._db.fetchone(
+            "SELECT MAX(last_sent_at) AS at FROM nodes WHERE name != %s", (self.node,)
+        )
+        elsewhere = -1.0 if row is None or row["at"] is None else float(row["at"])
+        if self._sent_elsewhere_at is not None and elsewhere > self._sent_elsewhere_at:
+            self._on_sent_elsewhere()
+        self._sent_elsewhere_at = elsewhere  # None until the first beat: nothing to compare
 
     def follow_rules(self) -> bool:
         """Reload the rules if another node changed them; whether it did."""
