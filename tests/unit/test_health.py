@@ -14,10 +14,15 @@ def test_a_hint_that_kheops_is_back_makes_the_next_probe_go_now() -> None:
     for _ in range(6):  # a long outage: the next probe is far away
         health.record_unavailable("503", T0)
     stopping = threading.Event()
+    deadline = threading.Timer(5.0, stopping.set)  # without the hint: no turn, then None
+    deadline.start()
 
     health.probe_now()
 
-    assert health.wait_for_turn(lambda: T0, stopping) is Turn.PROBE
+    try:
+        assert health.wait_for_turn(lambda: T0, stopping) is Turn.PROBE
+    finally:
+        deadline.cancel()
 
 
 def test_the_hint_changes_nothing_while_sending_is_paused_for_the_token() -> None:
