@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -230,6 +231,22 @@ def test_a_new_migration_is_applied_to_a_schema_of_the_previous_version(
 
     with pg_database.connection() as connection:
         connection.execute("SELECT x FROM nodes")
+
+
+def test_a_role_without_create_on_the_database_uses_a_schema_made_for_it(
+    state_database_dsn: str,
+) -> None:
+    role, schema = f"r_{uuid.uuid4().hex[:8]}", f"t_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(state_database_dsn, autocommit=True) as admin:
+        admin.execute(f"CREATE ROLE {role} LOGIN")
+        admin.execute(f"CREATE SCHEMA {schema} AUTHORIZATION {role}")
+    try:
+        limited = state_database_dsn.replace("user=kheops_test", f"user={role}")
+        PgDatabase(limited, schema=schema).close()
+    finally:
+        with psycopg.connect(state_database_dsn, autocommit=True) as admin:
+            admin.execute(f"DROP SCHEMA {schema} CASCADE")
+            admin.execute(f"DROP ROLE {role}")
 
 
 def test_a_schema_newer_than_the_plugin_is_refused(

@@ -141,9 +141,11 @@ def migrate(db: PgDatabase, migrations: Sequence[Migration]) -> None:
         connection.execute(
             "SELECT pg_advisory_xact_lock(hashtext(%s))", (f"orthanc-kheops {db.schema} migrate",)
         )
-        connection.execute(
-            sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(db.schema))
-        )
+        found = connection.execute(
+            "SELECT 1 FROM pg_namespace WHERE nspname = %s", (db.schema,)
+        ).fetchone()
+        if found is None:  # a role without CREATE on the database may use a schema made for it
+            connection.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(db.schema)))
         connection.execute(
             "CREATE TABLE IF NOT EXISTS schema_migrations ("
             " version integer PRIMARY KEY, description text NOT NULL,"
