@@ -19,6 +19,7 @@ state differs between runs. The report (Markdown) goes to stdout.
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 import tempfile
@@ -93,6 +94,7 @@ class Site:
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def ingest_and_drain(site: Site, corpus: corpora.Corpus, nodes: int) -> tuple[float, float]:
@@ -138,7 +140,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         kheops = stack.enter_context(KheopsProcess(WORKDIR / "kheops"))
 
         dsn = postgres.create_database("callback")
-        sqlite = SqliteOutbox(Path(tempfile.mkdtemp(prefix="orthanc-kheops-bench-")) / "o.sqlite3")
+        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kheops-bench-")))
+        sqlite = SqliteOutbox(scratch / "outbox.sqlite3")
         db = PgDatabase(dsn, schema="kheops")
         pg = PgOutbox(db, node="bench", lease_seconds=30)
         cost = {"sqlite": callback_cost(sqlite, 2000), "postgresql": callback_cost(pg, 2000)}
