@@ -126,6 +126,9 @@ def _storescu_at_once(jobs: Sequence[tuple[OrthancProcess, Sequence[Path]]]) -> 
 def test_half_a_corpus_stored_on_each_node_at_once_arrives_once(site: Site, tmp_path: Path) -> None:
     files = write_corpus(tmp_path / "corpus", studies=2, series=2, instances=8, seed=3)
     half = len(files) // 2
+    _, token = site.album.other_album()
+    _create_rule(site.a, "all", token, "")
+    wait_until(lambda: _follows_current_rules(site.a, "node-b"), message="node B follows")
 
     _storescu_at_once(
         [(site.a, [f.path for f in files[:half]]), (site.b, [f.path for f in files[half:]])]
@@ -133,6 +136,10 @@ def test_half_a_corpus_stored_on_each_node_at_once_arrives_once(site: Site, tmp_
 
     site.await_all_sent(files)
     assert set(site.store_counts(files).values()) == {1}
+    series = {f.series_uid for f in files}
+    wait_until(lambda: _rule(site.b, "all")["Counts"]["Shared"] == len(series))
+    shares = [r.path.rsplit("/", 1)[-1] for r in site.album.server.requests if r.method == "PUT"]
+    assert sorted(shares) == sorted(series)  # each (rule, series) shared once
     document = status(site.a)
     assert document["Counts"]["Sent"] == len(files)  # the same answer on either node
     assert {(n["Name"], n["State"]) for n in document["Nodes"]} == {
