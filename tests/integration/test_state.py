@@ -43,13 +43,13 @@ def small_state_directory(tmp_path: Path) -> Iterator[Path]:
 def fill(folder: Path) -> Path:
     """Write a file until the file system has no room left."""
     filler = folder / "filler"
-    with filler.open("wb") as out:
-        try:
-            while True:
-                out.write(b"\0" * 65536)
-                out.flush()
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC
+    with filler.open("wb", buffering=0) as out:
+        for chunk in (65536, 4096, 1):  # down to the last free byte
+            try:
+                while True:
+                    out.write(b"\0" * chunk)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
     return filler
 
 
@@ -76,8 +76,11 @@ def test_a_state_directory_that_fills_while_instances_are_in_flight_loses_nothin
     )
     assert "database or disk is full" in problem["Error"]
     late_uid, late = single_instance(patient_id="P-FULL")
-    orthanc.upload(late)  # Orthanc still takes it; the queue cannot: its change log keeps it
+    late_id = orthanc.upload(late)  # Orthanc takes it; the queue cannot: its change log keeps it
     assert "cannot write the queue" in orthanc.log
+    backfill = orthanc.post("/kheops/send", json={"Resources": [late_id]})
+    assert backfill.status_code == 503, backfill.text
+    assert "cannot be written now" in backfill.json()["Message"]
 
     album.server.set_latency(0.0)
     filler.unlink()

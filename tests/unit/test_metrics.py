@@ -300,3 +300,19 @@ def test_stopping_the_publisher_ends_its_thread_at_once() -> None:
     publisher.stop(timeout=10)
 
     assert not thread.is_alive()
+
+
+def test_instances_deleted_before_they_were_sent_and_a_full_disk_show_in_the_metrics() -> None:
+    result = metric_values(
+        queue={"pending": 1, "deleted": 4},
+        retries=0,
+        transfer=TransferSnapshot(started_at=T0),
+        health=snapshot(State.SENDING),
+        rules=[],
+        now=T0,
+        store_writable=False,
+    )
+
+    assert result["kheops_instances_deleted_unsent_total"] == 4
+    assert result["kheops_state_writable"] == 0
+    assert values()["kheops_state_writable"] == 1
