@@ -33,7 +33,7 @@ from .switching.rules import Rule, config_rules
 from .switching.sharing import Sharer
 from .web.forwarding_api import ForwardingApi
 from .web.resources_api import ResourcesApi
-from .web.routing import Reply, Request, Router
+from .web.routing import Request, Response, Router
 from .web.rules_api import RulesApi
 
 log = logging.getLogger("orthanc_kheops")
@@ -218,9 +218,8 @@ class _Plugin:
             query=dict(request.get("get") or {}),
             body=request.get("body") or b"",
         )
-        reply = self.router.reply(call)  # never raises: every error is an answer
-        response = reply.response
-        _answer(output, reply)
+        response = self.router.reply(call)  # never raises: every error is an answer
+        _answer(output, response)
         if call.method != "GET":
             self.metrics.wake()
             line = audit_line(call, response)
@@ -232,11 +231,11 @@ def _set_metric(name: str, value: float) -> None:
     orthanc.SetMetricsValue(name, value, orthanc.MetricsType.DEFAULT)
 
 
-def _answer(output: Any, reply: Reply) -> None:
-    response, body = reply.response, reply.body
+def _answer(output: Any, response: Response) -> None:
     if response.status == 405:
         output.SendMethodNotAllowed(",".join(response.allowed))
         return
+    body = response.encoded()
     if response.status == 200:
         output.AnswerBuffer(body, "application/json")
         return

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.corpus import make_dataset, new_uid, to_bytes
 from tests.integration.test_switching import CT, Env, upload_series
 from tests.kheops_server import KheopsTestServer
 from tests.orthanc_process import OrthancProcess
@@ -186,3 +187,39 @@ def test_a_path_or_query_that_is_not_text_is_a_4xx_and_orthanc_lives(api: Env, p
     assert 400 <= response.status_code < 500, response.text[:300]
     assert len(response.text) < 1000
     assert _alive(api.orthanc)
+
+
+def test_the_dry_run_on_an_instance_with_a_malformed_value_answers_with_the_problem(
+    api: Env,
+) -> None:
+    dataset = make_dataset(
+        patient_id="P-MALFORMED",
+        patient_name="MAL^FORMED",
+        study_uid=new_uid(),
+        series_uid=new_uid(),
+    )
+    rows = b"\x28\x00\x10\x00US\x02\x00\x40\x00"  # (0028,0010) US, 2 bytes: 64
+    data = to_bytes(dataset)
+    assert data.count(rows) == 1
+    # A US value of one byte: pydicom cannot read it as a number.
+    api.orthanc.upload(data.replace(rows, b"\x28\x00\x10\x00US\x01\x00\x40"))
+    study = api.ok("POST", "/tools/lookup", data=dataset.StudyInstanceUID)[0]["ID"]
+
+    answer = api.ok(
+        "POST",
+        "/kheops/rules/test",
+        json={"Condition": "tagIsPresent(#Tag.Rows)", "Resources": [study]},
+    )
+
+    [series] = answer["Series"]
+    assert series["Matches"] is False
+    assert "BytesLengthException" in series["Error"]
+    assert series["Values"]["Rows"].startswith("(unreadable")
+
+
+@pytest.mark.parametrize("value", [{}, [], 3, None])
+def test_a_token_field_of_another_type_is_a_400_naming_it(api: Env, value: object) -> None:
+    response = api.call("POST", "/kheops/rules", json={"Name": "typed", "DestinationToken": value})
+
+    assert response.status_code == 400, response.text
+    assert response.json()["Field"] == "DestinationToken"

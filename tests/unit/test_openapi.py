@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import schemathesis
-from jsonschema import Draft202012Validator
+from jsonschema import Draft4Validator, Draft202012Validator
 from schemathesis.core.result import Ok
+from schemathesis.specs.openapi.definitions import OPENAPI_30  # the meta-schema it checks with
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 DOCUMENT = ROOT / "config" / "openapi.json"
@@ -48,6 +49,12 @@ def readme_routes() -> set[str]:
         assert path is not None
         routes.update(f"{m} {path.group(0)}" for m in re.findall(r"GET|PUT|POST|DELETE", cell))
     return routes
+
+
+def test_the_document_is_valid_against_the_openapi_3_0_meta_schema() -> None:
+    errors = [e.message for e in Draft4Validator(OPENAPI_30).iter_errors(_document())]
+
+    assert errors == []
 
 
 def test_the_document_loads_as_openapi_with_every_operation() -> None:

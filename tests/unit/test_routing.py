@@ -224,8 +224,9 @@ def test_a_reply_never_shows_a_value_sent_under_a_token_key_nor_a_known_token() 
         )
     )
 
-    assert b"Secret0123456" not in reply.body and b"KnownToken123" not in reply.body
-    assert reply.response.status == 400
+    body = reply.encoded()
+    assert b"Secret0123456" not in body and b"KnownToken123" not in body
+    assert reply.status == 400
 
 
 def test_an_unexpected_error_is_a_500_without_its_text() -> None:
@@ -237,4 +238,11 @@ def test_an_unexpected_error_is_a_500_without_its_text() -> None:
 
     reply = router.reply(Request("GET", "status"))
 
-    assert reply.response.status == 500 and b"secret detail" not in reply.body
+    assert reply.status == 500 and b"secret detail" not in reply.encoded()
+
+
+def test_text_utf8_cannot_carry_is_escaped_not_a_crash() -> None:
+    """A rule saved by an older version with a lone surrogate must not make GET /rules a 500."""
+    encoded = Response(200, {"Condition": "x\ud800"}).encoded()
+
+    assert json.loads(encoded) == {"Condition": "x\ud800"}

@@ -27,10 +27,10 @@ _UID_LENGTH = 64
 
 def uid_problem(uid: str) -> str | None:
     """Why a text cannot be a DICOM UID in a KHEOPS path (its routes take digits and dots only)."""
-    if len(uid) > _UID_LENGTH:
-        return f"is {len(uid)} characters long, more than the {_UID_LENGTH} of a DICOM UID"
     if _DICOM_UID.fullmatch(uid) is None:
         return "is not a DICOM UID (digits in components joined by single dots)"
+    if len(uid) > _UID_LENGTH:
+        return f"is {len(uid)} characters long, more than the {_UID_LENGTH} of a DICOM UID"
     return None
 
 

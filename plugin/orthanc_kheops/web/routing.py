@@ -1,7 +1,7 @@
 """Plain request and response values for the plugin's REST routes.
 
 The shell turns Orthanc's callback arguments into a `Request` and hands it to `Router.reply`,
-which answers every request with bytes, whatever the request holds: a body is bounded in size
+which answers every request, whatever it holds: a body is bounded in size
 and nesting before it is parsed (`json.loads` recurses, and Orthanc's HTTP threads have small
 stacks: a deep body would crash Orthanc), text that cannot be encoded is refused naming its
 field, the answer is encoded inside the error handling, and every answer passes through the
@@ -15,7 +15,7 @@ import logging
 import re
 import sqlite3
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..observability.masking import excerpt
 from ..state.errors import StoreUnavailable
@@ -89,21 +89,16 @@ class Response:
     status: int
     body: object = None
     allowed: tuple[str, ...] = ()
+    payload: bytes | None = field(default=None, compare=False)  # set by `Router.reply`
 
     def encoded(self) -> bytes:
         """UTF-8 JSON; text that UTF-8 cannot carry (a lone surrogate) is escaped, never a crash."""
+        if self.payload is not None:
+            return self.payload
         try:
             return json.dumps(self.body, indent=2, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
             return json.dumps(self.body, indent=2, ensure_ascii=True).encode("ascii")
-
-
-@dataclass(frozen=True)
-class Reply:
-    """What the shell sends: the response (for the audit line) and its encoded, redacted body."""
-
-    response: Response
-    body: bytes
 
 
 class HttpError(Exception):
@@ -167,13 +162,13 @@ class Router:
         shown = request.path if len(request.path) <= 80 else f"{request.path[:80]}…"
         return HttpError(404, f"no route {request.method} /kheops/{shown}", field="path").response()
 
-    def reply(self, request: Request) -> Reply:
-        """The answer to any request, encoded and redacted; never raises."""
+    def reply(self, request: Request) -> Response:
+        """The answer to any request, its payload encoded and redacted; never raises."""
         try:
             response = self.handle(request)
             text = response.encoded().decode("utf-8")
         except Exception:
-            log.exception("REST %s /kheops/%s failed", request.method, excerpt(request.path))
+            log.exception("REST %s /kheops/%s failed", request.method, request.path[:80])
             response = Response(
                 500,
                 {"HttpStatus": 500, "Message": "internal error; see Orthanc's log for details"},
@@ -181,7 +176,7 @@ class Router:
             text = response.encoded().decode("utf-8")
         for secret in request.secrets():
             text = text.replace(secret, "(hidden)")
-        return Reply(response, self._redact(text).encode("utf-8"))
+        return replace(response, payload=self._redact(text).encode("utf-8"))
 
 
 def nesting_depth(body: bytes) -> int:

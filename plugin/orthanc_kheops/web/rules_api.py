@@ -172,7 +172,7 @@ class RulesApi:
 
     def _parse(self, document: Mapping[str, Any]) -> Rule:
         name = document.get("Name")
-        given = {document.get("DestinationToken"), document.get("SourceToken")}
+        given = [document.get("DestinationToken"), document.get("SourceToken")]
         if isinstance(name, str) and (
             self._known_secret(name) or name in given or name == self._config.token.reveal()
         ):
