@@ -344,6 +344,15 @@ def test_the_postgresql_state_database_connects_with_its_own_settings() -> None:
     )
 
 
+def test_the_database_password_never_shows_when_the_configuration_is_printed() -> None:
+    config = _load(
+        _section(StateDatabase="postgresql"),
+        PostgreSQL={"Host": "db", "Password": "s3cretPassw0rd"},
+    )
+
+    assert "s3cretPassw0rd" not in repr(config) + str(config.postgres)
+
+
 def test_without_its_own_settings_the_plugin_uses_orthancs_postgresql_section() -> None:
     config = _load(
         _section(StateDatabase="postgresql"),
