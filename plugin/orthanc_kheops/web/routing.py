@@ -156,8 +156,8 @@ class Router:
                 log.error("the plugin's state cannot be read or written: %s", exc)
                 return HttpError(
                     503,
-                    f"the plugin's state cannot be read or written ({exc}); nothing was"
-                    " changed, try again once the state directory is writable",
+                    f"the plugin's state cannot be written now ({exc}); nothing was"
+                    " changed, try again once the state can be written",
                 ).response()
         shown = request.path if len(request.path) <= 80 else f"{request.path[:80]}…"
         return HttpError(404, f"no route {request.method} /kheops/{shown}", field="path").response()
