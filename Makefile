@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEBIAN_PACKAGES := orthanc orthanc-python orthanc-dicomweb dcmtk python3-venv chromium postgresql orthanc-postgresql
 
-.PHONY: install demo test lint bench bench-quick clean
+.PHONY: install demo test lint bench bench-quick screenshots clean
 
 install: $(VENV)/.installed
 
@@ -16,6 +16,9 @@ $(VENV)/.installed: pyproject.toml
 	  echo "Installing Debian packages: $$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
+	@# npm fetches axe-core for the browser tests; any npm will do (Debian's, or Node's own).
+	@command -v npm >/dev/null || { echo "Installing Debian package: npm"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm; }
 	$(SYSTEM_PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q --group dev
@@ -31,6 +34,11 @@ lint: install
 
 test: lint
 	$(PY) -m pytest
+
+# The browser tests write their pictures into build/screenshots/; this publishes them.
+screenshots: install
+	$(PY) -m pytest -q -m browser -k screenshots
+	mkdir -p docs/screenshots && cp build/screenshots/*.png docs/screenshots/
 
 bench: install
 	$(PY) -m bench

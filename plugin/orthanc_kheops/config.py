@@ -59,6 +59,7 @@ class KheopsConfig:
     postgres: PostgresSettings | None = None
     node_name: str = "orthanc"
     lease_seconds: float = 30.0
+    sent_label: bool = False
     # Raw rules hold DestinationToken/SourceToken in clear: keep them out of repr().
     switching_albums: tuple[Mapping[str, Any], ...] = field(default=(), repr=False)
 
@@ -100,6 +101,7 @@ def load_config(
         node_name=section.get("NodeName")
         or f"{socket.gethostname()}:{orthanc_configuration.get('HttpPort', 8042)}",
         lease_seconds=float(section.get("LeaseSeconds", 30)),
+        sent_label=section.get("SentLabel", False),
         switching_albums=tuple(section.get("SwitchingAlbums", ())),
     )
 

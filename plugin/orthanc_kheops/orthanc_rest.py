@@ -107,6 +107,27 @@ class OrthancRest:
             if isinstance(doc, dict)
         ]
 
+    def write(self, method: str, path: str, body: object = None) -> object:
+        """PUT, POST or DELETE `path` with a JSON body; the answer as JSON, None if empty."""
+        try:
+            response = self._pool.request(
+                method,
+                f"{self._prefix}{path}",
+                body=b"" if body is None else json.dumps(body).encode(),
+                headers={"Authorization": self._authorization.reveal()},
+                retries=False,
+            )
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise OrthancUnavailable(f"Orthanc REST {method} {path}: {type(exc).__name__}") from exc
+        if response.status == 404:
+            raise OrthancNotFound(f"Orthanc REST {method} {path}: not found")
+        if response.status != 200:
+            raise OrthancUnavailable(f"Orthanc REST {method} {path}: HTTP {response.status}")
+        try:
+            return json.loads(response.data) if response.data.strip() else None
+        except ValueError as exc:
+            raise OrthancUnavailable(f"Orthanc REST {method} {path}: not JSON") from exc
+
     def changes(self, since: int, *, limit: int = 1000) -> ChangePage:
         document = self._change_log({"since": since, "limit": limit})
         return ChangePage(

@@ -31,14 +31,18 @@ from .state.postgres.database import StateDatabaseError
 from .state.store_health import StoreHealth
 from .switching.rules import Rule, config_rules
 from .switching.sharing import Sharer
+from .web.app_files import ENTRY_PAGE, app_file
 from .web.forwarding_api import ForwardingApi
+from .web.labels import LabelKeeper, LabelThread, OrthancLabels
+from .web.oe2_api import Oe2Api
 from .web.resources_api import ResourcesApi
-from .web.routing import Request, Response, Router
+from .web.routing import HttpError, Request, Response, Router
 from .web.rules_api import RulesApi
 
 log = logging.getLogger("orthanc_kheops")
 
 _EXPLORER_JS = Path(__file__).parent / "web" / "explorer.js"
+_LABEL_SECONDS = 5
 
 # A URI that is not UTF-8 (a lone surrogate, a stray byte) gets a 500 from the Python plugin
 # itself, before any plugin code runs: the route matches well-formed UTF-8 only (in boost's
@@ -130,7 +134,7 @@ class _Plugin:
             known_secret=redactor.knows,
         )
         rules_api.register(self.router)
-        ForwardingApi(
+        forwarding_api = ForwardingApi(
             config,
             outbox=self.outbox,
             forwarder=self.forwarder,
@@ -138,7 +142,9 @@ class _Plugin:
             rules_summary=rules_api.summary,
             nodes=cluster.nodes if cluster is not None else None,
             clock=self.clock,
-        ).register(self.router)
+        )
+        forwarding_api.register(self.router)
+        Oe2Api(forwarding_api).register(self.router)
         ResourcesApi(outbox=self.outbox, orthanc=self.orthanc).register(self.router)
         collector = MetricsCollector(
             outbox=self.outbox,
@@ -149,6 +155,9 @@ class _Plugin:
             store_health=self.store_health,
         )
         self.metrics = MetricsPublisher(collector.values, _set_metric)
+        labels = OrthancLabels(self.orthanc)
+        keeper = LabelKeeper(outbox=self.outbox, orthanc=labels, sent_label=config.sent_label)
+        self.labels = LabelThread(keeper, labels, interval=_LABEL_SECONDS)
 
     def on_stored_instance(self, dicom: Any, instance_id: str) -> None:
         """Runs under Orthanc's lock: record the instance and return."""
@@ -190,6 +199,7 @@ class _Plugin:
                     last_sent=lambda: self.forwarder.stats.snapshot().last_sent_at,
                     on_sent_elsewhere=self.forwarder.sent_elsewhere,
                 )
+            self.labels.start()
             if self.config.enabled:
                 self.sharer.start()
                 self.forwarder.start()
@@ -203,6 +213,7 @@ class _Plugin:
         elif change_type == orthanc.ChangeType.ORTHANC_STOPPED:
             self.forwarder.stop(timeout=10)
             self.sharer.stop(timeout=10)
+            self.labels.stop(timeout=10)
             self.metrics.stop()
             if self.state.cluster is not None:
                 self.state.cluster.stop()
@@ -225,6 +236,24 @@ class _Plugin:
             line = audit_line(call, response)
             if line is not None:
                 log.log(*line)
+
+    def on_app(self, output: Any, uri: str, **request: Any) -> None:
+        """GET /kheops/app/{file}: the web app's files, straight from the package."""
+        if request["method"] != "GET":
+            output.SendMethodNotAllowed("GET")
+            return
+        found = app_file(request["groups"][0])
+        if found is None:
+            missing = HttpError(404, "the app has no such file", field="file").response()
+            _answer(output, missing)
+            return
+        output.SetHttpHeader("Cache-Control", "no-cache")  # a new plugin version shows at once
+        output.AnswerBuffer(found.body, found.content_type)
+
+
+def _to_app(output: Any, uri: str, **request: Any) -> None:
+    """/kheops/app and /kheops/app/ (Orthanc sees them as one URI): a page that opens the app."""
+    output.AnswerBuffer(ENTRY_PAGE, "text/html; charset=utf-8")
 
 
 def _set_metric(name: str, value: float) -> None:
@@ -271,7 +300,12 @@ def install() -> None:
         raise
     orthanc.RegisterOnStoredInstanceCallback(plugin.on_stored_instance)
     orthanc.RegisterOnChangeCallback(plugin.on_change)
+    # Orthanc gives a URI to the first pattern that matches it: the app's come first.
+    orthanc.RegisterRestCallback("/kheops/app", _to_app)
+    orthanc.RegisterRestCallback(f"/kheops/app/({_UTF8}*)", plugin.on_app)
     orthanc.RegisterRestCallback(f"/kheops/({_UTF8}*)", plugin.on_rest)
+    if hasattr(orthanc, "SetRootUri"):  # OE2's and Explorer's plugin lists link to the app
+        orthanc.SetRootUri("/kheops/app/index.html")
     orthanc.ExtendOrthancExplorer(_EXPLORER_JS.read_text(encoding="utf-8"))
     log.warning("plugin loaded; state in %s", config.state_directory)
 

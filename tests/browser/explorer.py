@@ -1,4 +1,4 @@
-"""Orthanc Explorer in headless Chromium: the browser, the KHEOPS test server, screenshots.
+"""The KHEOPS app and Orthanc Explorer in headless Chromium: the browser, screenshots, axe.
 
 Orthanc runs with its HTTP authentication on; the browser logs in with Basic credentials, as an
 administrator would. Every answer of the /kheops/... routes the browser receives is recorded,
@@ -7,6 +7,9 @@ so that a test can check no token ever reached it in clear.
 
 from __future__ import annotations
 
+import re
+import subprocess
+import tarfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -25,12 +28,17 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 CREDENTIALS = ("admin", "kheops-browser-test")
-SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+REPOSITORY = Path(__file__).resolve().parents[2]
+# Tests write their pictures into build/; `make screenshots` copies them to docs/screenshots/.
+SCREENSHOTS = REPOSITORY / "build" / "screenshots"
+AXE_VERSION = "4.14.1"
+AXE_FOLDER = REPOSITORY / "build" / "test" / f"axe-core-{AXE_VERSION}"
 VIEWPORT: ViewportSize = {"width": 1280, "height": 900}
 
 
 class Explorer:
-    """A browser tab on Orthanc Explorer, logged in, that records the plugin's answers."""
+    """A browser tab on the KHEOPS app or Orthanc Explorer, logged in, that records the plugin's
+    answers."""
 
     def __init__(self, page: Page, orthanc: OrthancProcess) -> None:
         self.page = page
@@ -46,7 +54,14 @@ class Explorer:
                 return
 
     def open(self, fragment: str) -> Page:
+        """Orthanc Explorer (the legacy UI) at #fragment."""
         self.page.goto(f"{self.orthanc.url}/app/explorer.html#{fragment}")
+        return self.page
+
+    def open_app(self, fragment: str = "") -> Page:
+        """The KHEOPS app at #fragment, entered the way a user types it: /kheops/app/."""
+        self.page.goto(f"{self.orthanc.url}/kheops/app/#{fragment}")
+        self.page.wait_for_url(re.compile(r"/kheops/app/index\.html(#|$)"))
         return self.page
 
     def assert_no_token_shown(self, tokens: Sequence[str]) -> None:
@@ -60,16 +75,45 @@ OpenExplorer = Callable[[OrthancProcess], Explorer]
 
 
 def save_screenshot(page: Page, name: str) -> Path:
-    """Write docs/screenshots/<name>.png, the picture the README shows, from this very page."""
+    """Write build/screenshots/<name>.png, from this very page (`make screenshots` publishes it)."""
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     path = SCREENSHOTS / f"{name}.png"
-    # jQuery Mobile fades from page to page: wait until no page is half-shown.
-    page.wait_for_function(
-        "() => !document.body.classList.contains('ui-mobile-viewport-transitioning')"
-        " && !document.querySelector('.ui-page.in, .ui-page.out')"
-    )
     page.screenshot(path=str(path), full_page=True)
     return path
+
+
+def axe_script() -> str:
+    """axe-core, fetched from the npm registry into build/test/ the first time (never committed)."""
+    script = AXE_FOLDER / "package" / "axe.min.js"
+    if not script.exists():
+        AXE_FOLDER.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            ["npm", "pack", f"axe-core@{AXE_VERSION}", "--silent", "--pack-destination", "."],
+            cwd=AXE_FOLDER,
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
+        with tarfile.open(AXE_FOLDER / f"axe-core-{AXE_VERSION}.tgz") as archive:
+            member = archive.extractfile("package/axe.min.js")
+            assert member is not None, "axe-core's package has no axe.min.js"
+            script.parent.mkdir(exist_ok=True)
+            script.write_bytes(member.read())
+    return script.read_text(encoding="utf-8")
+
+
+def serious_violations(page: Page, script: str) -> list[str]:
+    """axe-core's serious and critical findings on the page as shown now, one line each."""
+    page.add_script_tag(content=script)
+    found = page.evaluate(
+        "async () => (await axe.run(document, {resultTypes: ['violations']})).violations"
+    )
+    return [
+        f"{v['id']} ({v['impact']}): {v['help']}: "
+        + ", ".join(str(n["target"]) for n in v["nodes"][:5])
+        for v in found
+        if v["impact"] in ("serious", "critical")
+    ]
 
 
 def instance(

@@ -182,6 +182,20 @@ def test_a_state_that_cannot_be_written_is_a_503_with_the_cause(error: Exception
     assert "database or disk is full" in str(response.body["Message"])
 
 
+def test_a_store_that_is_unavailable_is_a_503_whatever_the_back_end() -> None:
+    def handler(request: Request, groups: Sequence[str]) -> Response:
+        raise StoreUnavailable("database or disk is full")
+
+    router = Router()
+    router.add("POST", "send", handler)
+
+    response = router.handle(Request("POST", "send", body=b"{}"))
+
+    assert response.status == 503
+    assert isinstance(response.body, dict)
+    assert "cannot be written now" in str(response.body["Message"])
+
+
 @pytest.mark.parametrize(
     ("body", "status", "words"),
     [

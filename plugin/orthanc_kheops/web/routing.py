@@ -157,7 +157,7 @@ class Router:
                 return HttpError(
                     503,
                     f"the plugin's state cannot be written now ({exc}); nothing was"
-                    " changed, try again once the state can be written",
+                    " changed, try again once the state directory is writable",
                 ).response()
         shown = request.path if len(request.path) <= 80 else f"{request.path[:80]}…"
         return HttpError(404, f"no route {request.method} /kheops/{shown}", field="path").response()
