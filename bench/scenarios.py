@@ -27,7 +27,11 @@ from tests.orthanc_process import OrthancProcess
 from tests.waiting import wait_until
 
 # Outage detection is the probe interval; keeping it short keeps it out of the drain figures.
-BENCH_PLUGIN_SETTINGS: Mapping[str, Any] = {"RetryMaximumSeconds": 1, "LogLevel": "warning"}
+BENCH_PLUGIN_SETTINGS: Mapping[str, Any] = {
+    "RetryInitialSeconds": 1,
+    "RetryMaximumSeconds": 1,
+    "LogLevel": "warning",
+}
 _TIMEOUT = 900.0
 _STORESCU_PROCESSES = 4  # parallel associations for the memory backlog
 

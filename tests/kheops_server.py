@@ -49,6 +49,9 @@ Control API for other processes (JSON bodies and answers; errors are ``{"message
     PUT    /_test/faults/latency                  {"seconds"}                   -> 204
     PUT    /_test/faults/down                     {"down": bool}                -> 204
     POST   /_test/faults/reset                                                  -> 204
+    PUT    /_test/faults/redirect                 {"status": 3xx|null, "location", "keep_path"?} -> 204
+    PUT    /_test/faults/html                     {"html": bool}                -> 204
+    POST   /_test/faults/refuse_instances         {"sop_uids": [...], "reason": int|null} -> 204
 
 ``set_refusing`` has no control route: it refuses every connection, the control channel included.
 """
@@ -346,6 +349,7 @@ class _Faults:
         self.latency = 0.0
         self.down = False
         self.refusing = False
+        self.front = _Front()
 
     def add(self, rule: _FaultRule) -> None:
         if rule.remaining < 0:
@@ -367,6 +371,58 @@ class _Faults:
             self.latency = 0.0
             self.down = False
             self.refusing = False
+            self.front = _Front()
+
+
+# --------------------------------------------------------------------------------------------
+# Faults of what stands in front of KHEOPS, and per-instance reasons
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Front:
+    """What a proxy or an SSO front answers instead of KHEOPS (kheops-api.md, last section).
+
+    `redirect`: every /api request answers that 3xx, to `location` (followed by the request's
+    path and query when `keep_path`, as an http -> https redirect does). `html`: every /api
+    request answers 200 with an html page.
+    """
+
+    redirect: int | None = None
+    location: str = ""
+    keep_path: bool = True
+    html: bool = False
+
+    def answer(self, request: _Request) -> _Response | None:
+        if self.redirect is not None:
+            target = self.location
+            if self.keep_path:
+                target += request.path + (f"?{request.query}" if request.query else "")
+            page = f"<html><body>Moved to {target}</body></html>".encode()
+            return _Response(self.redirect, page, "text/html", {"Location": target})
+        if self.html:
+            return _Response(200, b"<html><body>Welcome</body></html>", "text/html")
+        return None
+
+
+class _InstanceReasons:
+    """SOP Instance UIDs STOW-RS refuses with a scripted FailureReason (None: no reason given)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._reasons: dict[str, int | None] = {}
+
+    def set(self, sop_uids: Iterable[str], reason: int | None) -> None:
+        with self._lock:
+            self._reasons.update(dict.fromkeys(sop_uids, reason))
+
+    def get(self, sop_uid: str) -> tuple[bool, int | None]:
+        with self._lock:
+            return sop_uid in self._reasons, self._reasons.get(sop_uid)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._reasons.clear()
 
 
 # --------------------------------------------------------------------------------------------
@@ -585,6 +641,7 @@ class _KheopsApi:
     def __init__(self, store: _Store, base_url: Callable[[], str]) -> None:
         self._store = store
         self._base_url = base_url
+        self.reasons = _InstanceReasons()
         self.router = _Router()
         uid = r"([^/]+)"
         self.router.add("POST", r"/api/token/introspect", self._introspect)
@@ -628,6 +685,11 @@ class _KheopsApi:
             instance = _read_instance(content) if _is_dicom_part(headers) else None
             if instance is None:
                 unreadable += 1
+                continue
+            scripted, scripted_reason = self.reasons.get(instance.sop_instance_uid)
+            if scripted:
+                extra = {} if scripted_reason is None else {"FailureReason": scripted_reason}
+                failed.append(_sop_item(instance, **extra))
                 continue
             reason = NOT_AUTHORIZED if refused else self._store.accept(token.album_id, instance)
             if reason is None:
@@ -820,6 +882,9 @@ class _ControlApi:
         add("PUT", r"/_test/faults/latency", self._latency)
         add("PUT", r"/_test/faults/down", self._down)
         add("POST", r"/_test/faults/reset", self._reset)
+        add("PUT", r"/_test/faults/redirect", self._redirect)
+        add("PUT", r"/_test/faults/html", self._html)
+        add("POST", r"/_test/faults/refuse_instances", self._refuse_instances)
 
     def dispatch(self, request: _Request) -> _Response:
         try:
@@ -933,6 +998,27 @@ class _ControlApi:
 
     def _reset(self, _request: _Request) -> _Response:
         self._server.reset_faults()
+        return _NO_CONTENT
+
+    def _redirect(self, request: _Request) -> _Response:
+        body = self._body(request)
+        self._server.set_redirect(
+            _field(body, "status", (int, type(None)), None),
+            _field(body, "location", str, ""),
+            keep_path=_field(body, "keep_path", bool, True),
+        )
+        return _NO_CONTENT
+
+    def _html(self, request: _Request) -> _Response:
+        self._server.set_html(self._required(self._body(request), "html", bool))
+        return _NO_CONTENT
+
+    def _refuse_instances(self, request: _Request) -> _Response:
+        body = self._body(request)
+        self._server.refuse_instances(
+            self._required(body, "sop_uids", list),
+            self._required(body, "reason", (int, type(None))),
+        )
         return _NO_CONTENT
 
 
@@ -1226,6 +1312,23 @@ class KheopsTestServer:
 
     def reset_faults(self) -> None:
         self._faults.reset()
+        self._api.reasons.clear()
+
+    def set_redirect(
+        self, status: int | None, location: str = "", *, keep_path: bool = True
+    ) -> None:
+        """Every /api request answers `status` (3xx) to `location`; None stops redirecting."""
+        if status is not None and not 300 <= status < 400:
+            raise ValueError("a redirect status is 3xx")
+        self._faults.front = _Front(redirect=status, location=location, keep_path=keep_path)
+
+    def set_html(self, html: bool) -> None:
+        """Every /api request answers 200 text/html, as a catch-all or login page does."""
+        self._faults.front = _Front(html=html)
+
+    def refuse_instances(self, sop_uids: Iterable[str], reason: int | None) -> None:
+        """STOW-RS lists these instances in 00081198 with `reason` (None: without a reason)."""
+        self._api.reasons.set(sop_uids, reason)
 
     # request handling
 
@@ -1242,6 +1345,8 @@ class KheopsTestServer:
             response = (
                 None if status is None else _error(status, responses.get(status, "Fault"), "fault")
             )
+        elif api and (front := self._faults.front.answer(request)) is not None:
+            response = front
         elif api and self._faults.down:
             response = _error(503, "Service Unavailable", "the PACS behind KHEOPS is down")
         elif api:

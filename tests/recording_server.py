@@ -28,6 +28,7 @@ class Answer:
     body: bytes = b""
     content_type: str = "application/json"
     drop: bool = False
+    headers: tuple[tuple[str, str], ...] = ()  # more response headers (Location, Retry-After)
 
 
 class RecordingServer:
@@ -95,6 +96,8 @@ class RecordingServer:
             return
         handler.send_response(answer.status)
         handler.send_header("Content-Type", answer.content_type)
+        for name, value in answer.headers:
+            handler.send_header(name, value)
         handler.send_header("Content-Length", str(len(answer.body)))
         handler.end_headers()
         handler.wfile.write(answer.body)

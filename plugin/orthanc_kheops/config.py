@@ -7,11 +7,14 @@ names the field and the problem, and Orthanc refuses to start.
 
 from __future__ import annotations
 
+import os
 import socket
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from .observability.masking import Secret
 from .schemas import SchemaError, validate
@@ -75,6 +78,7 @@ def load_config(
         validate(section, "kheops.schema.json", root=SECTION)
     except SchemaError as exc:
         raise ConfigError(str(exc)) from None
+    _check_values(section)
     return KheopsConfig(
         url=str(section["Url"]).rstrip("/"),
         token=Secret(section["Token"]),
@@ -104,6 +108,74 @@ def load_config(
         sent_label=section.get("SentLabel", False),
         switching_albums=tuple(section.get("SwitchingAlbums", ())),
     )
+
+
+def _check_values(section: Mapping[str, Any]) -> None:
+    """What the schema cannot say: fields that only make sense together, URLs with passwords."""
+    for key in ("Url", "OrthancUrl"):
+        value = section.get(key)
+        if isinstance(value, str) and "@" in urlsplit(value).netloc:
+            raise ConfigError(
+                f"{SECTION}.{key}: must not hold a user name or password (the part before '@');"
+                + (
+                    " KHEOPS takes the album token of Kheops.Token"
+                    if key == "Url"
+                    else " the plugin authenticates to Orthanc by itself"
+                )
+            )
+    initial = section.get("RetryInitialSeconds", 2)
+    maximum = section.get("RetryMaximumSeconds", 300)
+    if maximum < initial:
+        raise ConfigError(
+            f"{SECTION}.RetryMaximumSeconds: {maximum} is less than"
+            f" {SECTION}.RetryInitialSeconds ({initial}); the longest delay between two attempts"
+            " cannot be shorter than the first"
+        )
+
+
+def check_environment(config: KheopsConfig, orthanc: Mapping[str, Any]) -> None:
+    """At load, the paths the configuration names: Orthanc refuses to start on a wrong one.
+
+    The state directory is created when missing, if its parent folder exists (a default
+    one is created with its parents, as Orthanc creates its storage folder); it must be a
+    folder Orthanc can write. A VerifyTls path must exist.
+    """
+    section = orthanc.get(SECTION) or {}
+    explicit = bool(section.get("StateDirectory"))
+    _check_state_directory(config.state_directory, explicit=explicit)
+    if isinstance(config.verify_tls, str):
+        bundle = Path(config.verify_tls)
+        if not bundle.exists():
+            raise ConfigError(
+                f"{SECTION}.VerifyTls: {config.verify_tls!r} does not exist; give the path of a"
+                " CA bundle (a PEM file or a folder of certificates), true or false"
+            )
+        if not os.access(bundle, os.R_OK):
+            raise ConfigError(f"{SECTION}.VerifyTls: {config.verify_tls!r} cannot be read")
+
+
+def _check_state_directory(path: Path, *, explicit: bool) -> None:
+    field_name = f"{SECTION}.StateDirectory"
+    shown = repr(str(path))
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{field_name}: {shown} is a file, not a folder")
+    if not path.exists():
+        if explicit and not path.parent.is_dir():
+            raise ConfigError(
+                f"{field_name}: {shown} does not exist, nor does its folder"
+                f" {str(path.parent)!r}; create it or correct the path"
+            )
+        try:
+            path.mkdir(parents=not explicit, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"{field_name}: cannot create {shown} ({exc.strerror})") from None
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"{field_name}: Orthanc cannot write in {shown} ({exc.strerror})"
+        ) from None
 
 
 def _state_directory(

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 import urllib3
 
-from .observability.masking import Secret
+from .observability.masking import Secret, mask_url
 
 LEVELS = ("patients", "studies", "series", "instances")
 
@@ -63,6 +63,7 @@ class OrthancRest:
     ) -> None:
         """`pool_size` connections are kept open, one per thread that reads at the same time."""
         parts = urlsplit(url)
+        self._shown = mask_url(url)
         self._prefix = parts.path.rstrip("/")
         self._authorization = authorization
         options: dict[str, object] = {
@@ -79,6 +80,19 @@ class OrthancRest:
 
     def read_file(self, orthanc_id: str) -> bytes:
         return self._get(f"/instances/{orthanc_id}/file").data
+
+    def check_api(self) -> None:
+        """Raise OrthancUnavailable unless Orthanc's REST API answers at the configured URL.
+
+        Tells "this instance is gone" from "every path is 404" (a wrong prefix).
+        """
+        try:
+            self._get("/system")
+        except OrthancNotFound:
+            raise OrthancUnavailable(
+                f"Orthanc's REST API is not at {self._shown}: /system answered 404"
+                " (check Kheops.OrthancUrl and its path)"
+            ) from None
 
     def get_json(self, path: str) -> object:
         return self._json(path)
@@ -170,9 +184,26 @@ class OrthancRest:
                 },
             )
         except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise OrthancUnavailable(f"Orthanc REST {path}: {type(exc).__name__}") from exc
+            raise OrthancUnavailable(
+                f"cannot reach Orthanc's REST API at {self._shown} ({_cause(exc)}):"
+                " check Kheops.OrthancUrl"
+            ) from exc
         if response.status == 404:
             raise OrthancNotFound(f"Orthanc REST {path}: not found")
+        if response.status in (401, 403):
+            raise OrthancUnavailable(
+                f"Orthanc's REST API at {self._shown} refuses the plugin ({response.status}):"
+                " Kheops.OrthancUrl must be this Orthanc's own address"
+            )
         if response.status != 200:
             raise OrthancUnavailable(f"Orthanc REST {path}: HTTP {response.status}")
         return response
+
+
+def _cause(exc: BaseException) -> str:
+    """The innermost error's type (ConnectionRefusedError, TimeoutError...): no URL, no header."""
+    while isinstance(exc, urllib3.exceptions.MaxRetryError) and exc.reason is not None:
+        exc = exc.reason
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return type(exc).__name__

@@ -19,7 +19,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 from referencing import Registry, Resource
 
-from .observability.masking import excerpt
+from .observability.masking import excerpt, mask_url_credentials
 
 SCHEMA_DIRECTORY = Path(__file__).resolve().parent.parent.parent / "config"
 _SECRET_KEYS = frozenset({"Token", "DestinationToken", "SourceToken"})
@@ -96,7 +96,7 @@ def _describe(error: ValidationError, root: str) -> tuple[str, str]:
     if isinstance(message, str) and error.validator in ("pattern", "format"):
         # Not str.format: a message may hold other braces ("${...}"), and a secret's value
         # must not be substituted.
-        shown = "(hidden)" if secret else excerpt(str(error.instance))
+        shown = "(hidden)" if secret else _shown(error.instance)
         return field_path(root, path), message.replace("{value!r}", shown)
     if secret:
         return field_path(root, path), _secret_safe(error)
@@ -150,12 +150,12 @@ def _plain(error: ValidationError) -> str:
             return f"is {length} characters long; at most {error.validator_value} are allowed"
         case "pattern":
             return f"{_shown(value)} does not match {error.validator_value!r}"
-    return str(error.message)
+    return mask_url_credentials(str(error.message))
 
 
 def _shown(value: object) -> str:
-    """A short quote of a value: a message never repeats a huge input whole."""
+    """A short quote of a value: never a huge input whole, never a password in a URL."""
     if isinstance(value, str):
-        return excerpt(value)
+        return excerpt(mask_url_credentials(value))
     text = repr(value)
     return text if len(text) <= 40 else f"{text[:40]}…"

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
+import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import orthanc
 import psycopg
 
-from .config import SECTION, ConfigError, KheopsConfig, load_config
+from .config import SECTION, ConfigError, KheopsConfig, check_environment, load_config
 from .forwarding.forwarder import Forwarder
 from .kheops.client import KheopsClient, make_session
 from .observability.audit import audit_line
@@ -281,10 +283,10 @@ def install() -> None:
         return
     try:
         config = load_config(configuration, config_directory=_config_directory())
+        check_environment(config, configuration)
         rules = config_rules(config)
     except ConfigError as exc:
-        orthanc.LogError(f"KHEOPS: invalid configuration: {exc}")
-        raise
+        _refuse_to_start(str(exc))
     redactor = Redactor([config.token])
     if config.postgres is not None and config.postgres.password is not None:
         redactor.add(config.postgres.password)
@@ -295,9 +297,16 @@ def install() -> None:
     log.propagate = False
     try:
         plugin = _Plugin(config, redactor, rules)
-    except (StateDirectoryInUse, StateDatabaseError, StoreUnavailable, psycopg.Error) as exc:
-        orthanc.LogError(redactor.redact(f"KHEOPS: cannot open the plugin's state: {exc}"))
-        raise
+    except StateDirectoryInUse as exc:
+        _refuse_to_start(f"{SECTION}.StateDirectory: {exc}")
+    except (StateDatabaseError, StoreUnavailable, psycopg.Error) as exc:
+        _refuse_to_start(
+            redactor.redact(f"{SECTION}.PostgreSQL: cannot use the state database: {exc}")
+        )
+    except (OSError, sqlite3.Error) as exc:  # a state file that cannot be opened
+        _refuse_to_start(
+            f"{SECTION}.StateDirectory: cannot open the state in {config.state_directory}: {exc}"
+        )
     orthanc.RegisterOnStoredInstanceCallback(plugin.on_stored_instance)
     orthanc.RegisterOnChangeCallback(plugin.on_change)
     # Orthanc gives a URI to the first pattern that matches it: the app's come first.
@@ -308,6 +317,13 @@ def install() -> None:
         orthanc.SetRootUri("/kheops/app/index.html")
     orthanc.ExtendOrthancExplorer(_EXPLORER_JS.read_text(encoding="utf-8"))
     log.warning("plugin loaded; state in %s", config.state_directory)
+
+
+def _refuse_to_start(problem: str) -> NoReturn:
+    """Orthanc must refuse to start, with one line that names the field and no traceback."""
+    orthanc.LogError(f"KHEOPS: invalid configuration: {problem}")
+    sys.tracebacklimit = 0
+    raise ConfigError("the Kheops section is invalid (see the line above)") from None
 
 
 def _config_directory() -> Path:

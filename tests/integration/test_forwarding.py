@@ -211,14 +211,14 @@ def test_a_revoked_token_at_start_up_pauses_sending_and_says_why(
     album.server.revoke_token(album.token)
     orthanc = orthanc_factory(kheops=album.section())
     orthanc.upload(single_instance()[1])
+
     # The first STOW may meet the 401 before the start-up check answers: either way the
     # introspection that follows says why.
-    paused = wait_until(
-        lambda: (
-            (s := status(orthanc))["State"] == "paused" and "not active" in s["StateDetail"] and s
-        )
-    )
-    assert isinstance(paused, dict)
+    def paused_for_the_token() -> dict[str, Any]:
+        now = status(orthanc)
+        return now if now["State"] == "paused" and "not active" in now["StateDetail"] else {}
+
+    paused = wait_until(paused_for_the_token)
     assert paused["TokenActive"] is False
     assert paused["Counts"]["Queued"] == 1
 

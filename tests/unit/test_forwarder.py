@@ -224,6 +224,16 @@ class FakeOrthanc(OrthancRest):
             raise OrthancNotFound(f"Orthanc REST /instances/{orthanc_id}/file: not found")
         return data
 
+    def check_api(self) -> None:
+        """As OrthancRest.check_api: /system answering 404 means OrthancUrl is wrong."""
+        try:
+            self.get_json("/system")
+        except OrthancNotFound:
+            raise OrthancUnavailable(
+                "Orthanc's REST API is not at http://127.0.0.1:8042/wrong: /system answered 404"
+                " (check Kheops.OrthancUrl and its path)"
+            ) from None
+
     def last_change(self) -> int:
         with self._lock:
             self.last_change_calls += 1
@@ -505,7 +515,7 @@ def test_instance_refused_with_292_is_failed_while_the_rest_are_sent(make_rig: R
     rig.await_counts("verdicts recorded", sent=2, failed=1)
     assert rig.states(1, 2, 3) == {1: "sent", 2: "failed", 3: "sent"}
     reason = rig.row(2).last_error or ""
-    assert "not authorized (292)" in reason
+    assert "not authorized (292, 0x0124)" in reason
     assert rig.row(2).attempts == 1
     assert {s.orthanc_id for s in rig.after_store} == {orthanc_id(1), orthanc_id(3)}
     assert rig.forwarder.health.snapshot().last_error == reason
@@ -610,7 +620,7 @@ def test_a_file_that_is_not_dicom_is_failed(make_rig: RigFactory) -> None:
     started(rig)
 
     rig.await_counts("failed", failed=1)
-    assert "cannot be read as DICOM" in (rig.row(1).last_error or "")
+    assert "not a DICOM file" in (rig.row(1).last_error or "")
     assert rig.kheops.requests == []
 
 
@@ -628,7 +638,7 @@ def test_orthanc_busy_is_retried_without_counting_an_attempt(make_rig: RigFactor
     )
     assert rig.row(1).attempts == 0
 
-    rig.move_clock(1)
+    rig.move_clock(2)
 
     rig.await_counts("sent", sent=1)
     assert rig.row(1).attempts == 1
@@ -711,6 +721,7 @@ def test_kheops_unavailable_is_retried_and_recovery_makes_the_backlog_due(
         assert row.next_attempt >= T0 + 300
         assert "503" in (row.last_error or "")
     assert rig.outbox.get_meta("retries") == 2
+    rig.await_state(State.UNREACHABLE)  # rescheduled first, then the outage is recorded
     health = rig.forwarder.health.snapshot()
     assert health.state is State.UNREACHABLE
     assert "503" in (health.last_error or "")
@@ -758,6 +769,7 @@ def test_a_failed_probe_keeps_kheops_unreachable_and_counts_another_attempt(
 
     started(rig)
     wait_until(lambda: rig.row(1).attempts == 1, timeout=TIMEOUT, message="first failure")
+    rig.await_state(State.UNREACHABLE)  # rescheduled first, then the outage is recorded
 
     rig.move_clock(2)  # past the first probe (1 s at most)
     wait_until(lambda: rig.row(1).attempts == 2, timeout=TIMEOUT, message="probe failed")

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import email.utils
 import json
 import socket
+import time
 import traceback
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from orthanc_kheops.kheops.client import (
     Introspection,
+    KheopsBadAnswer,
     KheopsClient,
     KheopsError,
     KheopsNotFound,
+    KheopsRedirected,
     KheopsRejected,
     KheopsUnauthorized,
     KheopsUnavailable,
@@ -93,7 +98,7 @@ def test_stow_posts_the_multipart_body_with_the_bearer_token(server: RecordingSe
 
 
 def test_the_api_is_under_the_url_a_user_types(server: RecordingServer) -> None:
-    server.answer(Answer(200), Answer(200))
+    server.answer(Answer(200, STORED_ANSWER), Answer(200, STORED_ANSWER))
 
     _client(server.url + "/").stow(TOKEN, [PART])
     _client(server.url + "/kheops").stow(TOKEN, [PART])
@@ -101,24 +106,50 @@ def test_the_api_is_under_the_url_a_user_types(server: RecordingServer) -> None:
     assert [r.path for r in server.received] == ["/api/studies", "/kheops/api/studies"]
 
 
-def test_stow_that_stored_everything_with_an_unreadable_body_counts_as_stored(
-    server: RecordingServer,
-) -> None:
-    server.answer(Answer(200, b"<html>OK</html>", "text/html"))
-
-    answer = _client(server.url).stow(TOKEN, [PART])
-
-    assert answer == StowAnswer(status=200, stored=frozenset(), failed={}, other_failures=())
-
-
-@pytest.mark.parametrize("status", [202, 409])
-def test_stow_partial_answer_with_an_unreadable_body_is_retried(
+@pytest.mark.parametrize("status", [200, 202, 409])
+def test_stow_answered_by_an_html_page_is_not_a_stow_answer_and_says_what_came_back(
     server: RecordingServer, status: int
 ) -> None:
-    server.answer(Answer(status, b"{truncated"))
+    server.answer(Answer(status, b"<html>Welcome</html>", "text/html; charset=utf-8"))
 
-    with pytest.raises(KheopsUnavailable, match=f"STOW-RS answered {status} with an unreadable"):
+    with pytest.raises(KheopsBadAnswer) as caught:
         _client(server.url).stow(TOKEN, [PART])
+
+    assert isinstance(caught.value, KheopsUnavailable)  # retried with backoff
+    assert caught.value.status == status
+    assert str(caught.value) == (
+        f"KHEOPS answered {status} text/html with a body that is not JSON,"
+        " not a STOW-RS response: is Kheops.Url the KHEOPS root?"
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "words"),
+    [
+        (b'{"status": "ok"}', "application/json", "JSON that is not DICOM JSON (keys 'status')"),
+        (b"[]", "application/dicom+json", "JSON that is not an object (a list)"),
+        (b"", "application/dicom+json", "an empty body"),
+        (b"{truncated", "application/dicom+json", "a body that is not JSON"),
+    ],
+    ids=["json-of-another-shape", "json-list", "empty", "truncated"],
+)
+def test_stow_answered_with_json_of_the_wrong_shape_is_not_a_stow_answer(
+    server: RecordingServer, body: bytes, content_type: str, words: str
+) -> None:
+    server.answer(Answer(200, body, content_type))
+
+    with pytest.raises(KheopsBadAnswer) as caught:
+        _client(server.url).stow(TOKEN, [PART])
+
+    assert str(caught.value).startswith(f"KHEOPS answered 200 {content_type} with {words},")
+
+
+def test_dicom_json_sent_as_plain_json_is_still_read_as_a_stow_answer(
+    server: RecordingServer,
+) -> None:
+    server.answer(Answer(202, STORED_ANSWER, "application/json"))
+
+    assert _client(server.url).stow(TOKEN, [PART]).stored == frozenset({"1.2.3.4.5.6"})
 
 
 def test_stow_409_is_an_answer_naming_the_refused_instances(server: RecordingServer) -> None:
@@ -323,13 +354,12 @@ def test_introspection_posts_the_token_as_a_form_without_authorization(
             Introspection(True, frozenset(), "hx7S6Q2nv0"),
         ),
         ({"active": False}, Introspection(False, frozenset(), None)),
-        ({"active": "true", "scope": "write"}, Introspection(False, frozenset({"write"}), None)),
         (
             {"active": True, "scope": "writer", "album_id": ""},
             Introspection(True, frozenset({"writer"}), None),
         ),
     ],
-    ids=["album-all", "album-write", "user", "no-scope", "inactive", "active-string", "writer"],
+    ids=["album-all", "album-write", "user", "no-scope", "inactive", "writer"],
 )
 def test_introspection_answers_are_parsed_not_matched(
     server: RecordingServer, document: dict[str, object], expected: Introspection
@@ -353,13 +383,17 @@ def test_introspection_describes_the_token_for_the_log() -> None:
     assert album.can("read", "write") and not album.can("send")
 
 
-@pytest.mark.parametrize("body", [b"<html>", b"[1, 2]"], ids=["not-json", "not-object"])
-def test_introspection_answer_that_is_not_a_json_object_is_retried(
+@pytest.mark.parametrize(
+    "body",
+    [b"<html>", b"[1, 2]", b'{"status": "ok"}', b'{"active": "true", "scope": "write"}'],
+    ids=["not-json", "not-object", "no-active", "active-string"],
+)
+def test_introspection_answer_of_another_shape_is_retried(
     server: RecordingServer, body: bytes
 ) -> None:
     server.answer(Answer(200, body))
 
-    with pytest.raises(KheopsUnavailable, match="token introspection answered"):
+    with pytest.raises(KheopsBadAnswer, match="token introspection answered"):
         _client(server.url).introspect(TOKEN)
 
 
@@ -432,3 +466,150 @@ def test_share_errors_keep_both_tokens_out_of_the_message(
     assert type(caught.value) is kind
     assert str(caught.value).startswith(f"share: KHEOPS answered {status} (Series Not Found: ")
     _no_token_in(caught.value)
+
+
+@pytest.mark.parametrize("status", [200, 204])
+def test_share_answered_by_anything_but_201_is_not_a_share(
+    server: RecordingServer, status: int
+) -> None:
+    server.answer(Answer(status, b"<html>portal</html>" if status == 200 else b"", "text/html"))
+
+    if status == 204:
+        _client(server.url).share_series(
+            destination=TOKEN, source=SOURCE, study_uid="1.2.3", series_uid="1.2.3.4"
+        )
+        return
+    with pytest.raises(KheopsBadAnswer, match="share: KHEOPS answered 200 text/html, not 201"):
+        _client(server.url).share_series(
+            destination=TOKEN, source=SOURCE, study_uid="1.2.3", series_uid="1.2.3.4"
+        )
+
+
+# --- redirects: never followed -------------------------------------------------------------------
+
+REDIRECTS = [301, 302, 303, 307, 308]
+
+
+@pytest.fixture
+def other_host() -> Iterator[RecordingServer]:
+    """Where a redirect points: must never receive anything."""
+    other = RecordingServer()
+    yield other
+    other.close()
+    assert other.received == [], "a request reached the host the redirect named"
+
+
+def _calls(client: KheopsClient) -> dict[str, Callable[[], object]]:
+    return {
+        "stow": lambda: client.stow(TOKEN, [PART]),
+        "introspect": lambda: client.introspect(TOKEN),
+        "share": lambda: client.share_series(
+            destination=TOKEN, source=SOURCE, study_uid="1.2.3", series_uid="1.2.3.4"
+        ),
+    }
+
+
+@pytest.mark.parametrize("call", ["stow", "introspect", "share"])
+@pytest.mark.parametrize("status", REDIRECTS)
+def test_a_redirect_to_another_host_is_not_followed_and_nothing_reaches_that_host(
+    server: RecordingServer, other_host: RecordingServer, status: int, call: str
+) -> None:
+    target = other_host.url.replace("127.0.0.1", "localhost")
+    server.answer(Answer(status, b"", "text/html", headers=(("Location", f"{target}/login"),)))
+
+    with pytest.raises(KheopsRedirected) as caught:
+        _calls(_client(server.url))[call]()
+
+    assert len(server.received) == 1
+    assert caught.value.status == status
+    assert caught.value.location == f"{target}/login"
+    assert f"redirects ({status}) to {target}/login" in str(caught.value)
+    assert "a login page?" in str(caught.value)
+    assert not isinstance(caught.value, KheopsRejected | KheopsUnavailable)
+    _no_token_in(caught.value)
+
+
+@pytest.mark.parametrize("status", REDIRECTS)
+def test_a_redirect_from_http_to_https_says_what_to_set_the_url_to(
+    server: RecordingServer, status: int
+) -> None:
+    https = server.url.replace("http://", "https://") + "/kheops"
+    server.answer(Answer(status, b"", "text/html", headers=(("Location", f"{https}/api/studies"),)))
+
+    with pytest.raises(KheopsRedirected) as caught:
+        _client(server.url + "/kheops").stow(TOKEN, [PART])
+
+    assert str(caught.value) == (
+        f"STOW-RS: {server.url}/kheops redirects ({status}) to {https}/api/studies; KHEOPS never"
+        f" redirects its API and the plugin does not follow: set Kheops.Url to {https}"
+    )
+    assert len(server.received) == 1
+
+
+@pytest.mark.parametrize("status", REDIRECTS)
+def test_a_redirect_within_the_same_host_is_not_followed_either(
+    server: RecordingServer, status: int
+) -> None:
+    server.answer(Answer(status, b"", "text/html", headers=(("Location", "/sso/login?next=/"),)))
+
+    with pytest.raises(KheopsRedirected) as caught:
+        _client(server.url).introspect(TOKEN)
+
+    assert caught.value.location == f"{server.url}/sso/login?…"
+    assert [r.path for r in server.received] == ["/api/token/introspect"]
+
+
+def test_credentials_in_a_redirect_target_are_masked(server: RecordingServer) -> None:
+    location = f"https://admin:hunter2@sso.example.org/login?token={TOKEN.reveal()}"
+    server.answer(Answer(302, b"", "text/html", headers=(("Location", location),)))
+
+    with pytest.raises(KheopsRedirected) as caught:
+        _client(server.url).stow(TOKEN, [PART])
+
+    assert caught.value.location == "https://…@sso.example.org/login?…"
+    assert "hunter2" not in str(caught.value)
+    _no_token_in(caught.value)
+
+
+def test_a_redirect_without_a_location_is_still_a_redirect(server: RecordingServer) -> None:
+    server.answer(Answer(302, b"", "text/html"))
+
+    with pytest.raises(KheopsRedirected, match="302 without a Location"):
+        _client(server.url).stow(TOKEN, [PART])
+
+
+# --- Retry-After ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_retry_after_in_seconds_is_kept_with_the_error(
+    server: RecordingServer, status: int
+) -> None:
+    server.answer(Answer(status, b"", "text/plain", headers=(("Retry-After", "120"),)))
+
+    with pytest.raises(KheopsUnavailable) as caught:
+        _client(server.url).stow(TOKEN, [PART])
+
+    assert caught.value.retry_after == 120.0
+
+
+def test_retry_after_as_an_http_date_is_read_as_a_delay(server: RecordingServer) -> None:
+    when = email.utils.formatdate(time.time() + 60, usegmt=True)
+    server.answer(Answer(503, b"", "text/plain", headers=(("Retry-After", when),)))
+
+    with pytest.raises(KheopsUnavailable) as caught:
+        _client(server.url).stow(TOKEN, [PART])
+
+    assert caught.value.retry_after is not None
+    assert 50 < caught.value.retry_after <= 60
+
+
+def test_a_503_without_retry_after_leaves_the_delay_to_the_backoff(
+    server: RecordingServer,
+) -> None:
+    server.answer(Answer(503, b"", "text/plain", headers=(("Retry-After", "soon"),)))
+
+    with pytest.raises(KheopsUnavailable) as caught:
+        _client(server.url).stow(TOKEN, [PART])
+
+    assert caught.value.retry_after is None

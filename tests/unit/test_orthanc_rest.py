@@ -68,7 +68,7 @@ def test_an_unknown_id_is_not_found(server: RecordingServer) -> None:
         _client(server.url).read_file("gone")
 
 
-@pytest.mark.parametrize("status", [500, 503, 401])
+@pytest.mark.parametrize("status", [500, 503])
 def test_other_statuses_mean_orthanc_is_unavailable_for_now(
     server: RecordingServer, status: int
 ) -> None:
@@ -76,6 +76,55 @@ def test_other_statuses_mean_orthanc_is_unavailable_for_now(
 
     with pytest.raises(OrthancUnavailable, match=f"HTTP {status}"):
         _client(server.url).read_file("abc-123")
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_refused_credentials_say_that_orthanc_url_must_be_this_orthanc(
+    server: RecordingServer, status: int
+) -> None:
+    server.answer(Answer(status, b"{}"))
+
+    with pytest.raises(OrthancUnavailable) as caught:
+        _client(server.url).read_file("abc-123")
+
+    assert str(caught.value) == (
+        f"Orthanc's REST API at {server.url} refuses the plugin ({status}):"
+        " Kheops.OrthancUrl must be this Orthanc's own address"
+    )
+
+
+def test_a_closed_port_names_the_url_and_the_setting() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    with pytest.raises(OrthancUnavailable) as caught:
+        _client(f"http://127.0.0.1:{port}").read_file("abc-123")
+
+    assert str(caught.value) == (
+        f"cannot reach Orthanc's REST API at http://127.0.0.1:{port} (ConnectionRefusedError):"
+        " check Kheops.OrthancUrl"
+    )
+
+
+def test_check_api_passes_when_system_answers(server: RecordingServer) -> None:
+    server.answer(Answer(200, b"{}"))
+
+    _client(server.url + "/orthanc").check_api()  # so an instance that answers 404 is gone
+
+    assert [r.path for r in server.received] == ["/orthanc/system"]
+
+
+def test_check_api_raises_when_system_is_not_found(server: RecordingServer) -> None:
+    server.answer(Answer(404, b"{}"))
+
+    with pytest.raises(OrthancUnavailable) as caught:
+        _client(server.url + "/wrong").check_api()
+
+    assert str(caught.value) == (
+        f"Orthanc's REST API is not at {server.url}/wrong: /system answered 404"
+        " (check Kheops.OrthancUrl and its path)"
+    )
 
 
 def test_an_answer_that_is_not_json_means_orthanc_is_unavailable(

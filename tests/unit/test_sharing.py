@@ -330,6 +330,7 @@ def test_an_unavailable_kheops_delays_the_share_and_pauses_the_worker(world: _Wo
     assert not world.sharer.step()
 
     world.clock.now = T0 + 2
+    world.sharer.step()  # the probe: one share, the oldest
     world.sharer.step()
     assert world.counts("all") == ShareCounts(shared=2)
 

@@ -9,9 +9,12 @@ from email.policy import HTTP
 import pytest
 
 from orthanc_kheops.kheops.stow import (
+    UNKNOWN_REASON_ATTEMPTS,
+    Category,
     MalformedAnswer,
     StowAnswer,
     Verdict,
+    classify,
     describe_reason,
     encode_multipart,
     judge,
@@ -50,7 +53,7 @@ def _answer(
     status: int,
     *,
     stored: tuple[str, ...] = (),
-    failed: dict[str, int] | None = None,
+    failed: dict[str, int | None] | None = None,
     other: tuple[int, ...] = (),
 ) -> StowAnswer:
     return StowAnswer(
@@ -135,8 +138,28 @@ def test_contract_example_answer_names_stored_failed_and_other_failures() -> Non
 
 
 @pytest.mark.parametrize("body", [b"", b"  \r\n"], ids=["empty", "blank"])
-def test_answer_without_a_body_names_no_instance(body: bytes) -> None:
-    assert parse_answer(200, body) == _answer(200)
+def test_an_answer_without_a_body_is_not_a_stow_answer(body: bytes) -> None:
+    with pytest.raises(MalformedAnswer, match="an empty body"):
+        parse_answer(200, body)
+
+
+def test_an_empty_dicom_json_object_is_an_answer_that_names_no_instance() -> None:
+    assert parse_answer(409, b"{}") == _answer(409)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"status": "ok"}',
+        b'{"message": "Service Unavailable", "detail": "maintenance"}',
+        b'{"00081199": "stored"}',
+        b'{"00081199": {"Value": []}}',
+    ],
+    ids=["status-ok", "error-json", "element-not-object", "element-without-vr"],
+)
+def test_json_of_another_shape_is_not_a_stow_answer(body: bytes) -> None:
+    with pytest.raises(MalformedAnswer, match="not DICOM JSON"):
+        parse_answer(200, body)
 
 
 def test_lower_case_tag_keys_are_read_too() -> None:
@@ -147,12 +170,12 @@ def test_lower_case_tag_keys_are_read_too() -> None:
     assert parse_answer(409, body).other_failures == (272,)
 
 
-def test_a_failed_entry_without_a_readable_reason_counts_as_cannot_understand() -> None:
+def test_a_failed_entry_without_a_readable_reason_has_no_reason() -> None:
     body = json.dumps(
         {"00081198": {"vr": "SQ", "Value": [{"00081155": {"vr": "UI", "Value": ["1.2"]}}]}}
     ).encode()
 
-    assert parse_answer(409, body).failed == {"1.2": 0xC000}
+    assert parse_answer(409, body).failed == {"1.2": None}
 
 
 @pytest.mark.parametrize(
@@ -161,13 +184,13 @@ def test_a_failed_entry_without_a_readable_reason_counts_as_cannot_understand() 
     ids=["truncated", "html", "binary"],
 )
 def test_malformed_answer_is_reported(body: bytes) -> None:
-    with pytest.raises(MalformedAnswer, match="not JSON"):
+    with pytest.raises(MalformedAnswer, match="a body that is not JSON"):
         parse_answer(202, body)
 
 
 @pytest.mark.parametrize("body", [b"[]", b"42", b'"stored"'], ids=["list", "number", "string"])
 def test_answer_that_is_json_but_not_an_object_is_reported(body: bytes) -> None:
-    with pytest.raises(MalformedAnswer, match="not a JSON object"):
+    with pytest.raises(MalformedAnswer, match="JSON that is not an object"):
         parse_answer(202, body)
 
 
@@ -175,7 +198,7 @@ def test_malformed_sequences_are_ignored_rather_than_crashing() -> None:
     body = json.dumps(
         {
             "00081199": {"vr": "SQ", "Value": "not a list"},
-            "00081198": ["not", "an", "element"],
+            "00081198": {"vr": "SQ", "Value": ["not", "an", "item"]},
             "0008119A": {"vr": "SQ", "Value": [42, {"00081197": {"vr": "US", "Value": [272]}}]},
         }
     ).encode()
@@ -195,12 +218,18 @@ def test_instances_listed_as_stored_are_sent() -> None:
 @pytest.mark.parametrize(
     ("reason", "words"),
     [
-        (292, "not authorized (292)"),
-        (262, "attributes differ (262)"),
-        (272, "processing failure (272)"),
+        (292, "not authorized (292, 0x0124): the series belongs to another album"),
+        (262, "attributes differ (262, 0x0106)"),
+        (272, "processing failure (272, 0x0110)"),
+        (0x0122, "SOP class not supported (290, 0x0122)"),
+        (0xA900, "data set does not match SOP class (43264, 0xA900)"),
+        (0xA9FF, "data set does not match SOP class (43519, 0xA9FF)"),
+        (0xC000, "cannot understand (49152, 0xC000)"),
+        (0xC122, "transfer syntax not supported (49442, 0xC122)"),
+        (0xC5FF, "cannot understand (50687, 0xC5FF)"),
     ],
 )
-def test_instance_refused_for_a_permanent_reason_is_failed_with_the_reason_in_words(
+def test_instance_refused_for_a_reason_retrying_cannot_fix_is_failed_with_code_and_words(
     reason: int, words: str
 ) -> None:
     verdicts = judge(["1", "2"], _answer(202, stored=("1",), failed={"2": reason}))
@@ -208,25 +237,54 @@ def test_instance_refused_for_a_permanent_reason_is_failed_with_the_reason_in_wo
     assert verdicts["1"].verdict is Verdict.SENT
     assert verdicts["2"].verdict is Verdict.FAILED
     assert words in verdicts["2"].reason
+    assert verdicts["2"].code == reason
 
 
-@pytest.mark.parametrize("reason", [0xA700, 0xC000, 0x0111, 12345])
-def test_instance_refused_for_another_reason_is_retried(reason: int) -> None:
+@pytest.mark.parametrize("reason", [0xA700, 0xA701, 0xA7FF])
+def test_instance_refused_for_lack_of_resources_is_retried_without_a_bound(reason: int) -> None:
     verdicts = judge(["1"], _answer(409, failed={"1": reason}))
 
     assert verdicts["1"].verdict is Verdict.RETRY
+    assert not verdicts["1"].bounded
+    assert verdicts["1"].reason.startswith(f"out of resources ({reason}, 0x{reason:04X})")
+
+
+@pytest.mark.parametrize("reason", [0x0111, 12345, 0xB000, None])
+def test_instance_refused_for_a_reason_not_known_here_is_retried_a_bounded_number_of_times(
+    reason: int | None,
+) -> None:
+    verdicts = judge(["1"], _answer(409, failed={"1": reason}))
+
+    assert verdicts["1"].verdict is Verdict.RETRY
+    assert verdicts["1"].bounded
     assert verdicts["1"].reason == describe_reason(reason)
+    assert UNKNOWN_REASON_ATTEMPTS > 1
 
 
-def test_unknown_reason_is_described_with_its_number() -> None:
-    assert describe_reason(12345) == "refused by KHEOPS with failure reason 12345 (0x3039)"
+def test_a_reason_not_known_here_is_named_in_decimal_and_hex() -> None:
+    assert classify(12345) == (
+        Category.UNKNOWN,
+        "failure reason 12345 (0x3039), which this plugin does not know",
+    )
+    assert classify(None) == (Category.UNKNOWN, "refused by KHEOPS without a failure reason")
 
 
-def test_instances_not_listed_in_a_200_answer_are_sent() -> None:
-    verdicts = judge(["1", "2"], _answer(200))
+def test_every_known_range_is_read_by_its_bounds() -> None:
+    assert classify(0xA6FF)[0] is Category.UNKNOWN
+    assert classify(0xA800)[0] is Category.UNKNOWN
+    assert classify(0xBFFF)[0] is Category.UNKNOWN
+    assert classify(0xD000)[0] is Category.UNKNOWN
 
-    assert all(j.verdict is Verdict.SENT for j in verdicts.values())
-    assert set(verdicts) == {"1", "2"}
+
+@pytest.mark.parametrize("status", [200, 202, 409])
+def test_an_instance_an_answer_does_not_name_is_not_sent_whatever_the_status(status: int) -> None:
+    verdicts = judge(["1", "2"], _answer(status, stored=("1",)))
+
+    assert verdicts["1"].verdict is Verdict.SENT
+    assert verdicts["2"].verdict is Verdict.RETRY
+    assert verdicts["2"].reason == (
+        f"KHEOPS answered {status} without naming this instance among those it stored"
+    )
 
 
 def test_unlisted_instances_take_the_other_failures_reason_when_the_counts_agree() -> None:
@@ -235,7 +293,7 @@ def test_unlisted_instances_take_the_other_failures_reason_when_the_counts_agree
     assert verdicts["1"].verdict is Verdict.SENT
     for uid in ("2", "3"):
         assert verdicts[uid].verdict is Verdict.FAILED
-        assert "processing failure (272)" in verdicts[uid].reason
+        assert "processing failure (272, 0x0110)" in verdicts[uid].reason
 
 
 def test_contract_example_answer_fails_the_refused_and_the_unreadable_instance() -> None:
@@ -273,8 +331,8 @@ def test_unlisted_instances_are_retried_when_the_answer_cannot_account_for_them(
     unlisted = [uid for uid in ("1", "2", "3") if uid not in answer.stored]
     for uid in unlisted:
         assert verdicts[uid].verdict is Verdict.RETRY
-        assert (
-            verdicts[uid].reason == f"KHEOPS answered {answer.status} without naming this instance"
+        assert verdicts[uid].reason == (
+            f"KHEOPS answered {answer.status} without naming this instance among those it stored"
         )
 
 

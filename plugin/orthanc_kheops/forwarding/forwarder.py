@@ -15,29 +15,30 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from io import BytesIO
 from typing import TypeVar
 
 import pydicom
-from pydicom.errors import InvalidDicomError
 
 from ..config import KheopsConfig
 from ..kheops.backoff import next_delay
 from ..kheops.client import (
     Introspection,
     KheopsApi,
+    KheopsBadAnswer,
     KheopsError,
+    KheopsRedirected,
     KheopsRejected,
     KheopsUnauthorized,
     KheopsUnavailable,
 )
-from ..kheops.stow import Judgement, StowAnswer, Verdict, judge
+from ..kheops.stow import UNKNOWN_REASON_ATTEMPTS, Judgement, StowAnswer, Verdict, judge
 from ..observability.stats import TransferStats
 from ..orthanc_rest import OrthancError, OrthancNotFound, OrthancRest
 from ..state.clock import SteadyClock
 from ..state.errors import StoreUnavailable
 from ..state.outbox import Outbox, QueuedInstance, Retry
 from ..state.store_health import StoreHealth
+from .files import PreparedFile, UnreadableFile, prepare
 from .health import Health, State, Turn
 
 log = logging.getLogger(__name__)
@@ -46,9 +47,12 @@ _THROUGHPUT_WINDOW = 60.0
 # A STOW-RS answer that says the URL is wrong, not the instances: no instance is to blame.
 _WRONG_ENDPOINT = frozenset({404, 405})
 _WRONG_ENDPOINT_WHY = "KHEOPS has no STOW-RS endpoint at this URL (check Kheops.Url)"
+_REDIRECT_WHY = "Kheops.Url redirects, and the plugin does not follow redirects"
+_NOT_AUTHORIZED = 0x0124
 _IDLE_POLL = 1.0
 RECHECK_CHANGES = 1000
 """Changes before the cursor read again: with several writers a change can commit late."""
+_ORTHANC_RETRY = 2.0  # seconds between reads while Orthanc's own REST API fails
 # While the state cannot be written (a full disk), how often a worker tries the write again.
 _WRITE_RETRY = 2.0
 # Sent rows are pruned in steps of this many, so that the store callback never waits long.
@@ -73,9 +77,15 @@ AfterStore = Callable[[Sequence[SentInstance]], None]
 @dataclass(frozen=True)
 class _Loaded:
     item: QueuedInstance
-    data: bytes
-    dataset: pydicom.Dataset
-    sop_uid: str
+    file: PreparedFile
+
+    @property
+    def sop_uid(self) -> str:
+        return self.file.sop_uid
+
+    @property
+    def data(self) -> bytes:
+        return self.file.data
 
 
 class Forwarder:
@@ -103,7 +113,7 @@ class Forwarder:
         self._exclusive = exclusive or (lambda name: nullcontext(True))
         self._clock = clock = clock or SteadyClock()
         self.store_health = store_health or StoreHealth()
-        self.health = Health(now=clock(), probe_maximum=min(config.retry_maximum, 30.0))
+        self.health = Health(now=clock(), probe_maximum=config.retry_maximum)
         self.introspection: Introspection | None = None
         self.stats = TransferStats(now=clock())
         self._stopping = threading.Event()
@@ -112,6 +122,8 @@ class Forwarder:
         self._lock = threading.Lock()
         self._stored_since_claim = 0
         self._idle_on_empty_queue = False
+        self._reconcile_failed = False
+        self._told_rights_lost = False
         self._sent_log: collections.deque[tuple[float, int, int]] = collections.deque()
         # Longer than a worker can take with one batch (reading, connecting, the answer): a
         # claim still held after this was lost (a hung worker, a write that failed).
@@ -199,11 +211,17 @@ class Forwarder:
         with self._lock:
             self._stored_since_claim = 0
         if turn is Turn.PROBE:
-            # The oldest waiting instance, even before its backoff ends, and only one: a
-            # probe that fails costs one instance an attempt and sends one file for nothing.
+            # First one small request; once KHEOPS answers it, the oldest waiting instance
+            # alone, even before its backoff ends, to learn whether KHEOPS takes instances
+            # again (its PACS may still be down) before every worker sends.
+            if not self._probe_with_introspection():
+                return
             batch = self._outbox.claim(
                 now=self._clock(), lease=self._lease, max_count=1, max_bytes=0, due_by=float("inf")
             )
+            if not batch:
+                self._recovered(self._clock())
+                return
         else:
             batch = self._outbox.claim(
                 now=self._clock(),
@@ -213,10 +231,7 @@ class Forwarder:
                 linger=self._config.batch_linger,
             )
         if not batch:
-            if turn is Turn.PROBE:
-                self._probe_with_introspection()
-            else:
-                self._idle()
+            self._idle()
             return
         self._store_works()  # only now: a claim that changed no row succeeds on a full disk
         try:
@@ -227,21 +242,44 @@ class Forwarder:
             log.exception("unexpected error while sending %d instances", len(batch))
             self._retry_all(batch, f"internal error: {type(exc).__name__}: {exc}")
 
-    def _probe_with_introspection(self) -> None:
-        """Nothing to send: ask KHEOPS something cheap to learn whether the outage is over."""
+    def _probe_with_introspection(self) -> bool:
+        """Ask KHEOPS something small to learn whether the outage is over; True if it answered."""
         try:
             self._kheops.introspect(self._config.token)
+        except KheopsRedirected as exc:
+            self._redirected(exc)
+            return False
         except KheopsError as exc:
-            self._unavailable(str(exc))
-        else:
-            self._recovered(self._clock())
+            self._unavailable(exc)
+            return False
+        return True
 
-    def _unavailable(self, error: str) -> None:
-        if self.health.record_unavailable(error, self._clock()):
+    def _unavailable(self, exc: KheopsError, started: float | None = None) -> None:
+        """`started`: when the failed request began; one older than the last recovery is stale."""
+        error = str(exc)
+        retry_after = exc.retry_after if isinstance(exc, KheopsUnavailable) else None
+        if retry_after is not None:
+            retry_after = min(retry_after, self._config.retry_maximum)
+        if isinstance(exc, KheopsBadAnswer):
+            if self.health.record_unavailable(
+                error,
+                self._clock(),
+                retry_after=retry_after,
+                detail=f"{error}; retrying",
+                started=started,
+            ):
+                log.error("what answers at Kheops.Url is not KHEOPS; retrying: %s", error)
+        elif self.health.record_unavailable(
+            error, self._clock(), retry_after=retry_after, started=started
+        ):
             log.warning("KHEOPS is unreachable; instances stay queued and are retried: %s", error)
 
-    def _recovered(self, now: float) -> None:
-        if self.health.record_success(now):
+    def _redirected(self, exc: KheopsRedirected) -> None:
+        if self.health.record_refused(str(exc), self._clock(), why=_REDIRECT_WHY):
+            log.error("sending is paused, nothing is lost: %s", exc)
+
+    def _recovered(self, now: float, started: float | None = None) -> None:
+        if self.health.record_success(now, started=started):
             woken = self._outbox.make_due(now=now)
             log.warning("KHEOPS is reachable again; %d waiting instances are due now", woken)
             self.wake()
@@ -301,10 +339,12 @@ class Forwarder:
             log.warning("the queue can be written again; sending goes on")
 
     def _load(self, batch: Sequence[QueuedInstance]) -> list[_Loaded]:
+        """Each instance read and judged on its own: what one file does never stops another."""
         loaded: list[_Loaded] = []
         failed: dict[str, str] = {}
         later: list[Retry] = []
-        deleted: list[str] = []
+        missing: list[QueuedInstance] = []
+        orthanc_error: str | None = None
         left: list[str] = []
         budget = self._config.batch_max_bytes
         for item in batch:
@@ -315,27 +355,48 @@ class Forwarder:
             try:
                 data = self._orthanc.read_file(item.orthanc_id)
             except OrthancNotFound:
-                deleted.append(item.orthanc_id)
+                missing.append(item)
                 continue
             except OrthancError as exc:
-                later.append(Retry(item.orthanc_id, 1.0, str(exc), counts_as_attempt=False))
+                orthanc_error = str(exc)
+                later.append(_orthanc_retry(item, orthanc_error))
+                continue
+            except Exception as exc:  # noqa: BLE001 -- a bug: retried like a failed request
+                later.append(self._backoff(item, _internal(exc)))
                 continue
             try:
-                dataset = pydicom.dcmread(BytesIO(data), stop_before_pixels=True)
-                sop_uid = str(dataset.SOPInstanceUID)
-            except (InvalidDicomError, AttributeError, ValueError, EOFError) as exc:
-                failed[item.orthanc_id] = f"Orthanc's file cannot be read as DICOM: {exc}"
+                prepared = prepare(data)
+            except UnreadableFile as exc:
+                failed[item.orthanc_id] = str(exc)
                 continue
-            loaded.append(_Loaded(item=item, data=data, dataset=dataset, sop_uid=sop_uid))
-            budget -= len(data)
+            except Exception as exc:  # noqa: BLE001 -- a bug here must still fail only this file
+                failed[item.orthanc_id] = _internal(exc)
+                continue
+            if prepared.header_added:
+                log.info("instance %s had no DICOM file header; one was added", item.orthanc_id)
+            loaded.append(_Loaded(item=item, file=prepared))
+            budget -= len(prepared.data)
         now = self._clock()
-        if deleted:
-            self._deleted(deleted)
+        if missing:
+            try:
+                self._orthanc.check_api()
+            except OrthancError as exc:
+                # Every path answers 404: the URL is wrong, not the instances.
+                orthanc_error = str(exc)
+                later.extend(_orthanc_retry(item, orthanc_error) for item in missing)
+            else:
+                self._deleted([item.orthanc_id for item in missing])
+        if orthanc_error is not None and not loaded:
+            if self.health.record_orthanc_unavailable(orthanc_error, now):
+                log.error("cannot read instances from Orthanc; they stay queued: %s", orthanc_error)
+        elif loaded and self.health.record_orthanc_available(now):
+            log.warning("Orthanc's REST API answers again; sending resumes")
         if failed:
             for orthanc_id, reason in failed.items():
                 log.warning("instance %s failed: %s", orthanc_id, reason)
             self._write(lambda: self._outbox.mark_failed(failed, now=now))
             self.stats.record_failed(len(failed))
+            self.health.record_error(next(iter(failed.values())), now)
         if later:
             self._write(lambda: self._outbox.reschedule(later, now=now))
         if left:
@@ -346,18 +407,9 @@ class Forwarder:
         return loaded
 
     def _deleted(self, orthanc_ids: Sequence[str]) -> None:
-        """Orthanc answered 404 for these files: deleted before they were sent.
-
-        Unless Orthanc's REST API itself is not where OrthancUrl says (a wrong prefix answers
-        404 for everything): then nothing is forgotten, and they are tried again.
-        """
-        try:
-            self._orthanc.get_json("/system")
-        except OrthancError as exc:
-            error = f"Orthanc's REST API does not answer at Kheops.OrthancUrl: {exc}"
-            retries = [Retry(i, 5.0, error, counts_as_attempt=False) for i in orthanc_ids]
-            self._write(lambda: self._outbox.reschedule(retries, now=self._clock()))
-            return
+        """Orthanc answered 404 for these files, and /system answers: deleted before they were
+        sent (a wrong prefix in OrthancUrl, where every path answers 404, is told apart by
+        `_load` with OrthancRest.check_api)."""
 
         def forget() -> int:
             self._outbox.release(orthanc_ids)
@@ -388,8 +440,13 @@ class Forwarder:
 
     def _post(self, loaded: Sequence[_Loaded]) -> None:
         items = [x.item for x in loaded]
+        started = self._clock()
         try:
             answer = self._stow([x.data for x in loaded])
+        except KheopsRedirected as exc:
+            self._write(lambda: self._outbox.release([item.orthanc_id for item in items]))
+            self._redirected(exc)
+            return
         except KheopsUnauthorized as exc:
             self._write(lambda: self._outbox.release([item.orthanc_id for item in items]))
             if self.health.record_refused(str(exc), self._clock()):
@@ -406,15 +463,62 @@ class Forwarder:
             self._rejected(items, str(exc))
             return
         except KheopsUnavailable as exc:
-            self._unavailable(str(exc))
-            self._retry_all(items, str(exc))
+            if self.health.began_before_recovery(started):
+                # Failed in an outage that has ended since: try again soon, not after a
+                # backoff that nothing would cut short.
+                self._retry_all(items, str(exc), at_least=exc.retry_after, first_delay=True)
+            else:
+                # Rescheduled before the outage is recorded: a success of another worker in
+                # between then makes these due again rather than leaving them to their backoff.
+                self._retry_all(items, str(exc), at_least=exc.retry_after)
+            self._unavailable(exc, started)
             return
         except KheopsError as exc:
             self._retry_all(items, str(exc))
             return
         now = self._clock()
-        self._recovered(now)
-        self._record_verdicts(loaded, judge([x.sop_uid for x in loaded], answer), now)
+        self._recovered(now, started)
+        verdicts = judge([x.sop_uid for x in loaded], answer)
+        if self._token_lost(loaded, verdicts):
+            return
+        self._record_verdicts(loaded, verdicts, now)
+
+    def _token_lost(self, loaded: Sequence[_Loaded], verdicts: Mapping[str, Judgement]) -> bool:
+        """292 for every instance of several series: does the token still work?
+
+        KHEOPS answers 292 for a series another album holds, and for every series once the
+        token's creator lost the album's admin rights. Introspection cannot tell the second
+        case (such a token still introspects active), but it tells a revoked token or a lost
+        permission: then sending pauses and the instances wait, rather than being failed.
+        """
+        series = {x.file.series_uid for x in loaded}
+        if len(series) < 2 or any(j.code != _NOT_AUTHORIZED for j in verdicts.values()):
+            return False
+        try:
+            introspection = self._kheops.introspect(self._config.token)
+        except KheopsError as exc:
+            self._retry_all(
+                [x.item for x in loaded],
+                f"{verdicts[loaded[0].sop_uid].reason}; the token could not be checked: {exc}",
+            )
+            return True
+        problem = token_problem(introspection)
+        if problem is None:
+            if not self._told_rights_lost:  # once, until KHEOPS stores an instance again
+                self._told_rights_lost = True
+                log.error(
+                    "KHEOPS refused every instance of %d series with 292 although the token"
+                    " looks valid: has the token's creator lost the album's admin rights?",
+                    len(series),
+                )
+            return False
+        self._write(lambda: self._outbox.release([x.item.orthanc_id for x in loaded]))
+        self.introspection = introspection
+        if self.health.record_refused(
+            f"292 for every instance; the token {problem}", self._clock()
+        ):
+            log.error("sending is paused, nothing is lost: the token %s", problem)
+        return True
 
     def _stow(self, parts: Sequence[bytes]) -> StowAnswer:
         """One STOW-RS request, counted in `stats` whatever its outcome."""
@@ -445,12 +549,17 @@ class Forwarder:
                 sent.append(x)
             elif judgement.verdict is Verdict.FAILED:
                 failed[x.item.orthanc_id] = judgement.reason
+            elif judgement.bounded and x.item.attempts + 1 >= UNKNOWN_REASON_ATTEMPTS:
+                failed[x.item.orthanc_id] = (
+                    f"{judgement.reason}; gave up after {x.item.attempts + 1} attempts"
+                )
             else:
                 retries.append(x.item)
                 reasons[x.item.orthanc_id] = judgement.reason
         if sent and not self._hand_on(sent):
             sent = []
         if sent:
+            self._told_rights_lost = False
             self._write(lambda: self._outbox.mark_sent([x.item.orthanc_id for x in sent], now=now))
             self.stats.record_sent(len(sent), now=now)
             with self._lock:
@@ -483,9 +592,9 @@ class Forwarder:
                         SentInstance(
                             orthanc_id=x.item.orthanc_id,
                             sop_uid=x.sop_uid,
-                            study_uid=str(x.dataset.get("StudyInstanceUID", "")),
-                            series_uid=str(x.dataset.get("SeriesInstanceUID", "")),
-                            dataset=x.dataset,
+                            study_uid=x.file.study_uid,
+                            series_uid=x.file.series_uid,
+                            dataset=x.file.dataset,
                         )
                         for x in sent
                     ]
@@ -518,7 +627,16 @@ class Forwarder:
         self.stats.record_failed(1)
         self.health.record_error(error, now)
 
-    def _retry_all(self, items: Sequence[QueuedInstance], error: str) -> None:
+    def _retry_all(
+        self,
+        items: Sequence[QueuedInstance],
+        error: str,
+        *,
+        at_least: float | None = None,
+        first_delay: bool = False,
+    ) -> None:
+        """Each instance waits its backoff (the first one with `first_delay`), or `at_least`
+        (a Retry-After) when that is longer."""
         now = self._clock()
         retries: list[Retry] = []
         gave_up: dict[str, str] = {}
@@ -530,10 +648,7 @@ class Forwarder:
                     f"gave up after {attempts} attempts over {age / 3600:.1f} h: {error}"
                 )
                 continue
-            delay = next_delay(
-                attempts, initial=self._config.retry_initial, maximum=self._config.retry_maximum
-            )
-            retries.append(Retry(item.orthanc_id, delay, error, alone=item.alone))
+            retries.append(self._backoff(item, error, at_least=at_least, first=first_delay))
         if retries:
             self._write(lambda: self._outbox.reschedule(retries, now=now))
         if gave_up:
@@ -541,6 +656,23 @@ class Forwarder:
                 log.warning("instance %s failed: %s", orthanc_id, reason)
             self._write(lambda: self._outbox.mark_failed(gave_up, now=now))
             self.stats.record_failed(len(gave_up))
+
+    def _backoff(
+        self,
+        item: QueuedInstance,
+        error: str,
+        *,
+        at_least: float | None = None,
+        first: bool = False,
+    ) -> Retry:
+        delay = next_delay(
+            1 if first else item.attempts + 1,
+            initial=self._config.retry_initial,
+            maximum=self._config.retry_maximum,
+        )
+        if at_least is not None:
+            delay = max(delay, min(at_least, self._config.retry_maximum))
+        return Retry(item.orthanc_id, delay, error, alone=item.alone)
 
     # -- supervisor: token checks and reconciliation -----------------------------
 
@@ -554,7 +686,7 @@ class Forwarder:
             # rather than being retried on every loop, and cannot hold up the other step.
             if now >= next_reconcile:
                 next_reconcile = now + self._config.reconcile_interval
-                self._guarded(self.reconcile, "reconciliation")
+                self._guarded(self._reconcile_watched, "reconciliation")
                 self._guarded(self.prune, "pruning of sent instances")
             if now >= next_check:
                 next_check = now + self._config.token_recheck
@@ -573,6 +705,9 @@ class Forwarder:
     def _check_token(self, *, first: bool) -> None:
         try:
             introspection = self._kheops.introspect(self._config.token)
+        except KheopsRedirected as exc:
+            self._redirected(exc)
+            return
         except KheopsError as exc:
             if first:
                 log.warning("cannot check the token at start-up; queuing anyway: %s", exc)
@@ -604,6 +739,26 @@ class Forwarder:
         """An administrator asked to retry: check a paused token without waiting."""
         if self.health.state is State.PAUSED:
             self._check_token(first=False)
+
+    def _reconcile_watched(self) -> None:
+        """Reconcile; Orthanc's REST failing shows in the state (once), not as a traceback."""
+        try:
+            self.reconcile()
+        except OrthancError as exc:
+            error: OrthancError = exc
+            if isinstance(exc, OrthancNotFound):  # /changes always exists: is the URL wrong?
+                try:
+                    self._orthanc.check_api()
+                except OrthancError as wrong_url:
+                    error = wrong_url
+            self._reconcile_failed = True
+            if self.health.record_orthanc_unavailable(str(error), self._clock()):
+                log.error("cannot read Orthanc's change log: %s", error)
+            return
+        # Only a spell this step saw ends here: the workers end the spells they see.
+        if self._reconcile_failed and self.health.record_orthanc_available(self._clock()):
+            log.warning("Orthanc's REST API answers again; sending resumes")
+        self._reconcile_failed = False
 
     def _catch_up_with_a_clock_step_back(self) -> None:
         """The system clock is behind the last time the plugin ran (it was stepped back while
@@ -713,6 +868,14 @@ class Forwarder:
         if pruned:
             log.info("forgot %d instances sent more than the retention ago", pruned)
         return pruned
+
+
+def _orthanc_retry(item: QueuedInstance, error: str) -> Retry:
+    return Retry(item.orthanc_id, _ORTHANC_RETRY, error, alone=item.alone, counts_as_attempt=False)
+
+
+def _internal(exc: BaseException) -> str:
+    return f"internal error: {type(exc).__name__}: {exc}"
 
 
 def token_problem(introspection: Introspection) -> str | None:

@@ -1,9 +1,11 @@
 """What the forwarder knows about KHEOPS right now, shared by every worker.
 
-Three states: sending; paused because KHEOPS refuses the token (only an
-introspection that says the token works again resumes it); unreachable, where
-a single worker probes at growing intervals while the others wait, so that an
-outage does not burn every instance's attempts.
+Four states: sending; paused because KHEOPS refuses the token or Kheops.Url
+redirects (only an introspection that works resumes it); unreachable, where a
+single worker probes at growing intervals, at most PROBE_MAXIMUM apart, while the
+others wait, so that an outage does not burn every instance's attempts and sending
+resumes within seconds of KHEOPS answering; orthanc-unavailable, where the
+workers cannot read Orthanc's own REST API and keep trying.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from dataclasses import dataclass
 from ..kheops.backoff import next_delay
 
 _PROBE_INITIAL = 1.0
+PROBE_MAXIMUM = 5.0
+"""Longest wait between two probes of an unreachable KHEOPS, however long the outage."""
 
 
 class Turn(enum.Enum):
@@ -27,6 +31,7 @@ class State(enum.Enum):
     SENDING = "sending"
     PAUSED = "paused"
     UNREACHABLE = "unreachable"
+    ORTHANC_UNAVAILABLE = "orthanc-unavailable"
 
 
 @dataclass(frozen=True)
@@ -40,7 +45,7 @@ class Snapshot:
 
 
 class Health:
-    def __init__(self, *, now: float, probe_maximum: float) -> None:
+    def __init__(self, *, now: float, probe_maximum: float = PROBE_MAXIMUM) -> None:
         self._condition = threading.Condition()
         self._state = State.SENDING
         self._since = now
@@ -48,7 +53,7 @@ class Health:
         self._failures = 0
         self._probe_at = 0.0
         self._probing = False
-        self._probe_maximum = probe_maximum
+        self._probe_maximum = min(probe_maximum, PROBE_MAXIMUM)
         self._last_error: str | None = None
         self._last_error_at: float | None = None
         self._last_success_at: float | None = None
@@ -77,7 +82,7 @@ class Health:
         """
         with self._condition:
             while not stopping.is_set():
-                if self._state is State.SENDING:
+                if self._state in (State.SENDING, State.ORTHANC_UNAVAILABLE):
                     return Turn.SEND
                 if self._state is State.UNREACHABLE and not self._probing:
                     wait = self._probe_at - now()
@@ -95,10 +100,21 @@ class Health:
                 self._probing = False
                 self._condition.notify_all()
 
-    def record_success(self, now: float) -> bool:
-        """A request went through; True when this ends an outage."""
+    def began_before_recovery(self, started: float) -> bool:
+        """Whether a request began before sending last resumed: its failure is from the outage."""
+        with self._condition:
+            return self._state is State.SENDING and started < self._since
+
+    def record_success(self, now: float, *, started: float | None = None) -> bool:
+        """A request went through; True when this ends an outage.
+
+        One that began before the outage did (`started`) tells nothing about its end: the
+        probe does.
+        """
         with self._condition:
             self._last_success_at = now
+            if self._state is State.UNREACHABLE and started is not None and started < self._since:
+                return False
             self._probing = False
             self._failures = 0
             if self._state is not State.UNREACHABLE:
@@ -106,23 +122,61 @@ class Health:
             self._set(State.SENDING, now, "")
             return True
 
-    def record_unavailable(self, error: str, now: float) -> bool:
-        """KHEOPS could not be reached; True when this starts an outage."""
+    def record_unavailable(
+        self,
+        error: str,
+        now: float,
+        *,
+        retry_after: float | None = None,
+        detail: str | None = None,
+        started: float | None = None,
+    ) -> bool:
+        """KHEOPS could not be reached; True when this starts an outage.
+
+        The next probe waits the growing probe delay, or `retry_after` when KHEOPS asked
+        for longer (bounded by the caller, by RetryMaximumSeconds). A request that began
+        before the state last changed (`started`) was in flight when it did: it starts no
+        new outage (one outage is one outage in the log) and does not delay the probe.
+        """
         with self._condition:
+            if started is not None and started < self._since:
+                # Began before the outage started (or ended): in flight when it did, it
+                # neither starts another one nor pushes the next probe away.
+                self._note_error(error, now)
+                return False
             self._probing = False
             self._failures += 1
             self._note_error(error, now)
             if self._state is State.PAUSED:
                 return False
             starts = self._state is not State.UNREACHABLE
-            if starts:
-                self._set(State.UNREACHABLE, now, f"KHEOPS unreachable, retrying: {error}")
-            self._probe_at = now + next_delay(
+            if starts or detail is not None:
+                text = detail or f"KHEOPS unreachable, retrying: {error}"
+                self._set(State.UNREACHABLE, now if starts else self._since, text)
+            delay = next_delay(
                 self._failures,
                 initial=min(_PROBE_INITIAL, self._probe_maximum),
                 maximum=self._probe_maximum,
             )
+            self._probe_at = now + max(delay, retry_after or 0.0)
             return starts
+
+    def record_orthanc_unavailable(self, error: str, now: float) -> bool:
+        """Orthanc's own REST API failed; True when this starts such a spell."""
+        with self._condition:
+            self._note_error(error, now)
+            if self._state is not State.SENDING:
+                return False
+            self._set(State.ORTHANC_UNAVAILABLE, now, f"Orthanc's own REST API fails: {error}")
+            return True
+
+    def record_orthanc_available(self, now: float) -> bool:
+        """A file was read from Orthanc; True when this ends a spell of failures."""
+        with self._condition:
+            if self._state is not State.ORTHANC_UNAVAILABLE:
+                return False
+            self._set(State.SENDING, now, "")
+            return True
 
     def record_refused(
         self, error: str, now: float, *, why: str = "KHEOPS refuses the token"

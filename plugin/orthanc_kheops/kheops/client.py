@@ -3,21 +3,28 @@
 `KheopsApi` is the contract; `KheopsClient` implements it over one pooled
 `requests.Session`. Every failure leaves this module as a `KheopsError`
 subclass that says whether retrying can help, with the token masked.
+
+No request follows a redirect: KHEOPS never redirects its API, and following one
+turns a POST into a GET and may carry tokens and patient data to another host. Only
+what KHEOPS itself answers counts (kheops-api.md, "What is in front of KHEOPS is
+not KHEOPS").
 """
 
 from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 from typing import Protocol
-from urllib.parse import quote
+from urllib.parse import quote, urljoin, urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
 
-from ..observability.masking import Secret
+from ..observability.masking import Secret, mask_url
 from .stow import MalformedAnswer, StowAnswer, encode_multipart, parse_answer
 
 _RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -53,7 +60,36 @@ class KheopsError(Exception):
 
 
 class KheopsUnavailable(KheopsError):
-    """KHEOPS could not be reached or answered 5xx: retry later, nothing was lost."""
+    """KHEOPS could not be reached or answered 5xx: retry later, nothing was lost.
+
+    `retry_after` is the delay a 429 or 503 asked for in its Retry-After header, in seconds.
+    """
+
+    def __init__(
+        self, message: str, *, status: int | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message, status=status)
+        self.retry_after = retry_after
+
+
+class KheopsBadAnswer(KheopsUnavailable):
+    """Something answered that is not what KHEOPS answers (an html page, JSON of another shape).
+
+    Retried like an outage: what answers may be a proxy whose KHEOPS is not up yet, but
+    the message says what came back, since it is most often a wrong Kheops.Url.
+    """
+
+
+class KheopsRedirected(KheopsError):
+    """A 3xx: whatever is at Kheops.Url is not KHEOPS's API. Nothing was sent to the target.
+
+    `location` is the redirect target with any credentials masked; the message says what
+    to set Kheops.Url to. Only an administrator can fix it.
+    """
+
+    def __init__(self, message: str, *, status: int, location: str) -> None:
+        super().__init__(message, status=status)
+        self.location = location
 
 
 class KheopsRejected(KheopsError):
@@ -135,11 +171,16 @@ class KheopsClient:
         try:
             document = response.json()
         except ValueError as exc:
-            raise KheopsUnavailable(
-                "token introspection answered something that is not JSON", status=200
+            raise KheopsBadAnswer(
+                f"token introspection answered 200 {_content_type(response)} that is not JSON"
+                f"{_ROOT_HINT}",
+                status=200,
             ) from exc
-        if not isinstance(document, dict):
-            raise KheopsUnavailable("token introspection answered an unexpected document")
+        if not isinstance(document, dict) or not isinstance(document.get("active"), bool):
+            raise KheopsBadAnswer(
+                f'token introspection answered JSON without an "active" field{_ROOT_HINT}',
+                status=200,
+            )
         scope = document.get("scope")
         album = document.get("album_id")
         return Introspection(
@@ -166,10 +207,9 @@ class KheopsClient:
         try:
             return parse_answer(response.status_code, response.content)
         except MalformedAnswer as exc:
-            if response.status_code == 200:
-                return StowAnswer(status=200, stored=frozenset(), failed={}, other_failures=())
-            raise KheopsUnavailable(
-                f"STOW-RS answered {response.status_code} with an unreadable body: {exc}",
+            raise KheopsBadAnswer(
+                f"KHEOPS answered {response.status_code} {_content_type(response)} with {exc},"
+                f" not a STOW-RS response{_ROOT_HINT}",
                 status=response.status_code,
             ) from exc
 
@@ -188,15 +228,25 @@ class KheopsClient:
             },
             what="share",
         )
-        if response.status_code not in (200, 201, 204):
-            raise _error_for(response, "share", destination, source)
+        if response.status_code in (201, 204):
+            return
+        if response.status_code < 300:
+            # A catch-all page answers 200 to anything: KHEOPS answers a share with 201.
+            raise KheopsBadAnswer(
+                f"share: KHEOPS answered {response.status_code} {_content_type(response)},"
+                f" not 201 Created{_ROOT_HINT}",
+                status=response.status_code,
+            )
+        raise _error_for(response, "share", destination, source)
 
     def _send(self, method: str, path: str, *, what: str, **kwargs: object) -> requests.Response:
+        url = f"{self._api}{path}"
         try:
-            return self._session.request(
+            response = self._session.request(
                 method,
-                f"{self._api}{path}",
+                url,
                 timeout=self._timeout,
+                allow_redirects=False,
                 **kwargs,  # type: ignore[arg-type]
             )
         except requests.Timeout as exc:
@@ -205,6 +255,63 @@ class KheopsClient:
             raise KheopsUnavailable(f"{what}: cannot reach KHEOPS ({_root_cause(exc)})") from exc
         except requests.RequestException as exc:
             raise KheopsUnavailable(f"{what}: request failed ({type(exc).__name__})") from exc
+        if 300 <= response.status_code < 400:
+            response.close()
+            raise self._redirected(response, url, path, what)
+        return response
+
+    def _redirected(
+        self, response: requests.Response, url: str, path: str, what: str
+    ) -> KheopsRedirected:
+        status = response.status_code
+        header = response.headers.get("Location")
+        if not header:
+            return KheopsRedirected(
+                f"{what}: KHEOPS answered {status} without a Location: KHEOPS never redirects its"
+                f" API; set Kheops.Url to the address where KHEOPS itself answers",
+                status=status,
+                location="",
+            )
+        target = urljoin(url, header)
+        shown = mask_url(target)
+        suffix = f"/api{path}"
+        split = urlsplit(target)
+        if split.path.endswith(suffix) and not split.query:
+            root = mask_url(target[: -len(suffix)])
+            todo = f"set Kheops.Url to {root}"
+        else:
+            todo = (
+                "it leads away from KHEOPS's API (a login page?); set Kheops.Url to the address"
+                " where KHEOPS itself answers"
+            )
+        return KheopsRedirected(
+            f"{what}: {mask_url(self.url)} redirects ({status}) to {shown}; KHEOPS never"
+            f" redirects its API and the plugin does not follow: {todo}",
+            status=status,
+            location=shown,
+        )
+
+
+_ROOT_HINT = ": is Kheops.Url the KHEOPS root?"
+
+
+def _content_type(response: requests.Response) -> str:
+    value = response.headers.get("Content-Type", "").split(";")[0].strip()
+    return value or "without a Content-Type"
+
+
+def _retry_after(response: requests.Response) -> float | None:
+    """Retry-After in seconds, from either form the header takes (delta or HTTP date)."""
+    value = response.headers.get("Retry-After", "").strip()
+    if not value:
+        return None
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
 
 
 def _root_cause(exc: BaseException) -> str:
@@ -235,7 +342,7 @@ def _error_for(response: requests.Response, what: str, *secrets: Secret) -> Kheo
     detail = _detail(response, secrets)
     message = f"{what}: KHEOPS answered {status}" + (f" ({detail})" if detail else "")
     if status in _RETRYABLE_STATUSES or status >= 500:
-        return KheopsUnavailable(message, status=status)
+        return KheopsUnavailable(message, status=status, retry_after=_retry_after(response))
     if status in (401, 403):
         return KheopsUnauthorized(message, status=status)
     if status == 404:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 import secrets
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -18,28 +19,76 @@ _REFERENCED_SOP_SEQUENCE = "00081199"
 _REFERENCED_SOP_INSTANCE_UID = "00081155"
 _FAILURE_REASON = "00081197"
 
-# FailureReason values that retrying the same instance can never fix.
-PERMANENT_REASONS: frozenset[int] = frozenset({0x0124, 0x0106, 0x0110})
-
-_REASON_WORDS: Mapping[int, str] = {
-    0x0124: "not authorized (292): the series belongs to another album, "
-    "or the token's creator lost admin rights",
-    0x0106: "attributes differ (262): the study or series attributes differ "
-    "from what KHEOPS already holds",
-    0x0110: "processing failure (272): KHEOPS could not read the instance",
-    0x0111: "duplicate SOP Instance (273)",
-    0x0112: "no such object instance (274)",
-    0x0119: "class-instance conflict (281)",
-    0xA700: "out of resources (42752)",
-    0xA900: "data set does not match SOP class (43264)",
-    0xC000: "cannot understand (49152)",
-    0xC122: "referenced transfer syntax not supported (49442)",
-}
+UNKNOWN_REASON_ATTEMPTS = 5
+"""Attempts at an instance refused for a reason this plugin does not know, before it is failed."""
 
 
-def describe_reason(code: int) -> str:
+class Category(enum.Enum):
+    """What a FailureReason says about trying the same instance again (PS3.4 status classes)."""
+
+    RETRY = "retry"  # may pass later: retried with backoff, for as long as it takes
+    FAIL = "fail"  # retrying the same instance can never pass: failed at once
+    UNKNOWN = "unknown"  # not known here: retried UNKNOWN_REASON_ATTEMPTS times, then failed
+
+
+@dataclass(frozen=True)
+class _Reason:
+    low: int
+    high: int
+    category: Category
+    words: str
+
+
+# FailureReason (0008,1197) values and ranges, most specific first; read only by `classify`.
+_REASONS: tuple[_Reason, ...] = (
+    _Reason(
+        0x0124,
+        0x0124,
+        Category.FAIL,
+        "not authorized: the series belongs to another album, "
+        "or the token's creator lost admin rights",
+    ),
+    _Reason(
+        0x0106,
+        0x0106,
+        Category.FAIL,
+        "attributes differ: the study or series attributes differ from what KHEOPS already holds",
+    ),
+    _Reason(
+        0x0110, 0x0110, Category.FAIL, "processing failure: KHEOPS could not read the instance"
+    ),
+    _Reason(0x0122, 0x0122, Category.FAIL, "SOP class not supported: KHEOPS does not take it"),
+    _Reason(0x0111, 0x0111, Category.UNKNOWN, "duplicate SOP instance"),
+    _Reason(0x0112, 0x0112, Category.UNKNOWN, "no such object instance"),
+    _Reason(0x0119, 0x0119, Category.UNKNOWN, "SOP class and instance conflict"),
+    _Reason(0xA700, 0xA7FF, Category.RETRY, "out of resources: KHEOPS could not take it now"),
+    _Reason(0xA900, 0xA9FF, Category.FAIL, "data set does not match SOP class"),
+    _Reason(0xC122, 0xC122, Category.FAIL, "transfer syntax not supported"),
+    _Reason(0xC000, 0xCFFF, Category.FAIL, "cannot understand: KHEOPS cannot read the instance"),
+)
+
+
+def classify(code: int | None) -> tuple[Category, str]:
+    """The category of a FailureReason and the reason in words, with its code in decimal and hex.
+
+    None is an entry of the failed list without a FailureReason.
+    """
+    if code is None:
+        return Category.UNKNOWN, "refused by KHEOPS without a failure reason"
+    number = f"({code}, 0x{code:04X})"
+    for reason in _REASONS:
+        if reason.low <= code <= reason.high:
+            title, _, why = reason.words.partition(": ")
+            return reason.category, f"{title} {number}" + (f": {why}" if why else "")
+    return (
+        Category.UNKNOWN,
+        f"failure reason {code} (0x{code:04X}), which this plugin does not know",
+    )
+
+
+def describe_reason(code: int | None) -> str:
     """FailureReason in words, for the failed list and the logs."""
-    return _REASON_WORDS.get(code, f"refused by KHEOPS with failure reason {code} (0x{code:04X})")
+    return classify(code)[1]
 
 
 @dataclass(frozen=True)
@@ -85,34 +134,49 @@ class StowAnswer:
 
     status: int
     stored: frozenset[str]
-    failed: Mapping[str, int]
-    other_failures: tuple[int, ...]
+    failed: Mapping[str, int | None]
+    other_failures: tuple[int | None, ...]
 
 
 class MalformedAnswer(ValueError):
-    """The answer body is not the dicom+json KHEOPS sends."""
+    """The answer body is not the DICOM JSON a STOW-RS server sends."""
+
+
+_TAG = re.compile(r"[0-9A-Fa-f]{8}")
 
 
 def parse_answer(status: int, body: bytes) -> StowAnswer:
-    """Read the SOP Instance UIDs of 00081199, 00081198 and 0008119A."""
+    """Read the SOP Instance UIDs of 00081199, 00081198 and 0008119A.
+
+    Only a DICOM JSON object (tags as keys, each an object with a "vr") is a STOW-RS
+    answer: anything else, an empty body included, raises MalformedAnswer.
+    """
     if not body.strip():
-        return StowAnswer(status=status, stored=frozenset(), failed={}, other_failures=())
+        raise MalformedAnswer("an empty body")
     try:
         document = json.loads(body)
     except ValueError as exc:
-        raise MalformedAnswer(f"STOW-RS answer is not JSON: {exc}") from exc
+        raise MalformedAnswer("a body that is not JSON") from exc
     if not isinstance(document, dict):
-        raise MalformedAnswer("STOW-RS answer is not a JSON object")
+        raise MalformedAnswer(f"JSON that is not an object (a {type(document).__name__})")
+    strangers = [k for k, v in document.items() if not _TAG.fullmatch(k) or not _is_element(v)]
+    if strangers:
+        shown = ", ".join(repr(k[:40]) for k in strangers[:3])
+        raise MalformedAnswer(f"JSON that is not DICOM JSON (keys {shown})")
     stored = frozenset(
         uid for item in _items(document, _REFERENCED_SOP_SEQUENCE) if (uid := _uid(item))
     )
-    failed: dict[str, int] = {}
+    failed: dict[str, int | None] = {}
     for item in _items(document, _FAILED_SOP_SEQUENCE):
         uid = _uid(item)
         if uid:
             failed[uid] = _reason(item)
     other = tuple(_reason(item) for item in _items(document, _OTHER_FAILURES_SEQUENCE))
     return StowAnswer(status=status, stored=stored, failed=failed, other_failures=other)
+
+
+def _is_element(value: object) -> bool:
+    return isinstance(value, dict) and isinstance(value.get("vr"), str)
 
 
 def _items(document: Mapping[str, object], tag: str) -> list[Mapping[str, object]]:
@@ -139,13 +203,13 @@ def _uid(item: Mapping[str, object]) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def _reason(item: Mapping[str, object]) -> int:
+def _reason(item: Mapping[str, object]) -> int | None:
     value = _first_value(item, _FAILURE_REASON)
-    if isinstance(value, int):
+    if isinstance(value, int) and not isinstance(value, bool):
         return value
     if isinstance(value, str) and value.isdigit():
         return int(value)
-    return 0xC000
+    return None
 
 
 class Verdict(enum.Enum):
@@ -158,16 +222,17 @@ class Verdict(enum.Enum):
 class Judgement:
     verdict: Verdict
     reason: str = ""
+    bounded: bool = False  # a RETRY for a reason not known here: UNKNOWN_REASON_ATTEMPTS at most
+    code: int | None = None  # the FailureReason, when KHEOPS gave one
 
 
 def judge(sop_uids: Sequence[str], answer: StowAnswer) -> dict[str, Judgement]:
     """One verdict per instance of the request, keyed on its SOP Instance UID.
 
-    Listed as stored: sent. Listed as failed: failed for good when the reason
-    is one retrying cannot fix, retried otherwise. Not listed at all: a 200
-    means every part was stored; otherwise the instance is matched with the
-    anonymous OtherFailures entries when they account for exactly the
-    unlisted instances, and retried when they do not.
+    Only what 00081199 names is sent, whatever the HTTP status. Listed as failed: judged by
+    its FailureReason's category. Not listed at all: matched with the anonymous
+    OtherFailures entries when they account for exactly the unlisted instances, retried
+    when they do not.
     """
     verdicts: dict[str, Judgement] = {}
     unlisted: list[str] = []
@@ -180,16 +245,18 @@ def judge(sop_uids: Sequence[str], answer: StowAnswer) -> dict[str, Judgement]:
             unlisted.append(uid)
     if not unlisted:
         return verdicts
-    if answer.status == 200:
-        verdicts.update({uid: Judgement(Verdict.SENT) for uid in unlisted})
-    elif len(answer.other_failures) == len(unlisted) and len(set(answer.other_failures)) == 1:
+    if len(answer.other_failures) == len(unlisted) and len(set(answer.other_failures)) == 1:
         verdicts.update({uid: _judge_reason(answer.other_failures[0]) for uid in unlisted})
     else:
-        reason = f"KHEOPS answered {answer.status} without naming this instance"
+        reason = (
+            f"KHEOPS answered {answer.status} without naming this instance among those it stored"
+        )
         verdicts.update({uid: Judgement(Verdict.RETRY, reason) for uid in unlisted})
     return verdicts
 
 
-def _judge_reason(code: int) -> Judgement:
-    verdict = Verdict.FAILED if code in PERMANENT_REASONS else Verdict.RETRY
-    return Judgement(verdict, describe_reason(code))
+def _judge_reason(code: int | None) -> Judgement:
+    category, words = classify(code)
+    if category is Category.FAIL:
+        return Judgement(Verdict.FAILED, words, code=code)
+    return Judgement(Verdict.RETRY, words, bounded=category is Category.UNKNOWN, code=code)

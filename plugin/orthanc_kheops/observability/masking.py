@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Iterable
+from urllib.parse import urlsplit, urlunsplit
 
 _VISIBLE_HEAD = 4
 _VISIBLE_TAIL = 2
@@ -35,6 +36,18 @@ def excerpt(text: str, limit: int = _EXCERPT) -> str:
 def mask_url_credentials(text: str) -> str:
     """`https://user:password@host` becomes `https://…@host` wherever it appears."""
     return _URL_CREDENTIALS.sub(r"\g<scheme>…@", text)
+
+
+def mask_url(url: str) -> str:
+    """A URL fit to print: a user:password@ part and a query (which may carry a token) masked."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(a URL that cannot be read)"
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "…@" + netloc.rsplit("@", 1)[1]
+    return urlunsplit((parts.scheme, netloc, parts.path, "…" if parts.query else "", ""))
 
 
 class Secret:

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from ..config import ConfigError, KheopsConfig
 from ..kheops.client import Introspection, KheopsApi
-from ..observability.masking import Secret, excerpt
+from ..observability.masking import Secret, excerpt, mask_url_credentials
 from ..schemas import SchemaError, field_path, validate
 from .conditions import Condition, ConditionError, compile_condition
 
@@ -86,8 +86,8 @@ def parse_rule(document: object, config: KheopsConfig, *, origin: Origin, root: 
         raise _error(
             root,
             "Url",
-            f"{excerpt(str(url))} is not Kheops.Url ({config.url!r}): sharing only works within"
-            " one KHEOPS;"
+            f"{excerpt(mask_url_credentials(str(url)))} is not Kheops.Url ({config.url!r}):"
+            " sharing only works within one KHEOPS;"
             " leave Url out or define the rule on the Orthanc that forwards to that KHEOPS",
         )
     try:

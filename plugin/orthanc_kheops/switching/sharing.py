@@ -47,6 +47,7 @@ from pydicom.errors import InvalidDicomError
 
 from ..config import KheopsConfig
 from ..forwarding.forwarder import SentInstance
+from ..forwarding.health import PROBE_MAXIMUM
 from ..kheops.backoff import next_delay
 from ..kheops.client import (
     KheopsApi,
@@ -279,7 +280,12 @@ class Sharer:
         now = self._clock()
         if now < self._pause_until:
             return False
-        jobs = self.store.due_shares(self._eligible(), now=now, limit=_BATCH)
+        if self._outages:
+            # A probe: the oldest waiting share alone, even before its backoff ends, so that
+            # sharing resumes once the pause ends rather than when the backoffs do.
+            jobs = self.store.due_shares(self._eligible(), now=float("inf"), limit=1)
+        else:
+            jobs = self.store.due_shares(self._eligible(), now=now, limit=_BATCH)
         for job in jobs:
             if self._stopping.is_set() or self._clock() < self._pause_until:
                 break
@@ -439,8 +445,12 @@ class Sharer:
         self._outages += 1
         if self._outages == 1:
             log.warning("sharing waits: KHEOPS is unavailable (%s)", error)
+        # One request per pause, and a pause never longer than the forwarder's probe interval:
+        # shares resume within seconds of KHEOPS answering, however long the outage.
         self._pause_until = now + next_delay(
-            self._outages, initial=self._config.retry_initial, maximum=self._config.retry_maximum
+            self._outages,
+            initial=self._config.retry_initial,
+            maximum=min(self._config.retry_maximum, PROBE_MAXIMUM),
         )
 
     def _reachable(self) -> None:
