@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import tempfile
+import uuid
 from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
+from orthanc_kheops.state.postgres.database import PgDatabase
 from tests.kheops_server import KheopsTestServer
 from tests.orthanc_process import OrthancError, OrthancFactory, OrthancProcess, stop_all
 from tests.plugin_setup import Album
+from tests.postgres_server import PostgresServer
 
 # --- Work directories ------------------------------------------------------------------------
 
@@ -79,3 +84,30 @@ def pytest_runtest_makereport(
         for orthanc in item.stash.get(_ORTHANCS, []):
             report.sections.append((f"Orthanc log tail ({orthanc.url})", orthanc.log_tail()))
     return report
+
+
+# --- PostgreSQL --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One real PostgreSQL for the whole run, on a free loopback port, deleted at the end."""
+    with PostgresServer(Path(tempfile.mkdtemp(prefix="orthanc-kheops-pg-"))) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def state_database_dsn(postgres: PostgresServer) -> str:
+    """A database for the state back-end's tests; each test gets a schema of its own."""
+    return postgres.create_database("kheops_state_tests")
+
+
+@pytest.fixture
+def pg_database(state_database_dsn: str) -> Iterator[PgDatabase]:
+    """The plugin's PostgreSQL state, migrated, in a fresh schema dropped after the test."""
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    db = PgDatabase(state_database_dsn, schema=schema)
+    yield db
+    db.close()
+    with psycopg.connect(state_database_dsn, autocommit=True) as connection:
+        connection.execute(f"DROP SCHEMA {schema} CASCADE")

@@ -8,6 +8,7 @@ names the field and the problem, and Orthanc refuses to start.
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,6 +25,15 @@ _MEGABYTE = 1024 * 1024
 
 class ConfigError(ValueError):
     """The "Kheops" section is invalid; the message says where and why."""
+
+
+@dataclass(frozen=True)
+class PostgresSettings:
+    """How to reach the shared state database: a conninfo string or URI, and the schema."""
+
+    conninfo: Secret  # may hold a password
+    schema: str = "kheops"
+    password: Secret | None = None  # also masked on its own in the log
 
 
 @dataclass(frozen=True)
@@ -48,6 +58,10 @@ class KheopsConfig:
     reconcile_interval: float = 60.0
     verify_tls: bool | str = True
     log_level: str = "info"
+    state_database: str = "sqlite"
+    postgres: PostgresSettings | None = None
+    node_name: str = "orthanc"
+    lease_seconds: float = 30.0
     sent_label: bool = False
     # Raw rules hold DestinationToken/SourceToken in clear: keep them out of repr().
     switching_albums: tuple[Mapping[str, Any], ...] = field(default=(), repr=False)
@@ -86,6 +100,11 @@ def load_config(
         reconcile_interval=float(section.get("ReconcileSeconds", 60)),
         verify_tls=_verify_tls(section.get("VerifyTls", True), config_directory),
         log_level=section.get("LogLevel", "info"),
+        state_database=section.get("StateDatabase", "sqlite"),
+        postgres=_postgres(section, orthanc_configuration),
+        node_name=section.get("NodeName")
+        or f"{socket.gethostname()}:{orthanc_configuration.get('HttpPort', 8042)}",
+        lease_seconds=float(section.get("LeaseSeconds", 30)),
         sent_label=section.get("SentLabel", False),
         switching_albums=tuple(section.get("SwitchingAlbums", ())),
     )
@@ -167,6 +186,45 @@ def _state_directory(
         return _resolve(Path(explicit), config_directory)
     storage = Path(orthanc.get("StorageDirectory", "OrthancStorage"))
     return _resolve(storage, config_directory) / "kheops"
+
+
+_CONNINFO_KEYS = {"Host": "host", "Port": "port", "Database": "dbname", "Username": "user"}
+
+
+def _postgres(section: Mapping[str, Any], orthanc: Mapping[str, Any]) -> PostgresSettings | None:
+    """Kheops.PostgreSQL, else Orthanc's own PostgreSQL section (the same database)."""
+    if section.get("StateDatabase", "sqlite") != "postgresql":
+        return None
+    own = {k: v for k, v in section.get("PostgreSQL", {}).items() if k != "Schema"}
+    settings = own or orthanc.get("PostgreSQL")
+    where = f"{SECTION}.PostgreSQL" if own else "PostgreSQL"
+    if not isinstance(settings, Mapping):
+        raise ConfigError(
+            f"{SECTION}.PostgreSQL: StateDatabase is 'postgresql' but neither Kheops.PostgreSQL"
+            " nor Orthanc's PostgreSQL section says how to connect"
+        )
+    schema = str(section.get("PostgreSQL", {}).get("Schema", "kheops"))
+    uri = settings.get("ConnectionUri")
+    if uri:
+        return PostgresSettings(conninfo=Secret(str(uri)), schema=schema)
+    password = settings.get("Password")
+    secret = Secret(str(password)) if password else None
+    parts = []
+    for key, name in _CONNINFO_KEYS.items():
+        value = settings.get(key)
+        if value is not None and value != "":
+            parts.append(f"{name}={_quoted(str(value))}")
+    if not parts:
+        raise ConfigError(f"{where}: gives neither ConnectionUri nor Host, Port, Database")
+    if secret is not None:
+        parts.append(f"password={_quoted(secret.reveal())}")
+    return PostgresSettings(conninfo=Secret(" ".join(parts)), schema=schema, password=secret)
+
+
+def _quoted(value: str) -> str:
+    """A libpq conninfo value: quoted, with quotes and backslashes escaped."""
+    escaped = value.replace("\\", "\\\\").replace("'", "\\'")
+    return f"'{escaped}'"
 
 
 def _storage_recycling(orthanc: Mapping[str, Any]) -> str | None:

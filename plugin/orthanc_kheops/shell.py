@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import orthanc
+import psycopg
 
 from .config import SECTION, ConfigError, KheopsConfig, check_environment, load_config
 from .forwarding.forwarder import Forwarder
@@ -26,10 +27,11 @@ from .observability.masking import Redactor, Secret
 from .observability.metrics import MetricsCollector, MetricsPublisher, rule_figures
 from .orthanc_rest import OrthancError, OrthancNotFound, OrthancRest, OrthancUnavailable
 from .sdk import Platform, Sdk, UnsupportedPlatform, check_platform
+from .state.backend import open_state
 from .state.clock import SteadyClock
 from .state.errors import StoreUnavailable
-from .state.outbox import SqliteOutbox
-from .state.rule_store import RuleStore
+from .state.node_lock import StateDirectoryInUse
+from .state.postgres.database import StateDatabaseError
 from .state.store_health import StoreHealth
 from .switching.rules import Rule, config_rules
 from .switching.sharing import Sharer
@@ -108,7 +110,9 @@ class _Plugin:
         self.sdk = sdk
         self._running = running
         self._allow_threads = allow_threads
-        self.outbox = SqliteOutbox(config.state_directory / "outbox.sqlite3")
+        self.state = open_state(config, clock=self.clock)
+        self.outbox = self.state.outbox
+        cluster = self.state.cluster
         session = make_session(pool_size=config.workers + 4, verify=config.verify_tls)
         self.kheops = KheopsClient(
             config.url,
@@ -125,11 +129,13 @@ class _Plugin:
         )
         self.sharer = Sharer(
             config,
-            store=RuleStore(config.state_directory / "switching.sqlite3"),
+            store=self.state.store,
             kheops=self.kheops,
             orthanc=self.orthanc,
             remember_secret=redactor.add,
         )
+        if cluster is not None:
+            cluster.install_config_rules({rule.name: rule.document() for rule in rules})
         self.sharer.install_config_rules(rules)
         self.forwarder = Forwarder(
             config,
@@ -137,6 +143,7 @@ class _Plugin:
             orthanc=self.orthanc,
             kheops=self.kheops,
             after_store=self.sharer.after_store,
+            exclusive=cluster.exclusive if cluster is not None else None,
             clock=self.clock,
             store_health=self.store_health,
             header_needed=lambda: any(rule.enabled for rule in list(self.sharer.rules.values())),
@@ -158,6 +165,7 @@ class _Plugin:
             forwarder=self.forwarder,
             orthanc=self.orthanc,
             rules_summary=rules_api.summary,
+            nodes=cluster.nodes if cluster is not None else None,
             clock=self.clock,
         )
         forwarding_api.register(self.router)
@@ -211,6 +219,12 @@ class _Plugin:
         elif change_type == orthanc.ChangeType.ORTHANC_STARTED:
             threading.Thread(target=self._log_versions, name="kheops-versions", daemon=True).start()
             self.metrics.start()  # Orthanc takes metrics only once it has started
+            if self.state.cluster is not None:
+                self.state.cluster.start(
+                    on_rules_changed=self.sharer.reload,
+                    last_sent=lambda: self.forwarder.stats.snapshot().last_sent_at,
+                    on_sent_elsewhere=self.forwarder.sent_elsewhere,
+                )
             self.labels.start()
             if self.config.enabled:
                 self.sharer.start()
@@ -227,6 +241,11 @@ class _Plugin:
             self.sharer.stop(timeout=10)
             self.labels.stop(timeout=10)
             self.metrics.stop()
+            if self.state.cluster is not None:
+                self.state.cluster.stop()
+                self.state.cluster.close()  # the pool's connections end cleanly
+            if self.state.lock is not None:
+                self.state.lock.release()
             log.warning("forwarding stopped; unsent instances stay queued")
 
     def on_rest(self, output: Any, uri: str, **request: Any) -> None:
@@ -326,6 +345,8 @@ def install() -> None:
     except ConfigError as exc:
         _refuse_to_start(str(exc))
     redactor = Redactor([config.token])
+    if config.postgres is not None and config.postgres.password is not None:
+        redactor.add(config.postgres.password)
     handler = _OrthancLogHandler(redactor)
     handler.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(handler)
@@ -337,6 +358,20 @@ def install() -> None:
     try:
         plugin = _Plugin(
             config, redactor, rules, sdk=sdk, running=running, allow_threads=allow_threads
+        )
+    except StateDirectoryInUse as exc:
+        _refuse_to_start(f"{SECTION}.StateDirectory: {exc}")
+    except (StateDatabaseError, psycopg.Error) as exc:
+        _refuse_to_start(
+            redactor.redact(f"{SECTION}.PostgreSQL: cannot use the state database: {exc}")
+        )
+    except StoreUnavailable as exc:
+        if config.state_database == "postgresql":
+            _refuse_to_start(
+                redactor.redact(f"{SECTION}.PostgreSQL: cannot use the state database: {exc}")
+            )
+        _refuse_to_start(
+            f"{SECTION}.StateDirectory: cannot open the state in {config.state_directory}: {exc}"
         )
     except (OSError, sqlite3.Error) as exc:  # a state file that cannot be opened
         _refuse_to_start(

@@ -13,8 +13,10 @@ from typing import Protocol
 import pytest
 
 from orthanc_kheops.state.outbox import Outbox, SqliteOutbox
+from orthanc_kheops.state.postgres.database import PgDatabase
+from orthanc_kheops.state.postgres.outbox import PgOutbox
 
-BACKENDS = ["sqlite"]
+BACKENDS = ["sqlite", "postgresql"]
 
 
 class OutboxBackend(Protocol):
@@ -34,6 +36,21 @@ class SqliteBackend:
 @pytest.fixture
 def sqlite_backend(tmp_path: Path) -> SqliteBackend:
     return SqliteBackend(tmp_path / "state" / "outbox.sqlite3")
+
+
+class PostgresBackend:
+    """One node's outbox on a schema of its own; its node lease never cuts a claim short."""
+
+    def __init__(self, db: PgDatabase) -> None:
+        self.db = db
+
+    def open(self) -> Outbox:
+        return PgOutbox(self.db, node="node-a", lease_seconds=86400)
+
+
+@pytest.fixture
+def postgresql_backend(pg_database: PgDatabase) -> PostgresBackend:
+    return PostgresBackend(pg_database)
 
 
 @pytest.fixture(params=BACKENDS)

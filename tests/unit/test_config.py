@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from orthanc_kheops.config import ConfigError, KheopsConfig, load_config
+from orthanc_kheops.config import ConfigError, KheopsConfig, PostgresSettings, load_config
 from orthanc_kheops.observability.masking import Secret
 from orthanc_kheops.schemas import SchemaError, validate
 
@@ -59,6 +60,7 @@ def test_a_minimal_section_gets_every_default() -> None:
         reconcile_interval=60.0,
         verify_tls=True,
         log_level="info",
+        node_name=f"{socket.gethostname()}:8042",
         switching_albums=(),
     )
 
@@ -313,6 +315,66 @@ def test_no_error_message_repeats_a_token(section: dict[str, Any], secret: str) 
 )
 def test_a_bad_token_is_explained_without_its_value(section: dict[str, Any], message: str) -> None:
     assert _error(section) == message
+
+
+# --- the state database --------------------------------------------------------------------------
+
+
+def test_the_postgresql_state_database_connects_with_its_own_settings() -> None:
+    config = _load(
+        _section(
+            StateDatabase="postgresql",
+            NodeName="node-a",
+            LeaseSeconds=5,
+            PostgreSQL={"Host": "db", "Port": 5433, "Database": "pacs", "Username": "o",
+                        "Password": "it's\\secret", "Schema": "kheops_a"},
+        ),
+        PostgreSQL={"Host": "elsewhere"},
+    )  # fmt: skip
+
+    assert (config.state_database, config.node_name, config.lease_seconds) == (
+        "postgresql",
+        "node-a",
+        5.0,
+    )
+    assert config.postgres == PostgresSettings(
+        conninfo=Secret("host='db' port='5433' dbname='pacs' user='o' password='it\\'s\\\\secret'"),
+        schema="kheops_a",
+        password=Secret("it's\\secret"),
+    )
+
+
+def test_the_database_password_never_shows_when_the_configuration_is_printed() -> None:
+    config = _load(
+        _section(StateDatabase="postgresql"),
+        PostgreSQL={"Host": "db", "Password": "s3cretPassw0rd"},
+    )
+
+    assert "s3cretPassw0rd" not in repr(config) + str(config.postgres)
+
+
+def test_without_its_own_settings_the_plugin_uses_orthancs_postgresql_section() -> None:
+    config = _load(
+        _section(StateDatabase="postgresql"),
+        PostgreSQL={"EnableIndex": True, "ConnectionUri": "postgresql://o:pw@db/pacs"},
+    )
+
+    assert config.postgres == PostgresSettings(
+        conninfo=Secret("postgresql://o:pw@db/pacs"), schema="kheops"
+    )
+
+
+def test_the_postgresql_state_database_needs_connection_settings() -> None:
+    message = _error(_section(StateDatabase="postgresql"))
+
+    assert message.startswith("Kheops.PostgreSQL: ")
+    assert "Orthanc's PostgreSQL section" in message
+
+
+def test_the_sqlite_state_database_ignores_postgresql_settings() -> None:
+    config = _load(_section(), PostgreSQL={"Host": "db"})
+
+    assert (config.state_database, config.postgres) == ("sqlite", None)
 
 
 def test_sent_instances_are_kept_thirty_days_unless_told() -> None:

@@ -11,6 +11,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -21,7 +22,13 @@ import pytest
 
 from orthanc_kheops.config import KheopsConfig
 from orthanc_kheops.forwarding import files as files_module
-from orthanc_kheops.forwarding.forwarder import AfterStore, Forwarder, SentInstance, token_problem
+from orthanc_kheops.forwarding.forwarder import (
+    RECHECK_CHANGES,
+    AfterStore,
+    Forwarder,
+    SentInstance,
+    token_problem,
+)
 from orthanc_kheops.forwarding.health import State
 from orthanc_kheops.kheops.client import (
     Introspection,
@@ -370,6 +377,7 @@ def make_rig(tmp_path: Path) -> Iterator[RigFactory]:
         outbox: SqliteOutbox | None = None,
         after_store: AfterStore | None = None,
         header_needed: Callable[[], bool] = lambda: True,
+        exclusive: Callable[[str], AbstractContextManager[bool]] | None = None,
         **settings: Any,
     ) -> Rig:
         config = KheopsConfig(
@@ -398,6 +406,7 @@ def make_rig(tmp_path: Path) -> Iterator[RigFactory]:
             after_store=after_store or received.extend,
             header_needed=header_needed,
             clock=clock,
+            exclusive=exclusive,
         )
         rig = Rig(forwarder, box, kheops, orthanc, clock, received)
         rigs.append(rig)
@@ -1008,6 +1017,8 @@ def test_reconcile_sets_a_baseline_on_its_first_run(make_rig: RigFactory) -> Non
 
     assert rig.outbox.get_meta("last_change") == 2
     assert rig.outbox.counts()["pending"] == 0
+    assert rig.forwarder.reconcile() == 0  # the window read again stops at the baseline
+    assert rig.outbox.counts()["pending"] == 0
 
 
 def test_reconcile_queues_new_instances_missing_from_the_outbox(make_rig: RigFactory) -> None:
@@ -1043,6 +1054,43 @@ def test_reconcile_queues_new_instances_missing_from_the_outbox(make_rig: RigFac
     assert rig.outbox.get_meta("last_change") == 9
     assert rig.orthanc.pages_read == [3, 5, 7]
     assert rig.forwarder.reconcile() == 0
+
+
+def test_only_the_node_holding_the_reconcile_lock_reads_the_change_log(
+    make_rig: RigFactory,
+) -> None:
+    asked: list[str] = []
+
+    def elsewhere(name: str) -> AbstractContextManager[bool]:
+        asked.append(name)
+        return nullcontext(False)  # another node holds it
+
+    rig = make_rig(exclusive=elsewhere)
+    rig.outbox.set_meta("last_change", 0)
+    rig.orthanc.change_log = _changes((1, "NewInstance", "missing"))
+
+    assert rig.forwarder.reconcile() == 0
+    assert (asked, rig.orthanc.pages_read, rig.outbox.counts()["pending"]) == (["reconcile"], [], 0)
+
+
+def test_reconcile_reads_again_a_window_of_changes_behind_its_cursor(
+    make_rig: RigFactory,
+) -> None:
+    rig = make_rig()
+    rig.outbox.set_meta("first_change", 0)
+    rig.outbox.set_meta("last_change", RECHECK_CHANGES + 10)
+    rig.orthanc.change_log = _changes(
+        (5, "NewInstance", "too-old"),
+        (11, "NewInstance", "committed-late"),
+        (RECHECK_CHANGES + 10, "NewInstance", "at-the-cursor"),
+    )
+    rig.outbox.enqueue([("at-the-cursor", 1)], now=T0, requeue=True)
+    rig.orthanc.files["too-old"] = rig.orthanc.files["committed-late"] = dicom_file(1)
+
+    assert rig.forwarder.reconcile() == 1
+    # Behind the cursor, but read again: another writer's change can commit late.
+    assert set(rig.outbox.lookup(["too-old", "committed-late"])) == {"committed-late"}
+    assert rig.orthanc.pages_read[0] == 10
 
 
 def test_reconcile_starts_a_new_baseline_when_orthanc_has_a_younger_change_log(

@@ -161,9 +161,16 @@ def test_responses_are_encoded_as_utf8_json() -> None:
     assert Response(200, {"Name": "Zoë"}).encoded() == '{\n  "Name": "Zoë"\n}'.encode()
 
 
-def test_a_state_that_cannot_be_written_is_a_503_with_the_cause() -> None:
+@pytest.mark.parametrize(
+    "error",
+    [
+        sqlite3.OperationalError("database or disk is full"),
+        StoreUnavailable("state database: database or disk is full"),  # either back-end
+    ],
+)
+def test_a_state_that_cannot_be_written_is_a_503_with_the_cause(error: Exception) -> None:
     def handler(request: Request, groups: Sequence[str]) -> Response:
-        raise sqlite3.OperationalError("database or disk is full")
+        raise error
 
     router = Router()
     router.add("POST", "rules", handler)

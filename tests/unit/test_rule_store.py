@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 
+from orthanc_kheops.state.backend import RuleStoreApi
+from orthanc_kheops.state.postgres.rule_store import PgRuleStore
 from orthanc_kheops.state.rule_store import (
     SCHEMA_VERSION,
     Decision,
@@ -31,9 +33,15 @@ def path(tmp_path: Path) -> Path:
     return tmp_path / "state" / "switching.sqlite3"
 
 
-@pytest.fixture
-def store(path: Path) -> Iterator[RuleStore]:
-    opened = RuleStore(path)
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, path: Path) -> Iterator[RuleStoreApi]:
+    """The contract holds for both back-ends: each test runs on SQLite and on PostgreSQL."""
+    opened: RuleStoreApi
+    if request.param == "sqlite":
+        opened = RuleStore(path)
+    else:
+        db = request.getfixturevalue("pg_database")
+        opened = PgRuleStore(db, node="node-a", lease_seconds=30)
     yield opened
     opened.close()
 
@@ -42,13 +50,13 @@ def _doc(name: str = "r", token: str = TOKEN_A, **fields: Any) -> dict[str, Any]
     return {"Name": name, "DestinationToken": token, "Condition": "", "Enabled": True, **fields}
 
 
-def _save(store: RuleStore, name: str = "r", *, origin: str = "api", **fields: Any) -> None:
+def _save(store: RuleStoreApi, name: str = "r", *, origin: str = "api", **fields: Any) -> None:
     store.save_rule(
         name, origin=origin, document=_doc(name, **fields), albums=("DEST", "MAIN"), now=T0
     )
 
 
-def _stored(store: RuleStore, name: str = "r") -> StoredRule:
+def _stored(store: RuleStoreApi, name: str = "r") -> StoredRule:
     rule = store.rule(name)
     assert rule is not None, f"no rule {name!r}"
     return rule
@@ -62,7 +70,7 @@ def _decided(*keys: ShareKey) -> dict[ShareKey, Decision]:
     return {key: Decision("", "destination", f"instance-{key.series_uid}") for key in keys}
 
 
-def _states(store: RuleStore, rule: str = "r") -> dict[str, str]:
+def _states(store: RuleStoreApi, rule: str = "r") -> dict[str, str]:
     return {
         job.key.series_uid: state
         for state in ("pending", "shared", "failed")
@@ -73,13 +81,20 @@ def _states(store: RuleStore, rule: str = "r") -> dict[str, str]:
 # --- the file -----------------------------------------------------------------------------------
 
 
-def test_the_file_is_readable_by_its_owner_only(store: RuleStore, path: Path) -> None:
+@pytest.fixture
+def sqlite_store(path: Path) -> Iterator[RuleStore]:
+    opened = RuleStore(path)
+    yield opened
+    opened.close()
+
+
+def test_the_file_is_readable_by_its_owner_only(sqlite_store: RuleStore, path: Path) -> None:
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
-def test_rules_are_kept_as_json_and_survive_reopening(store: RuleStore, path: Path) -> None:
-    _save(store, Condition="tagIsPresent('00100010')")
-    store.close()
+def test_rules_are_kept_as_json_and_survive_reopening(sqlite_store: RuleStore, path: Path) -> None:
+    _save(sqlite_store, Condition="tagIsPresent('00100010')")
+    sqlite_store.close()
 
     reopened = RuleStore(path)
     try:
@@ -101,7 +116,7 @@ def test_a_state_file_of_another_schema_version_is_refused(path: Path) -> None:
         RuleStore(path)
 
 
-def test_a_stored_rule_does_not_show_its_tokens_in_its_repr(store: RuleStore) -> None:
+def test_a_stored_rule_does_not_show_its_tokens_in_its_repr(store: RuleStoreApi) -> None:
     _save(store)
 
     assert TOKEN_A not in repr(store.rule("r"))
@@ -110,7 +125,7 @@ def test_a_stored_rule_does_not_show_its_tokens_in_its_repr(store: RuleStore) ->
 # --- rules --------------------------------------------------------------------------------------
 
 
-def test_a_saved_rule_has_its_origin_albums_and_times(store: RuleStore) -> None:
+def test_a_saved_rule_has_its_origin_albums_and_times(store: RuleStoreApi) -> None:
     _save(store)
 
     rule = store.rule("r")
@@ -119,7 +134,7 @@ def test_a_saved_rule_has_its_origin_albums_and_times(store: RuleStore) -> None:
     assert (rule.created_at, rule.updated_at, rule.failing) == (T0, T0, None)
 
 
-def test_saving_a_rule_again_ends_its_failure(store: RuleStore) -> None:
+def test_saving_a_rule_again_ends_its_failure(store: RuleStoreApi) -> None:
     _save(store)
     store.set_failing("r", "DestinationToken: is not active", now=T0)
 
@@ -128,7 +143,7 @@ def test_saving_a_rule_again_ends_its_failure(store: RuleStore) -> None:
     assert _stored(store, "r").failing is None
 
 
-def test_a_failing_rule_keeps_the_time_it_started_failing(store: RuleStore) -> None:
+def test_a_failing_rule_keeps_the_time_it_started_failing(store: RuleStoreApi) -> None:
     _save(store)
     store.set_failing("r", "first", now=T0)
     store.set_failing("r", "second", now=T0 + 10)
@@ -138,7 +153,7 @@ def test_a_failing_rule_keeps_the_time_it_started_failing(store: RuleStore) -> N
     assert (rule.failing, rule.failing_since, rule.last_error_at) == ("second", T0, T0 + 10)
 
 
-def test_deleting_a_rule_drops_its_shares(store: RuleStore) -> None:
+def test_deleting_a_rule_drops_its_shares(store: RuleStoreApi) -> None:
     _save(store)
     _save(store, "other")
     store.add_shares(_decided(_key("s1"), _key("s2", "other")), now=T0)
@@ -150,7 +165,7 @@ def test_deleting_a_rule_drops_its_shares(store: RuleStore) -> None:
     assert not store.delete_rule("r")
 
 
-def test_a_new_destination_forgets_every_share_pending_ones_included(store: RuleStore) -> None:
+def test_a_new_destination_forgets_every_share_pending_ones_included(store: RuleStoreApi) -> None:
     """A pending share was decided for the old album: the new one must not receive it."""
     _save(store)
     store.add_shares(_decided(_key("done"), _key("waiting")), now=T0)
@@ -163,7 +178,7 @@ def test_a_new_destination_forgets_every_share_pending_ones_included(store: Rule
     assert (dropped, _states(store)) == (1, {})
 
 
-def test_a_new_token_of_the_same_album_keeps_the_pending_shares_for_it(store: RuleStore) -> None:
+def test_a_new_token_of_the_same_album_keeps_the_pending_shares_for_it(store: RuleStoreApi) -> None:
     _save(store)
     store.add_shares({_key("waiting"): Decision("", destination_identity(TOKEN_A), "i")}, now=T0)
 
@@ -176,7 +191,7 @@ def test_a_new_token_of_the_same_album_keeps_the_pending_shares_for_it(store: Ru
     assert job.decision == Decision("", destination_identity(TOKEN_B), "i")
 
 
-def test_a_share_records_what_it_was_decided_under(store: RuleStore) -> None:
+def test_a_share_records_what_it_was_decided_under(store: RuleStoreApi) -> None:
     _save(store)
     store.add_shares(_decided(_key("s")), now=T0)
 
@@ -216,7 +231,7 @@ def test_a_version_1_file_is_migrated_and_its_pending_shares_have_no_decision(
         store.close()
 
 
-def test_saving_with_the_same_destination_keeps_finished_shares(store: RuleStore) -> None:
+def test_saving_with_the_same_destination_keeps_finished_shares(store: RuleStoreApi) -> None:
     _save(store)
     store.add_shares(_decided(_key("done")), now=T0)
     store.mark_shared(_key("done"), now=T0)
@@ -226,7 +241,7 @@ def test_saving_with_the_same_destination_keeps_finished_shares(store: RuleStore
     assert _states(store) == {"done": "shared"}
 
 
-def test_saving_without_albums_keeps_them_while_the_tokens_stay(store: RuleStore) -> None:
+def test_saving_without_albums_keeps_them_while_the_tokens_stay(store: RuleStoreApi) -> None:
     _save(store)
     store.save_rule("r", origin="api", document=_doc(Enabled=False), albums=None, now=T0)
 
@@ -238,7 +253,7 @@ def test_saving_without_albums_keeps_them_while_the_tokens_stay(store: RuleStore
 
 
 def test_config_rules_are_added_kept_and_removed_with_the_configuration(
-    store: RuleStore,
+    store: RuleStoreApi,
 ) -> None:
     store.sync_config({"a": _doc("a"), "b": _doc("b")}, now=T0)
     store.set_failing("a", "refused", now=T0)
@@ -252,7 +267,7 @@ def test_config_rules_are_added_kept_and_removed_with_the_configuration(
     assert store.counts() == {}
 
 
-def test_a_changed_config_rule_is_saved_again(store: RuleStore) -> None:
+def test_a_changed_config_rule_is_saved_again(store: RuleStoreApi) -> None:
     store.sync_config({"a": _doc("a")}, now=T0)
 
     store.sync_config({"a": _doc("a", Condition="tagIsPresent('00100010')")}, now=T0 + 1)
@@ -262,7 +277,7 @@ def test_a_changed_config_rule_is_saved_again(store: RuleStore) -> None:
     assert (rule.document["Condition"], rule.updated_at) == ("tagIsPresent('00100010')", T0 + 1)
 
 
-def test_a_config_rule_replaces_a_rest_rule_of_the_same_name(store: RuleStore) -> None:
+def test_a_config_rule_replaces_a_rest_rule_of_the_same_name(store: RuleStoreApi) -> None:
     _save(store, "a")
     store.add_shares(_decided(_key("s", "a")), now=T0)
 
@@ -274,7 +289,7 @@ def test_a_config_rule_replaces_a_rest_rule_of_the_same_name(store: RuleStore) -
     assert store.counts() == {}
 
 
-def test_rest_rules_outlive_a_configuration_sync(store: RuleStore) -> None:
+def test_rest_rules_outlive_a_configuration_sync(store: RuleStoreApi) -> None:
     _save(store, "mine")
 
     store.sync_config({}, now=T0)
@@ -285,7 +300,7 @@ def test_rest_rules_outlive_a_configuration_sync(store: RuleStore) -> None:
 # --- shares -------------------------------------------------------------------------------------
 
 
-def test_a_series_is_queued_once_per_rule(store: RuleStore) -> None:
+def test_a_series_is_queued_once_per_rule(store: RuleStoreApi) -> None:
     _save(store)
     _save(store, "other")
 
@@ -295,11 +310,11 @@ def test_a_series_is_queued_once_per_rule(store: RuleStore) -> None:
     assert store.counts()["r"] == ShareCounts(pending=3)
 
 
-def test_shares_of_an_unknown_rule_are_ignored(store: RuleStore) -> None:
+def test_shares_of_an_unknown_rule_are_ignored(store: RuleStoreApi) -> None:
     assert store.add_shares(_decided(_key("s1", "gone")), now=T0) == 0
 
 
-def test_due_shares_are_those_of_the_given_rules_whose_time_has_come(store: RuleStore) -> None:
+def test_due_shares_are_those_of_the_given_rules_whose_time_has_come(store: RuleStoreApi) -> None:
     _save(store)
     _save(store, "held")
     store.add_shares(_decided(_key("s1"), _key("s2"), _key("h", "held")), now=T0)
@@ -314,7 +329,7 @@ def test_due_shares_are_those_of_the_given_rules_whose_time_has_come(store: Rule
     assert store.next_due([]) is None
 
 
-def test_a_rescheduled_share_counts_attempts_and_not_found_answers(store: RuleStore) -> None:
+def test_a_rescheduled_share_counts_attempts_and_not_found_answers(store: RuleStoreApi) -> None:
     _save(store)
     store.add_shares(_decided(_key("s")), now=T0)
 
@@ -330,7 +345,7 @@ def test_a_rescheduled_share_counts_attempts_and_not_found_answers(store: RuleSt
     )
 
 
-def test_shared_and_failed_shares_are_counted_and_the_failure_noted(store: RuleStore) -> None:
+def test_shared_and_failed_shares_are_counted_and_the_failure_noted(store: RuleStoreApi) -> None:
     _save(store)
     store.add_shares(_decided(_key("a"), _key("b"), _key("c")), now=T0)
 
@@ -343,7 +358,7 @@ def test_shared_and_failed_shares_are_counted_and_the_failure_noted(store: RuleS
 
 
 def test_retry_ends_the_failure_and_makes_failed_and_waiting_shares_due(
-    store: RuleStore,
+    store: RuleStoreApi,
 ) -> None:
     _save(store)
     store.add_shares(_decided(_key("a"), _key("b"), _key("c")), now=T0)
@@ -359,7 +374,7 @@ def test_retry_ends_the_failure_and_makes_failed_and_waiting_shares_due(
     assert {j.key.series_uid for j in store.due_shares(["r"], now=T0 + 1, limit=10)} == {"b", "c"}
 
 
-def test_requeue_queues_again_shares_already_done(store: RuleStore) -> None:
+def test_requeue_queues_again_shares_already_done(store: RuleStoreApi) -> None:
     _save(store)
     store.add_shares(_decided(_key("a")), now=T0)
     store.mark_shared(_key("a"), now=T0)
@@ -369,7 +384,7 @@ def test_requeue_queues_again_shares_already_done(store: RuleStore) -> None:
     assert _states(store) == {"a": "pending", "new": "pending"}
 
 
-def test_make_due_brings_every_waiting_share_forward(store: RuleStore) -> None:
+def test_make_due_brings_every_waiting_share_forward(store: RuleStoreApi) -> None:
     _save(store)
     store.add_shares(_decided(_key("a"), _key("b")), now=T0)
     store.reschedule(_key("a"), delay=300, error="503", not_found=False, now=T0)
@@ -378,7 +393,7 @@ def test_make_due_brings_every_waiting_share_forward(store: RuleStore) -> None:
     assert len(store.due_shares(["r"], now=T0 + 1, limit=10)) == 2
 
 
-def test_meta_values_are_json_and_none_deletes_them(store: RuleStore) -> None:
+def test_meta_values_are_json_and_none_deletes_them(store: RuleStoreApi) -> None:
     store.set_meta("k", {"a": [1, 2]})
     assert store.get_meta("k") == {"a": [1, 2]}
 

@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -49,6 +50,8 @@ _WRONG_ENDPOINT_WHY = "KHEOPS has no STOW-RS endpoint at this URL (check Kheops.
 _REDIRECT_WHY = "Kheops.Url redirects, and the plugin does not follow redirects"
 _NOT_AUTHORIZED = 0x0124
 _IDLE_POLL = 1.0
+RECHECK_CHANGES = 1000
+"""Changes before the cursor read again: with several writers a change can commit late."""
 _ORTHANC_RETRY = 2.0  # seconds between reads while Orthanc's own REST API fails
 # While the state cannot be written (a full disk), how often a worker tries the write again.
 _WRITE_RETRY = 2.0
@@ -97,18 +100,21 @@ class Forwarder:
         header_needed: Callable[[], bool] = lambda: True,
         clock: Callable[[], float] | None = None,
         store_health: StoreHealth | None = None,
+        exclusive: Callable[[str], AbstractContextManager[bool]] | None = None,
     ) -> None:
         """`clock` gives the time every deadline and stored time is read from: a
         `SteadyClock` unless a test injects one; `store_health` is shared with the store
         callback, which writes to the outbox too. `header_needed` says whether some rule could
         read the header `after_store` gets: when none could, only the file meta is read (for
-        the SOP Instance UID)."""
+        the SOP Instance UID); `exclusive(name)` tells whether this node may do `name` now (one
+        node at a time)."""
         self._config = config
         self._header_needed = header_needed
         self._outbox = outbox
         self._orthanc = orthanc
         self._kheops = kheops
         self._after_store = after_store
+        self._exclusive = exclusive or (lambda name: nullcontext(True))
         self._clock = clock = clock or SteadyClock()
         self.store_health = store_health or StoreHealth()
         self.health = Health(now=clock(), probe_maximum=config.retry_maximum)
@@ -735,6 +741,11 @@ class Forwarder:
             self._outbox.make_due(now=now)
             self.wake()
 
+    def sent_elsewhere(self) -> None:
+        """Another node of the site just had KHEOPS store instances: if this node waits out
+        an outage, it probes now, so that it rejoins the drain at once."""
+        self.health.probe_now()
+
     def check_token_now(self) -> None:
         """An administrator asked to retry: check a paused token without waiting."""
         if self.health.state is State.PAUSED:
@@ -775,15 +786,32 @@ class Forwarder:
             )
 
     def reconcile(self) -> int:
-        """Queue instances that Orthanc's change log has and the outbox lacks."""
+        """Queue instances that Orthanc's change log has and the outbox lacks.
+
+        Only one node reconciles at a time, from the cursor in the (shared) outbox; the last
+        RECHECK_CHANGES changes before it are read again, since with several Orthanc writers
+        a change can become visible after a later one, but never those before the first
+        cursor (stored before the plugin ran). Queuing is idempotent.
+        """
+        with self._exclusive("reconcile") as mine:
+            return self._reconcile() if mine else 0
+
+    def _reconcile(self) -> int:
         self._outbox.set_meta("clock", self._clock())  # see _catch_up_with_a_clock_step_back
-        since = self._outbox.get_meta("last_change")
+        cursor = self._outbox.get_meta("last_change")
         last = self._orthanc.last_change()
-        if not isinstance(since, int) or since > last:
+        if not isinstance(cursor, int) or cursor > last:
+            # What Orthanc held before is sent on request only (POST /kheops/send).
+            self._outbox.set_meta("first_change", last)
             self._outbox.set_meta("last_change", last)
-            if since is None:
+            if cursor is None:
                 self._note_what_is_not_queued()
             return 0
+        first = self._outbox.get_meta("first_change")
+        if not isinstance(first, int):  # an outbox older than the window: start it here
+            first = cursor
+            self._outbox.set_meta("first_change", first)
+        since = max(first, cursor - RECHECK_CHANGES)
         queued = 0
         while since < last and not self._stopping.is_set():
             page = self._orthanc.changes(since)
@@ -795,7 +823,8 @@ class Forwarder:
             if page.last <= since:
                 break
             since = page.last
-            self._outbox.set_meta("last_change", since)
+            if since > cursor:
+                self._outbox.set_meta("last_change", since)
             if page.done:
                 break
         if queued:

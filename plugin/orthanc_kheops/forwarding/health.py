@@ -202,6 +202,13 @@ class Health:
         with self._condition:
             self._note_error(error, now)
 
+    def probe_now(self) -> None:
+        """Something says KHEOPS may be back: the next probe goes now, not after its delay."""
+        with self._condition:
+            if self._state is State.UNREACHABLE:
+                self._probe_at = 0.0
+                self._condition.notify_all()
+
     def wake_all(self) -> None:
         with self._condition:
             self._condition.notify_all()

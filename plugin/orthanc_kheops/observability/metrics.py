@@ -16,8 +16,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from ..forwarding.health import Health, Snapshot, State
+from ..state.backend import RuleStoreApi
 from ..state.outbox import Outbox
-from ..state.rule_store import RuleStore, ShareCounts
+from ..state.rule_store import ShareCounts
 from ..state.store_health import StoreHealth
 from .stats import TransferSnapshot, TransferStats
 
@@ -90,7 +91,7 @@ def metric_values(
     return values
 
 
-def rule_figures(store: RuleStore, failing: Mapping[str, str]) -> list[RuleFigures]:
+def rule_figures(store: RuleStoreApi, failing: Mapping[str, str]) -> list[RuleFigures]:
     """The share counts of every rule in the store, and whether it is failing."""
     counts = store.counts()
     figures = []

@@ -59,7 +59,8 @@ from ..kheops.client import (
 )
 from ..observability.masking import Secret
 from ..orthanc_rest import OrthancNotFound, OrthancRest, OrthancUnavailable
-from ..state.rule_store import Decision, RuleStore, ShareJob, ShareKey, destination_identity
+from ..state.backend import RuleStoreApi
+from ..state.rule_store import Decision, ShareJob, ShareKey, destination_identity
 from .conditions import Condition
 from .rules import Origin, Rule, RuleError, check_tokens, parse_rule, token_problem
 
@@ -113,7 +114,7 @@ class Sharer:
         self,
         config: KheopsConfig,
         *,
-        store: RuleStore,
+        store: RuleStoreApi,
         kheops: KheopsApi,
         orthanc: OrthancRest,
         remember_secret: Callable[[Secret], None] = lambda secret: None,

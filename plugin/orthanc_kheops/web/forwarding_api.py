@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 
 from ..config import KheopsConfig
@@ -17,6 +17,16 @@ _QUEUE_STATES = ("pending", "failed", "sent")
 _DEFAULT_PAGE = 100
 _MAXIMUM_PAGE = 1000
 _MAXIMUM_OFFSET = 1_000_000_000  # far above any queue, far below SQLite's 64-bit integers
+
+
+_NODE_TIMES = frozenset({"StartedAt", "LastSeen", "LastSentAt"})
+
+
+def _node_view(node: Mapping[str, object]) -> dict[str, object]:
+    return {
+        key: iso(value) if key in _NODE_TIMES and isinstance(value, float) else value
+        for key, value in node.items()
+    }
 
 
 def iso(timestamp: float | None) -> str | None:
@@ -34,10 +44,12 @@ class ForwardingApi:
         forwarder: Forwarder,
         orthanc: OrthancRest,
         rules_summary: Callable[[], object] | None = None,
+        nodes: Callable[[], list[dict[str, object]]] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._config = config
         self._rules_summary = rules_summary
+        self._nodes = nodes
         self._outbox = outbox
         self._forwarder = forwarder
         self._orthanc = orthanc
@@ -91,6 +103,8 @@ class ForwardingApi:
         }
         if self._rules_summary is not None:
             document["SwitchingAlbums"] = self._rules_summary()
+        if self._nodes is not None:
+            document["Nodes"] = [_node_view(node) for node in self._nodes()]
         return document
 
     def queue(self, request: Request, _: Sequence[str]) -> Response:
