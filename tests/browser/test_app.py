@@ -84,6 +84,7 @@ def test_the_status_says_sending_then_paused_and_then_that_it_cannot_reach_ortha
     expect(fact(page, "Token")).to_have_text(mask(kheops.token))
     expect(fact(page, "Album")).to_have_text(kheops.album_id)
     expect(fact(page, "Sent")).to_have_text("1")
+    expect(fact(page, "DeletedBeforeSent")).to_have_text("0")
 
     # A refresh that reads the same figures redraws nothing: the element shown stays.
     page.evaluate("document.querySelector('dd[data-fact=Sent]').dataset.marker = 'kept'")
@@ -106,6 +107,24 @@ def test_the_status_says_sending_then_paused_and_then_that_it_cannot_reach_ortha
     expect(page.locator("#offline")).to_contain_text("Cannot reach the KHEOPS API")
     expect(page.locator("#offline")).to_contain_text("tries again every 3 seconds")
     expect(page.locator("#state-text")).to_contain_text("Paused")  # what it read last stays
+    tab.assert_no_token_shown(kheops.tokens)
+
+
+def test_the_status_says_that_kheops_url_redirects_and_that_nothing_is_lost(
+    start_orthanc: OrthancFactory, open_explorer: OpenExplorer, kheops: Album
+) -> None:
+    kheops.server.set_redirect(307, "http://127.0.0.1:9/login")
+    orthanc = start_orthanc()
+    store(orthanc, [instance(study_uid=new_uid(), series_uid=new_uid())])
+    tab = open_explorer(orthanc)
+
+    page = tab.open_app()
+    expect(page.locator("#state-text")).to_have_text(
+        re.compile(r"^Paused: Kheops.Url redirects \(307\) since \d")
+    )
+    expect(page.locator("#state")).to_have_class(re.compile(r"\btone-bad\b"))
+    expect(page.locator("#state-detail")).to_contain_text("Nothing is lost")
+    expect(fact(page, "Queued")).to_have_text("1")
     tab.assert_no_token_shown(kheops.tokens)
 
 

@@ -160,7 +160,9 @@ function statusView() {
     const c = status.Counts;
     const countFacts = [
       ['Queued', 'Queued', c.Queued], ['InFlight', 'Being sent', c.InFlight],
-      ['Sent', 'Sent', c.Sent], ['Failed', 'Failed', c.Failed], ['Retries', 'Retries', c.Retries],
+      ['Sent', 'Sent', c.Sent], ['Failed', 'Failed', c.Failed],
+      ['DeletedBeforeSent', 'Deleted from Orthanc before it was sent', c.DeletedBeforeSent],
+      ['Retries', 'Retries', c.Retries],
       ['InstancesPerSecond', 'Instances per second (last minute)',
         status.Throughput.InstancesPerSecond]];
     const rules = status.SwitchingAlbums;

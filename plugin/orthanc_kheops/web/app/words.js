@@ -18,6 +18,21 @@ export function stateInWords(status) {
     return { tone: 'off', text: 'Not sending: forwarding is disabled (Kheops.Enabled is false)',
              detail: 'Instances are queued and will be sent once it is enabled.' };
   }
+  if (status.StoreError) {
+    return { tone: 'bad',
+             text: "Not saving: the plugin's state cannot be written since " +
+                   when(status.StoreError.Since),
+             detail: status.StoreError.Error + '. Nothing accepted is lost: the write is' +
+                     ' retried until it goes through (is the disk full?).' };
+  }
+  if (status.State === 'paused' && /redirect/i.test(detail)) {
+    const code = /\((3\d\d)\)/.exec(detail);
+    return { tone: 'bad',
+             text: 'Paused: Kheops.Url redirects' + (code ? ' (' + code[1] + ')' : '') +
+                   ' since ' + when(status.Since),
+             detail: detail + '. Nothing is lost: instances stay queued, and sending resumes' +
+                     ' once Kheops.Url names the KHEOPS root itself.' };
+  }
   if (status.State === 'paused') {
     const code = /answered (\d{3})/.exec(detail);
     return { tone: 'bad',
@@ -25,6 +40,13 @@ export function stateInWords(status) {
                    ' since ' + when(status.Since),
              detail: detail + '. Nothing is lost: instances stay queued, and sending resumes' +
                      ' by itself once KHEOPS accepts the token again.' };
+  }
+  if (status.State === 'orthanc-unavailable') {
+    return { tone: 'bad',
+             text: "Not sending: the plugin cannot read from Orthanc's REST API since " +
+                   when(status.Since),
+             detail: detail + '. Nothing is lost: instances stay queued (check' +
+                     ' Kheops.OrthancUrl).' };
   }
   if (status.State === 'unreachable') {
     return { tone: 'warn', detail,
