@@ -22,7 +22,8 @@ from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+REPOSITORY = Path(__file__).resolve().parents[2]
+README = REPOSITORY / "README.md"
 OE2_PAGE = "/ui/app/index.html"
 CREDENTIALS = ("admin", "kheops-oe2-test")
 UNKNOWN = "00000000-00000000-00000000-00000000-00000000"
@@ -142,3 +143,8 @@ def test_each_button_of_the_readme_block_does_what_its_tooltip_says(
     # OE2's plugin list opens the app.
     root = orthanc.get("/plugins/python").json().get("RootUri", "")
     assert root.endswith("/kheops/app/index.html")
+
+
+def test_the_docker_configuration_carries_the_readme_block() -> None:
+    docker = json.loads((REPOSITORY / "docker" / "orthanc.json").read_text(encoding="utf-8"))
+    assert docker["OrthancExplorer2"]["UiOptions"]["CustomButtons"] == custom_buttons()
