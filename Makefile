@@ -7,10 +7,19 @@ PY := $(VENV)/bin/python
 DEBIAN_PACKAGES := $(shell grep -v -e '^\#' -e '^ *$$' tools/debian-packages.txt)
 # The Orthanc stacks `make test` runs the suite on (tools/matrix); STACKS=host for this one only.
 STACKS ?= host trixie forky
+# axe-core, for the accessibility check of the browser tests: fetched here, where the network is
+# at hand (the tests run without one), into build/, never committed.
+AXE_VERSION := 4.14.1
+AXE := build/test/axe-core-$(AXE_VERSION)/package/axe.min.js
 
 .PHONY: install demo test lint screenshots docker-check bench bench-quick clean
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed $(AXE)
+
+$(AXE): $(VENV)/.installed
+	mkdir -p build/test/axe-core-$(AXE_VERSION)
+	cd build/test/axe-core-$(AXE_VERSION) && npm pack --silent axe-core@$(AXE_VERSION) >/dev/null \
+	  && tar -xzf axe-core-$(AXE_VERSION).tgz package/axe.min.js
 
 $(VENV)/.installed: pyproject.toml tools/debian-packages.txt
 	@missing=$$(for p in $(DEBIAN_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \

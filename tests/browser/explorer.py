@@ -8,8 +8,6 @@ so that a test can check no token ever reached it in clear.
 from __future__ import annotations
 
 import re
-import subprocess
-import tarfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -83,22 +81,9 @@ def save_screenshot(page: Page, name: str) -> Path:
 
 
 def axe_script() -> str:
-    """axe-core, fetched from the npm registry into build/test/ the first time (never committed)."""
+    """axe-core, which `make install` fetches from the npm registry into build/test/."""
     script = AXE_FOLDER / "package" / "axe.min.js"
-    if not script.exists():
-        AXE_FOLDER.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            ["npm", "pack", f"axe-core@{AXE_VERSION}", "--silent", "--pack-destination", "."],
-            cwd=AXE_FOLDER,
-            check=True,
-            capture_output=True,
-            timeout=300,
-        )
-        with tarfile.open(AXE_FOLDER / f"axe-core-{AXE_VERSION}.tgz") as archive:
-            member = archive.extractfile("package/axe.min.js")
-            assert member is not None, "axe-core's package has no axe.min.js"
-            script.parent.mkdir(exist_ok=True)
-            script.write_bytes(member.read())
+    assert script.exists(), f"{script} is missing: `make install` fetches axe-core {AXE_VERSION}"
     return script.read_text(encoding="utf-8")
 
 
