@@ -243,6 +243,22 @@ def test_a_reply_never_shows_a_value_sent_under_a_token_key_nor_a_known_token() 
     assert reply.status == 400
 
 
+def test_a_token_that_reads_like_a_key_of_the_answer_leaves_its_shape_alone() -> None:
+    def handler(request: Request, groups: Sequence[str]) -> Response:
+        raise HttpError(404, "no rule named 'x'; Message sent", field="Name")
+
+    router = Router()
+    router.add("PUT", "rules/x", handler)
+
+    reply = router.reply(Request("PUT", "rules/x", body=b'{"DestinationToken": "Message"}'))
+
+    assert json.loads(reply.encoded()) == {
+        "HttpStatus": 404,
+        "Message": "no rule named 'x'; (hidden) sent",
+        "Field": "Name",
+    }
+
+
 def test_an_unexpected_error_is_a_500_without_its_text() -> None:
     def handler(request: Request, groups: Sequence[str]) -> Response:
         raise RuntimeError("secret detail")

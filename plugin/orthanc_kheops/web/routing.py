@@ -166,6 +166,9 @@ class Router:
         """The answer to any request, its payload encoded and redacted; never raises."""
         try:
             response = self.handle(request)
+            secrets = request.secrets()
+            if secrets:
+                response = replace(response, body=_hidden(response.body, secrets))
             text = response.encoded().decode("utf-8")
         except Exception:
             log.exception("REST %s /kheops/%s failed", request.method, request.path[:80])
@@ -174,8 +177,6 @@ class Router:
                 {"HttpStatus": 500, "Message": "internal error; see Orthanc's log for details"},
             )
             text = response.encoded().decode("utf-8")
-        for secret in request.secrets():
-            text = text.replace(secret, "(hidden)")
         return replace(response, payload=self._redact(text).encode("utf-8"))
 
 
@@ -213,6 +214,23 @@ def encodable(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def _hidden(value: object, secrets: Sequence[str]) -> object:
+    """The answer with every secret the request carried hidden in its text values.
+
+    Values only: a "token" that happens to read like a key of the answer ("Message") must not
+    change the answer's shape. Answers are the plugin's own, a few levels deep.
+    """
+    if isinstance(value, str):
+        for secret in secrets:
+            value = value.replace(secret, "(hidden)")
+        return value
+    if isinstance(value, dict):
+        return {key: _hidden(item, secrets) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_hidden(item, secrets) for item in value]
+    return value
 
 
 def _strings(document: object) -> Iterator[tuple[str, str]]:
