@@ -29,7 +29,7 @@ _VERSIONS = re.compile(
     [
         ("GET", "/kheops/études/…", None, 404),
         ("POST", "/kheops/send", b'{"Resources": ["caf\xc3\xa9"', 400),
-        ("POST", "/kheops/send", json.dumps({"Resources": ["café-…"]}), 404),
+        ("POST", "/kheops/send", json.dumps({"Resources": ["café-…"]}), 400),
     ],
 )
 def test_an_error_answer_keeps_its_status_its_json_body_and_one_content_type(
