@@ -24,7 +24,16 @@ import psycopg
 from tests.orthanc_process import free_ports
 from tests.waiting import wait_until
 
-BINARIES = Path("/usr/lib/postgresql/15/bin")
+
+def _binaries() -> Path:
+    """Debian's PostgreSQL of this release (15 on bookworm, 17 on trixie, 18 on forky)."""
+    found = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parent.parent.name)
+    )
+    return found[-1].parent if found else Path("/usr/lib/postgresql/15/bin")
+
+
+BINARIES = _binaries()
 SUPERUSER = "kheops_test"
 
 
