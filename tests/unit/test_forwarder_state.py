@@ -18,6 +18,7 @@ import pytest
 from orthanc_kheops.config import KheopsConfig
 from orthanc_kheops.forwarding import forwarder as forwarder_module
 from orthanc_kheops.forwarding.forwarder import Forwarder, SentInstance
+from orthanc_kheops.forwarding.health import State
 from orthanc_kheops.state.clock import SteadyClock
 from orthanc_kheops.state.errors import StoreUnavailable
 from orthanc_kheops.state.outbox import QueuedInstance, SqliteOutbox
@@ -256,7 +257,13 @@ def test_a_wall_clock_step_back_neither_stalls_nor_fails_the_backlog(tmp_path: P
     outbox.enqueue([(orthanc_id(1), len(dicom_file(1)))], now=clock(), requeue=True)
     forwarder.start()
     try:
-        wait_until(lambda: kheops.requests, timeout=TIMEOUT, message="first attempt")
+        # The failed attempt is rescheduled before the outage is recorded: step the clocks only
+        # once both are done, or the retry would be reckoned from the stepped clock.
+        wait_until(
+            lambda: forwarder.health.state is State.UNREACHABLE,
+            timeout=TIMEOUT,
+            message="first attempt failed",
+        )
 
         wall.advance(-3600)  # NTP steps the system clock back an hour
         monotonic.advance(3)  # past the retry delay and the probe
