@@ -184,7 +184,13 @@ def test_apply_racing_a_delete_of_the_same_rule_never_answers_500(api: Env) -> N
 def test_a_path_or_query_that_is_not_text_is_a_4xx_and_orthanc_lives(api: Env, path: str) -> None:
     response = api.call("GET", path)
 
-    assert 400 <= response.status_code < 500, response.text[:300]
+    python_plugin = str(api.orthanc.get("/plugins/python").json()["Version"])
+    if "?" in path and python_plugin.startswith("7."):
+        # Python plugin 7 decodes the query itself and answers its own 500 for one that is not
+        # UTF-8, before the plugin is called (4.0 and 5.0 hand it on): Orthanc still lives.
+        assert response.status_code == 500 and "OrthancError" in response.text, response.text
+    else:
+        assert 400 <= response.status_code < 500, response.text[:300]
     assert len(response.text) < 1000
     assert _alive(api.orthanc)
 

@@ -177,7 +177,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 def _fill(folder: Path) -> Path:
     filler = folder / "filler"
-    with filler.open("wb") as out:
+    with filler.open("wb", buffering=0) as out:  # unbuffered: closing has nothing left to write
         try:
             while True:
                 out.write(b"\0" * 65536)
