@@ -113,7 +113,9 @@ class _Plugin:
         self.state = open_state(config, clock=self.clock)
         self.outbox = self.state.outbox
         cluster = self.state.cluster
-        session = make_session(pool_size=config.workers + 4, verify=config.verify_tls)
+        session = make_session(
+            url=config.url, pool_size=config.workers + 4, verify=config.verify_tls
+        )
         self.kheops = KheopsClient(
             config.url,
             session=session,

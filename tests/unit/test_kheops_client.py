@@ -8,6 +8,7 @@ import socket
 import time
 import traceback
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -53,7 +54,7 @@ STORED_ANSWER = json.dumps(
 def _client(url: str, *, read_timeout: float = 10.0) -> KheopsClient:
     return KheopsClient(
         url,
-        session=make_session(pool_size=2, verify=True),
+        session=make_session(url=url, pool_size=2, verify=True),
         connect_timeout=5.0,
         read_timeout=read_timeout,
     )
@@ -95,6 +96,34 @@ def test_stow_posts_the_multipart_body_with_the_bearer_token(server: RecordingSe
         failed={"1.2.3.9.9.9": 292},
         other_failures=(),
     )
+
+
+def test_a_netrc_entry_for_the_host_does_not_replace_the_token(
+    server: RecordingServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login someone password other\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    server.answer(Answer(202, STORED_ANSWER, "application/dicom+json"))
+
+    _client(server.url).stow(TOKEN, [PART])
+
+    assert server.received[0].headers["authorization"] == f"Bearer {TOKEN.reveal()}"
+
+
+def test_a_proxy_set_in_the_environment_is_used_for_kheops_unless_no_proxy_names_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    proxied = make_session(url="https://kheops.example", pool_size=1, verify=True)
+    monkeypatch.setenv("NO_PROXY", "kheops.example")
+    direct = make_session(url="https://kheops.example", pool_size=1, verify=True)
+
+    assert proxied.proxies.get("https") == "http://proxy.example:3128"
+    assert "https" not in direct.proxies
 
 
 def test_the_api_is_under_the_url_a_user_types(server: RecordingServer) -> None:

@@ -39,7 +39,7 @@ def target() -> Iterator[KheopsTestServer]:
 def _client(server: KheopsTestServer) -> KheopsClient:
     return KheopsClient(
         server.url,
-        session=make_session(pool_size=1, verify=True),
+        session=make_session(url=server.url, pool_size=1, verify=True),
         connect_timeout=5,
         read_timeout=10,
     )

@@ -135,13 +135,21 @@ class KheopsApi(Protocol):
     ) -> None: ...
 
 
-def make_session(*, pool_size: int, verify: bool | str) -> requests.Session:
-    """The one pooled session, sized so that no worker waits for a connection."""
+def make_session(*, url: str, pool_size: int, verify: bool | str) -> requests.Session:
+    """The one pooled session, sized so that no worker waits for a connection.
+
+    The environment (HTTPS_PROXY, NO_PROXY, REQUESTS_CA_BUNDLE) is read once, for `url`, the
+    only host the session talks to: requests would read it again for every request, and a
+    ~/.netrc entry for the host would replace the token in the Authorization header.
+    """
     session = requests.Session()
     adapter = HTTPAdapter(pool_connections=2, pool_maxsize=max(pool_size, 1), max_retries=0)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
-    session.verify = verify
+    settings = session.merge_environment_settings(url, {}, None, verify, None)
+    session.proxies = settings["proxies"]
+    session.verify = settings["verify"]
+    session.trust_env = False
     session.headers["User-Agent"] = "orthanc-kheops"
     return session
 
