@@ -258,6 +258,18 @@ def test_sop_uids_are_recorded(outbox: Outbox) -> None:
     assert outbox.lookup(["a"])["a"].sop_uid == "1.2.3"
 
 
+def test_sop_uids_given_with_the_verdict_are_recorded_and_known_ones_kept(outbox: Outbox) -> None:
+    outbox.enqueue([("a", 1), ("b", 1)], now=T0, requeue=True)
+    outbox.set_sop_uids({"b": "1.2.9"})
+    _claim(outbox)
+
+    outbox.mark_sent(["a", "b"], now=T0 + 1, sop_uids={"a": "1.2.3"})
+
+    found = outbox.lookup(["a", "b"])
+    assert (found["a"].state, found["a"].sop_uid) == ("sent", "1.2.3")
+    assert (found["b"].state, found["b"].sop_uid) == ("sent", "1.2.9")
+
+
 # --- requeue -------------------------------------------------------------------------------------
 
 
@@ -603,8 +615,21 @@ def test_instances_deleted_before_they_were_sent_leave_the_queue_counted(outbox:
 
     assert gone == 2
     remaining = outbox.lookup(["pending", "failed", "sent", "inflight"])
-    assert {k: v.state for k, v in remaining.items()} == {"sent": "sent", "inflight": "inflight"}
+    assert {k: v.state for k, v in remaining.items()} == {"inflight": "inflight"}
     assert outbox.counts() == {"pending": 0, "inflight": 1, "sent": 1, "failed": 0, "deleted": 2}
+
+
+def test_a_sent_instance_deleted_then_stored_again_is_queued_again(outbox: Outbox) -> None:
+    outbox.enqueue([("a", 1)], now=T0, requeue=True)
+    _claim(outbox)
+    outbox.mark_sent(["a"], now=T0 + 1)
+    outbox.forget_deleted(["a"])
+
+    queued = outbox.enqueue([("a", 2)], now=T0 + 2, requeue=False)  # its new change event
+
+    assert queued == 1
+    assert outbox.lookup(["a"])["a"].state == "pending"
+    assert outbox.counts()["sent"] == 1
 
 
 def test_sent_rows_are_pruned_after_the_retention_and_still_counted(outbox: Outbox) -> None:

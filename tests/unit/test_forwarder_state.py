@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,9 +63,11 @@ class DiskFullOutbox(SqliteOutbox):
         self._check("claim")
         return super().claim(**kwargs)
 
-    def mark_sent(self, orthanc_ids: Sequence[str], *, now: float) -> None:
+    def mark_sent(
+        self, orthanc_ids: Sequence[str], *, now: float, sop_uids: Mapping[str, str] | None = None
+    ) -> None:
         self._check("mark_sent")
-        super().mark_sent(orthanc_ids, now=now)
+        super().mark_sent(orthanc_ids, now=now, sop_uids=sop_uids)
 
     def reschedule(self, retries: Any, *, now: float) -> None:
         self._check("reschedule")

@@ -158,15 +158,15 @@ class Forwarder:
         """Instances were queued or made due at once: idle workers look at the queue now."""
         self._wake.set()
 
-    def instance_stored(self) -> None:
-        """Orthanc stored an instance, and it is queued.
+    def instances_stored(self, count: int = 1) -> None:
+        """Orthanc stored `count` instances, and they are queued.
 
         Idle workers are woken only when the queue was empty (to start lingering) or when
         enough instances came for a full batch; otherwise the linger ends their wait. One
         wake per stored instance would cost a claim per instance and per worker.
         """
         with self._lock:
-            self._stored_since_claim += 1
+            self._stored_since_claim += count
             wake = (
                 self._idle_on_empty_queue
                 or self._stored_since_claim >= self._config.batch_max_instances
@@ -304,8 +304,18 @@ class Forwarder:
 
     def _send(self, batch: Sequence[QueuedInstance]) -> None:
         loaded = self._load(batch)
-        if loaded:
-            self._post(loaded)
+        if not loaded:
+            return
+        recorded = self._post(loaded)
+        # The UIDs read from files whose row had none, for the queue listing; those marked
+        # sent were recorded with their verdict.
+        unknown = {
+            x.item.orthanc_id: x.sop_uid
+            for x in loaded
+            if x.item.sop_uid != x.sop_uid and x.item.orthanc_id not in recorded
+        }
+        if unknown:
+            self._write(lambda: self._outbox.set_sop_uids(unknown))
 
     # -- writing outcomes --------------------------------------------------------
 
@@ -351,6 +361,7 @@ class Forwarder:
         orthanc_error: str | None = None
         left: list[str] = []
         budget = self._config.batch_max_bytes
+        header = self._header_needed()
         for item in batch:
             if loaded and budget <= 0:
                 # The sizes in the queue were wrong: never hold more than the bound in memory.
@@ -369,7 +380,7 @@ class Forwarder:
                 later.append(self._backoff(item, _internal(exc)))
                 continue
             try:
-                prepared = prepare(data, header=self._header_needed())
+                prepared = prepare(data, header=header)
             except UnreadableFile as exc:
                 failed[item.orthanc_id] = str(exc)
                 continue
@@ -405,9 +416,6 @@ class Forwarder:
             self._write(lambda: self._outbox.reschedule(later, now=now))
         if left:
             self._write(lambda: self._outbox.release(left))
-        unknown = {x.item.orthanc_id: x.sop_uid for x in loaded if x.item.sop_uid != x.sop_uid}
-        if unknown:
-            self._write(lambda: self._outbox.set_sop_uids(unknown))
         return loaded
 
     def _deleted(self, orthanc_ids: Sequence[str]) -> None:
@@ -442,7 +450,8 @@ class Forwarder:
             log.info("%d instances deleted from Orthanc before they were sent left the queue", gone)
         return gone
 
-    def _post(self, loaded: Sequence[_Loaded]) -> None:
+    def _post(self, loaded: Sequence[_Loaded]) -> frozenset[str]:
+        """Send one request and record its outcome: the Orthanc ids marked sent."""
         items = [x.item for x in loaded]
         started = self._clock()
         try:
@@ -450,12 +459,12 @@ class Forwarder:
         except KheopsRedirected as exc:
             self._write(lambda: self._outbox.release([item.orthanc_id for item in items]))
             self._redirected(exc)
-            return
+            return frozenset()
         except KheopsUnauthorized as exc:
             self._write(lambda: self._outbox.release([item.orthanc_id for item in items]))
             if self.health.record_refused(str(exc), self._clock()):
                 log.error("KHEOPS refuses the token; sending is paused, nothing is lost: %s", exc)
-            return
+            return frozenset()
         except KheopsRejected as exc:
             if exc.status in _WRONG_ENDPOINT:
                 self._write(lambda: self._outbox.release([item.orthanc_id for item in items]))
@@ -463,9 +472,9 @@ class Forwarder:
                     log.error(
                         "%s; sending is paused, nothing is lost: %s", _WRONG_ENDPOINT_WHY, exc
                     )
-                return
+                return frozenset()
             self._rejected(items, str(exc))
-            return
+            return frozenset()
         except KheopsUnavailable as exc:
             if self.health.began_before_recovery(started):
                 # Failed in an outage that has ended since: try again soon, not after a
@@ -476,16 +485,16 @@ class Forwarder:
                 # between then makes these due again rather than leaving them to their backoff.
                 self._retry_all(items, str(exc), at_least=exc.retry_after)
             self._unavailable(exc, started)
-            return
+            return frozenset()
         except KheopsError as exc:
             self._retry_all(items, str(exc))
-            return
+            return frozenset()
         now = self._clock()
         self._recovered(now, started)
         verdicts = judge([x.sop_uid for x in loaded], answer)
         if self._token_lost(loaded, verdicts):
-            return
-        self._record_verdicts(loaded, verdicts, now)
+            return frozenset()
+        return self._record_verdicts(loaded, verdicts, now)
 
     def _token_lost(self, loaded: Sequence[_Loaded], verdicts: Mapping[str, Judgement]) -> bool:
         """292 for every instance of several series: does the token still work?
@@ -542,7 +551,8 @@ class Forwarder:
 
     def _record_verdicts(
         self, loaded: Sequence[_Loaded], verdicts: Mapping[str, Judgement], now: float
-    ) -> None:
+    ) -> frozenset[str]:
+        """Record each instance's verdict: the Orthanc ids marked sent."""
         sent: list[_Loaded] = []
         failed: dict[str, str] = {}
         retries: list[QueuedInstance] = []
@@ -564,7 +574,12 @@ class Forwarder:
             sent = []
         if sent:
             self._told_rights_lost = False
-            self._write(lambda: self._outbox.mark_sent([x.item.orthanc_id for x in sent], now=now))
+            uids = {x.item.orthanc_id: x.sop_uid for x in sent if x.item.sop_uid != x.sop_uid}
+            self._write(
+                lambda: self._outbox.mark_sent(
+                    [x.item.orthanc_id for x in sent], now=now, sop_uids=uids
+                )
+            )
             self.stats.record_sent(len(sent), now=now)
             with self._lock:
                 self._sent_log.append((now, len(sent), sum(len(x.data) for x in sent)))
@@ -577,6 +592,7 @@ class Forwarder:
             self.health.record_error(next(iter(failed.values())), now)
         for item in retries:
             self._retry_all([item], reasons[item.orthanc_id])
+        return frozenset(x.item.orthanc_id for x in sent)
 
     def _hand_on(self, sent: Sequence[_Loaded]) -> bool:
         """Give what KHEOPS stored to `after_store` before the outbox marks it sent.

@@ -185,8 +185,14 @@ class Outbox(Protocol):
         """
         ...
 
-    def mark_sent(self, orthanc_ids: Sequence[str], *, now: float) -> None:
-        """KHEOPS confirmed these instances: sent, one more attempt, no error."""
+    def mark_sent(
+        self, orthanc_ids: Sequence[str], *, now: float, sop_uids: Mapping[str, str] | None = None
+    ) -> None:
+        """KHEOPS confirmed these instances: sent, one more attempt, no error.
+
+        `sop_uids` (by Orthanc id) are recorded in the same write: the UIDs read from files
+        whose row had none (the store callback queues an id and a size only).
+        """
         ...
 
     def mark_failed(self, reasons: Mapping[str, str], *, now: float) -> None:
@@ -219,7 +225,10 @@ class Outbox(Protocol):
     def forget_deleted(self, orthanc_ids: Sequence[str]) -> int:
         """Orthanc deleted these instances: unsent ones (pending, failed) leave the queue.
 
-        They are counted under "deleted" in `counts()`; sent and inflight rows stay.
+        They are counted under "deleted" in `counts()`. Sent rows leave too, still counted as
+        sent (as pruned rows are), so that the instance is sent again if it is stored again
+        (Orthanc gives it the same id); inflight rows stay with their worker. Returns how many
+        unsent rows left.
         """
         ...
 
@@ -349,33 +358,24 @@ class SqliteOutbox:
             )
         return [_instance(row, state="inflight") for row in chosen]
 
-    def mark_sent(self, orthanc_ids: Sequence[str], *, now: float) -> None:
+    def mark_sent(
+        self, orthanc_ids: Sequence[str], *, now: float, sop_uids: Mapping[str, str] | None = None
+    ) -> None:
+        uids = sop_uids or {}
         with self._file.transaction() as db:
             db.executemany(
-                "UPDATE instances SET state = 'sent', done_at = ?, last_error = NULL,"
-                " lease_until = NULL, attempts = attempts + 1 WHERE orthanc_id = ?",
-                [(now, orthanc_id) for orthanc_id in orthanc_ids],
+                _DONE.format(state="sent") + ", last_error = NULL, sop_uid = COALESCE(?, sop_uid)"
+                " WHERE orthanc_id = ?",
+                [(now, now, uids.get(orthanc_id), orthanc_id) for orthanc_id in orthanc_ids],
             )
-            self._requeue_restored(db, orthanc_ids, now)
 
     def mark_failed(self, reasons: Mapping[str, str], *, now: float) -> None:
         with self._file.transaction() as db:
             db.executemany(
-                "UPDATE instances SET state = 'failed', done_at = ?, last_error = ?,"
-                " lease_until = NULL, attempts = attempts + 1 WHERE orthanc_id = ?",
-                [(now, reason, orthanc_id) for orthanc_id, reason in reasons.items()],
+                _DONE.format(state="failed")
+                + ", last_error = CASE WHEN restored = 1 THEN NULL ELSE ? END WHERE orthanc_id = ?",
+                [(now, now, reason, orthanc_id) for orthanc_id, reason in reasons.items()],
             )
-            self._requeue_restored(db, list(reasons), now)
-
-    @staticmethod
-    def _requeue_restored(db: sqlite3.Connection, orthanc_ids: Sequence[str], now: float) -> None:
-        """Orthanc stored a new file while the old one was being sent: send the new one."""
-        db.executemany(
-            "UPDATE instances SET state = 'pending', next_attempt = ?, attempts = 0,"
-            " last_error = NULL, done_at = NULL, restored = 0"
-            " WHERE orthanc_id = ? AND restored = 1",
-            [(now, orthanc_id) for orthanc_id in orthanc_ids],
-        )
 
     def reschedule(self, retries: Sequence[Retry], *, now: float) -> None:
         """Put claimed instances back to wait; rows no longer in flight keep their outcome."""
@@ -443,6 +443,13 @@ class SqliteOutbox:
                 ).rowcount
             if gone:
                 db.execute("UPDATE tally SET n = n + ? WHERE name = 'deleted'", (gone,))
+            sent = 0
+            for orthanc_id in orthanc_ids:
+                sent += db.execute(
+                    "DELETE FROM instances WHERE orthanc_id = ? AND state = 'sent'", (orthanc_id,)
+                ).rowcount
+            if sent:
+                db.execute("UPDATE tally SET n = n + ? WHERE name = 'pruned'", (sent,))
             return gone
 
     def prune_sent(self, *, before: float, limit: int) -> int:
@@ -525,6 +532,19 @@ class SqliteOutbox:
 
     def close(self) -> None:
         self._file.close()
+
+
+# A verdict, in one statement per row (its first two parameters: the done time, the due time):
+# a row whose file Orthanc stored again while the old one was being sent is pending again,
+# so that the new file is sent.
+_DONE = (
+    "UPDATE instances SET"
+    " state = CASE WHEN restored = 1 THEN 'pending' ELSE '{state}' END,"
+    " done_at = CASE WHEN restored = 1 THEN NULL ELSE ? END,"
+    " next_attempt = CASE WHEN restored = 1 THEN ? ELSE next_attempt END,"
+    " attempts = CASE WHEN restored = 1 THEN 0 ELSE attempts + 1 END,"
+    " restored = 0, lease_until = NULL"
+)
 
 
 def _instance(row: sqlite3.Row, *, state: str | None = None) -> QueuedInstance:

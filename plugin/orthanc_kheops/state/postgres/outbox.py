@@ -112,17 +112,26 @@ class PgOutbox:
             (now + self._lease, self._node),
         )
 
-    def mark_sent(self, orthanc_ids: Sequence[str], *, now: float) -> None:
+    def mark_sent(
+        self, orthanc_ids: Sequence[str], *, now: float, sop_uids: Mapping[str, str] | None = None
+    ) -> None:
         """Sent, unless Orthanc stored a new file meanwhile: then that one is pending."""
+        uids = sop_uids or {}
         self._db.execute(
-            "UPDATE instances SET"
-            " state = CASE WHEN restored THEN 'pending' ELSE 'sent' END,"
-            " done_at = CASE WHEN restored THEN NULL ELSE %(now)s END,"
-            " next_attempt = CASE WHEN restored THEN %(now)s ELSE next_attempt END,"
-            " attempts = CASE WHEN restored THEN 0 ELSE attempts + 1 END,"
-            " last_error = NULL, restored = false, lease_node = NULL, lease_until = NULL, claim_ends = NULL"
-            " WHERE orthanc_id = ANY(%(ids)s)",
-            {"now": now, "ids": list(orthanc_ids)},
+            "UPDATE instances AS i SET"
+            " state = CASE WHEN i.restored THEN 'pending' ELSE 'sent' END,"
+            " done_at = CASE WHEN i.restored THEN NULL ELSE %(now)s END,"
+            " next_attempt = CASE WHEN i.restored THEN %(now)s ELSE i.next_attempt END,"
+            " attempts = CASE WHEN i.restored THEN 0 ELSE i.attempts + 1 END,"
+            " last_error = NULL, sop_uid = COALESCE(u.uid, i.sop_uid), restored = false,"
+            " lease_node = NULL, lease_until = NULL, claim_ends = NULL"
+            " FROM unnest(%(ids)s::text[], %(uids)s::text[]) AS u (id, uid)"
+            " WHERE i.orthanc_id = u.id",
+            {
+                "now": now,
+                "ids": list(orthanc_ids),
+                "uids": [uids.get(orthanc_id) for orthanc_id in orthanc_ids],
+            },
         )
 
     def mark_failed(self, reasons: Mapping[str, str], *, now: float) -> None:
@@ -205,7 +214,8 @@ class PgOutbox:
                 return total
 
     def forget_deleted(self, orthanc_ids: Sequence[str]) -> int:
-        """Orthanc deleted these: unsent rows leave the queue, counted under "deleted"."""
+        """Orthanc deleted these: unsent rows leave the queue, counted under "deleted"; sent
+        rows leave too, still counted as sent (see `Outbox.forget_deleted`)."""
         with self._db.transaction() as db:
             gone = db.execute(
                 "DELETE FROM instances WHERE orthanc_id = ANY(%s)"
@@ -214,6 +224,12 @@ class PgOutbox:
             ).rowcount
             if gone:
                 _add(db, "deleted", gone)
+            sent = db.execute(
+                "DELETE FROM instances WHERE orthanc_id = ANY(%s) AND state = 'sent'",
+                (list(orthanc_ids),),
+            ).rowcount
+            if sent:
+                _add(db, "pruned", sent)
         return gone
 
     def prune_sent(self, *, before: float, limit: int) -> int:
