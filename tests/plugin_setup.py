@@ -107,3 +107,11 @@ def queue(orthanc: OrthancProcess, state: str) -> list[dict[str, Any]]:
     response.raise_for_status()
     entries: list[dict[str, Any]] = response.json()["Instances"]
     return entries
+
+
+def orthanc_id(orthanc: OrthancProcess, sop_uid: str) -> str:
+    """The Orthanc id of the instance with this SOP Instance UID."""
+    response = orthanc.post("/tools/lookup", data=sop_uid)
+    response.raise_for_status()
+    found: list[dict[str, Any]] = response.json()
+    return str(found[0]["ID"])

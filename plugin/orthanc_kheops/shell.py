@@ -19,8 +19,10 @@ from typing import Any, NoReturn
 import orthanc
 import psycopg
 
+from . import thread_state
 from .config import SECTION, ConfigError, KheopsConfig, check_environment, load_config
 from .forwarding.forwarder import Forwarder
+from .forwarding.intake import Intake
 from .kheops.client import KheopsClient, make_session
 from .observability.audit import audit_line
 from .observability.masking import Redactor, Secret
@@ -102,6 +104,7 @@ class _Plugin:
         sdk: Sdk,
         running: Platform,
         allow_threads: bool,
+        overwrite_instances: bool,
     ) -> None:
         self.config = config
         self.redactor = redactor
@@ -110,6 +113,10 @@ class _Plugin:
         self.sdk = sdk
         self._running = running
         self._allow_threads = allow_threads
+        # Orthanc logs no change for a file stored over an instance it has: then the store
+        # callback queues instances, else the change events (forwarding/intake.py says why).
+        self.store_callback = overwrite_instances
+        self.intake = Intake(self._queue_stored)
         self.state = open_state(config, clock=self.clock)
         self.outbox = self.state.outbox
         cluster = self.state.cluster
@@ -127,7 +134,10 @@ class _Plugin:
             authorization=Secret(orthanc.GenerateRestApiAuthorizationToken()),
             pool_size=config.workers + 4,
             reader=_read_dicom,
-            reader_max_bytes=None if allow_threads else _GIL_READ_MAX_BYTES,
+            # Without a store callback no store waits for the GIL a read holds.
+            reader_max_bytes=_GIL_READ_MAX_BYTES
+            if self.store_callback and not allow_threads
+            else None,
         )
         self.sharer = Sharer(
             config,
@@ -188,14 +198,25 @@ class _Plugin:
 
     def on_stored_instance(self, dicom: Any, instance_id: str) -> None:
         """Runs under Orthanc's lock: record the instance and return."""
+        self._enqueue([(instance_id, dicom.GetInstanceSize())])
+
+    def _queue_stored(self, orthanc_ids: Sequence[str]) -> None:
+        """New instances from the change events, with their size (the intake's thread)."""
+        # Rows already there stay as they are: the reconciler may have queued (or a worker
+        # already sent) an instance before its event came; a deletion forgets sent rows, so
+        # an instance stored again after one is new again.
+        self._enqueue(
+            [(orthanc_id, _instance_size(orthanc_id)) for orthanc_id in orthanc_ids],
+            requeue=False,
+        )
+
+    def _enqueue(self, items: Sequence[tuple[str, int]], *, requeue: bool = True) -> None:
         try:
-            self.outbox.enqueue(
-                [(instance_id, dicom.GetInstanceSize())], now=self.clock(), requeue=True
-            )
+            self.outbox.enqueue(items, now=self.clock(), requeue=requeue)
         except StoreUnavailable as exc:
-            # The change log still has it: the reconciler queues it once writing works again.
+            # The change log still has them: the reconciler queues them once writing works.
             if self.store_health.failed(
-                f"cannot queue instance {instance_id}: {exc}", self.clock()
+                f"cannot queue instance {items[0][0]}: {exc}", self.clock()
             ):
                 log.error(
                     "cannot queue instances now (%s); they are queued from Orthanc's change log"
@@ -204,13 +225,24 @@ class _Plugin:
                 )
             return
         except Exception:
-            # The change log still has it: the reconciler will queue it.
-            log.exception("could not queue instance %s now; it will be found later", instance_id)
+            # The change log still has them: the reconciler will queue them.
+            log.exception("could not queue %d instances now; they will be found later", len(items))
             return
-        self.forwarder.instance_stored()
+        self.forwarder.instances_stored(len(items))
 
     def on_change(self, change_type: int, level: int, resource_id: str) -> None:
-        if change_type == orthanc.ChangeType.DELETED and level == orthanc.ResourceType.INSTANCE:
+        thread_state.keep()
+        try:
+            self._on_change(change_type, level, resource_id)
+        finally:
+            self.intake.pace()
+
+    def _on_change(self, change_type: int, level: int, resource_id: str) -> None:
+        if change_type == orthanc.ChangeType.NEW_INSTANCE:
+            if not self.store_callback:
+                self.intake.add(resource_id)
+        elif change_type == orthanc.ChangeType.DELETED and level == orthanc.ResourceType.INSTANCE:
+            self.intake.flush()  # a deletion never comes before the instance's own queuing
             try:
                 self.forwarder.instances_deleted([resource_id])
             except StoreUnavailable as exc:
@@ -228,6 +260,7 @@ class _Plugin:
                     on_sent_elsewhere=self.forwarder.sent_elsewhere,
                 )
             self.labels.start()
+            self.intake.start()
             if self.config.enabled:
                 self.sharer.start()
                 self.forwarder.start()
@@ -239,6 +272,8 @@ class _Plugin:
                     "forwarding is disabled (Kheops.Enabled is false); instances are queued"
                 )
         elif change_type == orthanc.ChangeType.ORTHANC_STOPPED:
+            self.intake.stop(timeout=10)
+            thread_state.release()
             self.forwarder.stop(timeout=10)
             self.sharer.stop(timeout=10)
             self.labels.stop(timeout=10)
@@ -300,9 +335,19 @@ def _to_app(output: Any, uri: str, **request: Any) -> None:
 
 
 # Without Python.AllowThreads the GIL is held while Orthanc reads a file for GetDicomForInstance,
-# and store callbacks wait for it as long as the read takes: larger files go over loopback.
+# and store callbacks (with OverwriteInstances) wait for it as long as the read takes: larger
+# files then go over loopback.
 _GIL_READ_MAX_BYTES = 1 << 20
 _UNKNOWN_RESOURCE = 17  # OrthancPluginErrorCode_UnknownResource
+
+
+def _instance_size(orthanc_id: str) -> int:
+    """The size of an instance's file, in-process (a read: safe from a Python thread); 0 when
+    Orthanc cannot say (such an instance travels alone, read over loopback)."""
+    try:
+        return int(orthanc.RestApiGet(f"/instances/{orthanc_id}/attachments/dicom/size"))
+    except (orthanc.OrthancException, ValueError):
+        return 0
 
 
 def _read_dicom(orthanc_id: str) -> bytes:
@@ -359,7 +404,13 @@ def install() -> None:
     allow_threads = isinstance(python_section, dict) and python_section.get("AllowThreads") is True
     try:
         plugin = _Plugin(
-            config, redactor, rules, sdk=sdk, running=running, allow_threads=allow_threads
+            config,
+            redactor,
+            rules,
+            sdk=sdk,
+            running=running,
+            allow_threads=allow_threads,
+            overwrite_instances=configuration.get("OverwriteInstances") is True,
         )
     except StateDirectoryInUse as exc:
         _refuse_to_start(f"{SECTION}.StateDirectory: {exc}")
@@ -379,7 +430,8 @@ def install() -> None:
         _refuse_to_start(
             f"{SECTION}.StateDirectory: cannot open the state in {config.state_directory}: {exc}"
         )
-    _register(orthanc.RegisterOnStoredInstanceCallback, plugin.on_stored_instance)
+    if plugin.store_callback:
+        _register(orthanc.RegisterOnStoredInstanceCallback, plugin.on_stored_instance)
     _register(orthanc.RegisterOnChangeCallback, plugin.on_change)
     # Orthanc gives a URI to the first pattern that matches it: the app's come first.
     _register(orthanc.RegisterRestCallback, "/kheops/app", _to_app)

@@ -76,6 +76,35 @@ def test_instances_stored_by_storescu_and_rest_arrive_in_the_album_of_the_token(
     assert status(orthanc)["AlbumId"] == album.album_id
 
 
+def test_a_file_stored_over_a_sent_instance_is_sent_again_when_orthanc_overwrites(
+    orthanc_factory: OrthancFactory, album: Album
+) -> None:
+    orthanc = orthanc_factory(kheops=album.section(), extra_config={"OverwriteInstances": True})
+    uid, data = single_instance()
+    orthanc.upload(data)
+    wait_until(lambda: album.server.store_count(uid) == 1, message="first upload stored")
+
+    orthanc.upload(data)  # Orthanc logs no change for it: the store callback queues it
+
+    wait_until(lambda: album.server.store_count(uid) == 2, message="the new file sent too")
+
+
+def test_a_file_orthanc_already_has_is_not_sent_again(
+    orthanc_factory: OrthancFactory, album: Album
+) -> None:
+    orthanc = orthanc_factory(kheops=album.section(Workers=1))
+    uid, data = single_instance()
+    orthanc.upload(data)
+    wait_until(lambda: album.server.store_count(uid) == 1, message="first upload stored")
+
+    orthanc.upload(data)  # AlreadyStored: the same file, nothing new to send
+    later_uid, later = single_instance()
+    orthanc.upload(later)
+
+    wait_until(lambda: album.server.store_count(later_uid) == 1, message="the later one sent")
+    assert album.server.store_count(uid) == 1
+
+
 def test_several_instances_travel_in_one_stow_request(
     orthanc_factory: OrthancFactory, album: Album, corpus: list[CorpusFile]
 ) -> None:
@@ -214,13 +243,14 @@ def test_a_revoked_token_at_start_up_pauses_sending_and_says_why(
 
     # The first STOW may meet the 401 before the start-up check answers: either way the
     # introspection that follows says why.
+    # The instance is queued from Orthanc's change event, a moment after the upload answered.
     def paused_for_the_token() -> dict[str, Any]:
         now = status(orthanc)
-        return now if now["State"] == "paused" and "not active" in now["StateDetail"] else {}
+        paused = now["State"] == "paused" and "not active" in now["StateDetail"]
+        return now if paused and now["Counts"]["Queued"] == 1 else {}
 
     paused = wait_until(paused_for_the_token)
     assert paused["TokenActive"] is False
-    assert paused["Counts"]["Queued"] == 1
 
 
 def test_an_instance_of_a_series_held_by_another_album_is_failed_and_the_others_go_on(

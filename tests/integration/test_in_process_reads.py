@@ -1,24 +1,17 @@
-"""Workers read instance files in-process through the SDK, and large ones over loopback."""
+"""Workers read instance files in-process through the SDK; large ones over loopback while a
+store callback would wait for the GIL a read holds (with OverwriteInstances)."""
 
 from __future__ import annotations
 
 import re
-from typing import Any
 
 import pytest
 
 from tests.orthanc_process import OrthancFactory, OrthancProcess
-from tests.plugin_setup import Album, queue, single_instance, status
+from tests.plugin_setup import Album, orthanc_id, queue, single_instance, status
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration
-
-
-def orthanc_id(orthanc: OrthancProcess, sop_uid: str) -> str:
-    response = orthanc.post("/tools/lookup", data=sop_uid)
-    response.raise_for_status()
-    found: list[dict[str, Any]] = response.json()
-    return str(found[0]["ID"])
 
 
 def loopback_reads(orthanc: OrthancProcess) -> set[str]:
@@ -26,18 +19,22 @@ def loopback_reads(orthanc: OrthancProcess) -> set[str]:
     return set(re.findall(r"\(http\) GET /instances/([0-9a-f-]+)/file", orthanc.log))
 
 
-def test_small_files_are_read_in_process_and_a_large_one_over_loopback_all_arrive(
-    orthanc_factory: OrthancFactory, album: Album
+@pytest.mark.parametrize("store_callback", [False, True], ids=["default", "overwrite"])
+def test_files_are_read_in_process_but_a_large_one_over_loopback_beside_a_store_callback(
+    orthanc_factory: OrthancFactory, album: Album, store_callback: bool
 ) -> None:
     small = [single_instance() for _ in range(3)]
-    large = single_instance(rows=1024, columns=1024)  # 2 MiB: the GIL would wait for its read
-    orthanc = orthanc_factory(kheops=album.section())
+    large = single_instance(rows=1024, columns=1024)  # 2 MiB: a store would wait for its read
+    orthanc = orthanc_factory(
+        kheops=album.section(), extra_config={"OverwriteInstances": store_callback}
+    )
 
     for _, data in [*small, large]:
         orthanc.upload(data)
     wait_until(lambda: album.holds([uid for uid, _ in [*small, large]]), timeout=60)
 
-    assert loopback_reads(orthanc) == {orthanc_id(orthanc, large[0])}
+    expected = {orthanc_id(orthanc, large[0])} if store_callback else set()
+    assert loopback_reads(orthanc) == expected
 
 
 def test_an_instance_deleted_before_it_is_sent_is_never_counted_as_sent(

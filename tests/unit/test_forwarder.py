@@ -335,7 +335,7 @@ class Rig:
                 now=self.clock(),
                 requeue=True,
             )
-            self.forwarder.instance_stored()
+            self.forwarder.instances_stored()
 
     def row(self, n: int) -> QueuedInstance:
         return self.outbox.lookup([orthanc_id(n)])[orthanc_id(n)]
