@@ -132,6 +132,16 @@ def test_a_batch_that_is_not_full_waits_until_its_oldest_instance_has_lingered(
     assert [i.orthanc_id for i in claimed] == ["first", "second"]
 
 
+def test_a_backlog_made_due_after_an_outage_is_taken_without_lingering(outbox: Outbox) -> None:
+    outbox.enqueue([("a", 1), ("b", 1)], now=T0, requeue=True)
+    _claim(outbox)
+    outbox.reschedule([Retry("a", 100.0, "503"), Retry("b", 100.0, "503")], now=T0)
+
+    claimed = outbox.claim(lease=LEASE, now=T0 + 100, max_count=3, max_bytes=MB, linger=0.5)
+
+    assert [i.orthanc_id for i in claimed] == ["a", "b"]  # queued long ago: nothing to wait for
+
+
 def test_a_full_batch_is_taken_without_lingering(outbox: Outbox) -> None:
     outbox.enqueue([("a", 1), ("b", 1), ("c", 1)], now=T0, requeue=True)
 

@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 from .errors import StoreUnavailable
 from .state_file import Migration, StateFile
@@ -30,6 +30,7 @@ from .state_file import Migration, StateFile
 __all__ = ["STATES", "Outbox", "QueuedInstance", "Retry", "SqliteOutbox", "StoreUnavailable"]
 
 SCHEMA_VERSION = 2
+_R = TypeVar("_R", bound="Row")
 
 _TALLY = """
 CREATE TABLE IF NOT EXISTS tally (
@@ -177,8 +178,9 @@ class Outbox(Protocol):
         """Take the longest-waiting due instances for one request; they are in flight.
 
         At most `max_count`, and at most `max_bytes` unless one instance alone is larger. A
-        batch that is not full is taken only once its oldest instance has been due for
-        `linger` seconds. An instance marked `alone`, or of unknown size (0), travels alone.
+        batch that is not full is taken only once its oldest instance has been queued for
+        `linger` seconds (a backlog made due after an outage goes at once). An instance marked
+        `alone`, or of unknown size (0), travels alone.
         The rows stay claimed until `now + lease`: rows whose lease ended unfinished are
         due again first. `due_by` (default `now`) takes instances due until then, before
         their backoff ends (a probe).
@@ -333,24 +335,10 @@ class SqliteOutbox:
                 " ORDER BY next_attempt LIMIT ?",
                 (now if due_by is None else due_by, max_count),
             ).fetchall()
-            chosen: list[sqlite3.Row] = []
-            total = 0
-            for row in candidates:
-                if row["alone"] or row["size"] <= 0:
-                    if not chosen:
-                        chosen.append(row)
-                    break
-                if chosen and total + row["size"] > max_bytes:
-                    break
-                chosen.append(row)
-                total += row["size"]
-            # Stopped by the count, by the bytes or by a lone one: waiting cannot make it bigger.
-            full = (
-                len(chosen) == max_count
-                or len(chosen) < len(candidates)
-                or any(row["alone"] or row["size"] <= 0 for row in chosen)
+            chosen = choose_batch(
+                candidates, now=now, max_count=max_count, max_bytes=max_bytes, linger=linger
             )
-            if chosen and not full and chosen[0]["next_attempt"] > now - linger:
+            if not chosen:
                 return []
             db.executemany(
                 "UPDATE instances SET state = 'inflight', lease_until = ? WHERE orthanc_id = ?",
@@ -532,6 +520,45 @@ class SqliteOutbox:
 
     def close(self) -> None:
         self._file.close()
+
+
+class Row(Protocol):
+    """A row of either back-end, read by column name."""
+
+    def __getitem__(self, key: str) -> Any: ...
+
+
+def choose_batch(
+    candidates: Sequence[_R], *, now: float, max_count: int, max_bytes: int, linger: float
+) -> list[_R]:
+    """The rows of one request among due candidates (oldest first); [] to linger.
+
+    A row marked `alone` (a retry after a 400) or of unknown size (0) goes in a request of its
+    own; the bytes limit stops a batch unless it would be empty. A batch stopped by the count,
+    the bytes or a lone row is full: waiting cannot make it bigger. One that is not full waits
+    until its oldest row has been queued for `linger` seconds, for instances still to come.
+    """
+    chosen: list[_R] = []
+    total = 0
+    for row in candidates:
+        if row["alone"] or row["size"] <= 0:
+            if not chosen:
+                chosen.append(row)
+            break
+        if chosen and total + row["size"] > max_bytes:
+            break
+        chosen.append(row)
+        total += row["size"]
+    full = (
+        len(chosen) == max_count
+        or len(chosen) < len(candidates)
+        or any(row["alone"] or row["size"] <= 0 for row in chosen)
+    )
+    if not chosen or full:
+        return chosen
+    # Since it was queued, or since it was due when that is earlier (a clock stepped back).
+    waited_since = min(min(row["queued_at"], row["next_attempt"]) for row in chosen)
+    return [] if waited_since > now - linger else chosen
 
 
 # A verdict, in one statement per row (its first two parameters: the done time, the due time):

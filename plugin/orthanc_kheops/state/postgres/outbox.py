@@ -24,10 +24,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from psycopg.rows import DictRow
 from psycopg.types.json import Jsonb
 
-from ..outbox import COUNTED, QueuedInstance, Retry
+from ..outbox import COUNTED, QueuedInstance, Retry, choose_batch
 from .database import Connection, PgDatabase
 
 _COLUMNS = (
@@ -292,37 +291,6 @@ class PgOutbox:
 
     def close(self) -> None:
         """The database is closed by whoever opened it (it is shared with the rule store)."""
-
-
-def choose_batch(
-    candidates: Sequence[DictRow], *, now: float, max_count: int, max_bytes: int, linger: float
-) -> list[DictRow]:
-    """The rows of one request among due candidates (oldest first); [] to linger.
-
-    A row marked `alone` (a retry after a 400) or of unknown size (0) goes in a request of
-    its own; the bytes
-    limit stops a batch unless it would be empty. A batch that is not full waits until its
-    oldest row has been due for `linger` seconds.
-    """
-    chosen: list[DictRow] = []
-    total = 0
-    for row in candidates:
-        if row["alone"] or row["size"] <= 0:
-            if not chosen:
-                chosen.append(row)
-            break
-        if chosen and total + row["size"] > max_bytes:
-            break
-        chosen.append(row)
-        total += row["size"]
-    full = (
-        len(chosen) == max_count
-        or len(chosen) < len(candidates)
-        or any(row["alone"] or row["size"] <= 0 for row in chosen)
-    )
-    if chosen and not full and chosen[0]["next_attempt"] > now - linger:
-        return []
-    return chosen
 
 
 def _take_back_expired(db: Connection, now: float) -> None:
