@@ -23,7 +23,7 @@ _local = threading.local()
 
 def keep() -> None:
     """Called from a callback, with the GIL held: this thread keeps its thread state."""
-    if getattr(_local, "state", None) is not None or getattr(_local, "failed", False):
+    if getattr(_local, "state", None) is not None or getattr(_local, "done", False):
         return
     try:
         ensure = ctypes.pythonapi.PyGILState_Ensure
@@ -31,13 +31,15 @@ def keep() -> None:
         ensure.argtypes = []
         _local.state = ensure()  # PyGILState_LOCKED: the GIL was held
     except (AttributeError, OSError) as exc:
-        _local.failed = True
+        _local.done = True
         log.info("the change thread's Python state cannot be kept (%s)", exc)
 
 
 def release() -> None:
-    """Give the kept thread state back (from the thread that kept it, in a callback)."""
+    """Give the kept thread state back (from the thread that kept it, in a callback); this
+    thread keeps none again (python plugin 7.1 may still send it events after the stop)."""
     state = getattr(_local, "state", None)
+    _local.done = True
     if state is None:
         return
     _local.state = None

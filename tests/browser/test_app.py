@@ -128,6 +128,24 @@ def test_the_status_says_that_kheops_url_redirects_and_that_nothing_is_lost(
     tab.assert_no_token_shown(kheops.tokens)
 
 
+def test_a_failed_instance_opens_its_series(
+    start_orthanc: OrthancFactory, open_explorer: OpenExplorer, kheops: Album
+) -> None:
+    study, series = new_uid(), new_uid()
+    held = instance(study_uid=study, series_uid=series, description="HELD")
+    kheops.take_series(held[1])
+    orthanc = start_orthanc()
+    store(orthanc, [held])
+    series_id = orthanc.post("/tools/lookup", data=series).json()[0]["ID"]
+    page = open_explorer(orthanc).open_app("status")
+    expect(fact(page, "Failed")).to_have_text("1")
+
+    page.locator("#failed-list a.open-series").click()
+
+    expect(page.locator("h1")).to_have_text(f"Series {series_id}")
+    expect(page.locator("#resource-summary")).to_contain_text("failed")
+
+
 def test_retry_moves_failed_instances_back_to_the_queue_one_or_all(
     start_orthanc: OrthancFactory, open_explorer: OpenExplorer, kheops: Album
 ) -> None:

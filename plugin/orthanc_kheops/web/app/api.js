@@ -15,6 +15,11 @@ export class ApiError extends Error {
   }
 }
 
+// Orthanc's own REST API, from the app at /kheops/app/: "../../" is Orthanc's root.
+export async function orthanc(path) {
+  return api('GET', '../' + path);
+}
+
 export async function api(method, path, body) {
   const init = { method, headers: { Accept: 'application/json' }, cache: 'no-store' };
   if (body !== undefined) {

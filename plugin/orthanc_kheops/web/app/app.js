@@ -4,7 +4,7 @@
 // Server text only ever goes into the page as text nodes (never as HTML), and the plugin's
 // routes never answer a token in clear. Views refresh every few seconds; a region is redrawn
 // only when what it shows changed, in one step, keeping the keyboard focus where it was.
-import { api } from './api.js';
+import { api, orthanc } from './api.js';
 import { RESOURCE_STATES, describeCounts, plural, stateInWords, when } from './words.js';
 
 const REFRESH_MS = 3000;
@@ -191,7 +191,9 @@ function statusView() {
         h('strong', { class: 'mono' }, name),
         h('p', { class: 'reason' }, entry.LastError || 'no reason recorded'),
         h('p', { class: 'muted' },
-          'Failed at ' + when(entry.DoneAt) + ' after ' + plural(entry.Attempts, 'attempt'))),
+          'Failed at ' + when(entry.DoneAt) + ' after ' + plural(entry.Attempts, 'attempt')),
+        h('a', { class: 'open-series', href: '#instance/' + encodeURIComponent(entry.ID),
+          'aria-label': 'Open its series (instance ' + name + ')' }, 'Open its series')),
       h('button', { type: 'button', class: 'retry-one', 'data-focus': 'retry-' + entry.ID,
         'aria-label': 'Retry instance ' + name, onclick: () => retry([entry.ID]) }, 'Retry'));
   }
@@ -578,20 +580,38 @@ function resourceView(level) {
   };
 }
 
-// -- routes: #status, #rules, #studies, #study/{id}, #series/{id} --------------------------
+// -- an instance: its series, found in Orthanc ------------------------------------------------
+
+function instanceView(id) {
+  const title = h('h1', {}, 'Instance ' + id);
+  const status = h('p', { id: 'instance-status', role: 'status' }, 'Finding its series…');
+  view.replaceChildren(title, status);
+  const mine = generation;
+  orthanc('instances/' + encodeURIComponent(id)).then((found) => {
+    if (mine === generation) {
+      location.replace('#series/' + encodeURIComponent(found.ParentSeries));
+    }
+  }).catch((error) => {
+    setText(status, error.status === 404 ? 'Orthanc no longer has this instance.'
+      : 'Cannot read the instance from Orthanc: ' + error.message);
+  });
+}
+
+// -- routes: #status, #rules, #studies, #study/{id}, #series/{id}, #instance/{id} ---------
 
 const VIEWS = {
   status: statusView, rules: rulesView, studies: studiesView,
-  study: resourceView('studies'), series: resourceView('series'),
+  study: resourceView('studies'), series: resourceView('series'), instance: instanceView,
 };
+const WITH_ID = ['study', 'series', 'instance'];
 
 function route(moved) {
   const [name, ...rest] = location.hash.replace(/^#/, '').split('/');
-  const known = name in VIEWS && (rest.length > 0) === (name === 'study' || name === 'series');
+  const known = name in VIEWS && (rest.length > 0) === WITH_ID.includes(name);
   const shown = known ? name : 'status';
   generation += 1;
   clearTimeout(timer);
-  const section = shown === 'study' || shown === 'series' ? 'studies' : shown;
+  const section = WITH_ID.includes(shown) ? 'studies' : shown;
   document.querySelectorAll('[data-nav]').forEach((link) => {
     if (link.dataset.nav === section) { link.setAttribute('aria-current', 'page'); }
     else { link.removeAttribute('aria-current'); }
