@@ -142,7 +142,7 @@ def test_a_failed_instance_opens_its_series(
 
     page.locator("#failed-list a.open-series").click()
 
-    expect(page.locator("h1")).to_have_text(f"Series {series_id}")
+    expect(page).to_have_url(re.compile(rf"#series/{re.escape(series_id)}$"))
     expect(page.locator("#resource-summary")).to_contain_text("failed")
 
 
