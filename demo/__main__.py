@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     state: Path = args.state
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    # Ctrl-C stops the demo even when its shell started it with SIGINT ignored (a background job).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return _run(args, state)
     except (KeyboardInterrupt, _Stop):
