@@ -54,6 +54,8 @@ class KheopsConfig:
     maximum_age: float | None = None
     sent_retention: float | None = 30 * 86400.0
     storage_recycling: str | None = None
+    # Orthanc's storage folder, where large files are read (None: StorageCompression is on).
+    storage_folder: Path | None = None
     token_recheck: float = 30.0
     reconcile_interval: float = 60.0
     verify_tls: bool | str = True
@@ -96,6 +98,7 @@ def load_config(
         maximum_age=(section.get("MaximumAgeHours", 0) * 3600) or None,
         sent_retention=(section.get("SentRetentionDays", 30) * 86400) or None,
         storage_recycling=_storage_recycling(orthanc_configuration),
+        storage_folder=_storage_folder(orthanc_configuration, config_directory),
         token_recheck=float(section.get("TokenRecheckSeconds", 30)),
         reconcile_interval=float(section.get("ReconcileSeconds", 60)),
         verify_tls=_verify_tls(section.get("VerifyTls", True), config_directory),
@@ -186,6 +189,13 @@ def _state_directory(
         return _resolve(Path(explicit), config_directory)
     storage = Path(orthanc.get("StorageDirectory", "OrthancStorage"))
     return _resolve(storage, config_directory) / "kheops"
+
+
+def _storage_folder(orthanc: Mapping[str, Any], config_directory: Path) -> Path | None:
+    """Where Orthanc keeps its files as stored; None when it compresses them."""
+    if orthanc.get("StorageCompression") is True:
+        return None
+    return _resolve(Path(orthanc.get("StorageDirectory", "OrthancStorage")), config_directory)
 
 
 _CONNINFO_KEYS = {"Host": "host", "Port": "port", "Database": "dbname", "Username": "user"}

@@ -35,6 +35,7 @@ from .state.errors import StoreUnavailable
 from .state.node_lock import StateDirectoryInUse
 from .state.postgres.database import StateDatabaseError
 from .state.store_health import StoreHealth
+from .storage_folder import Attachment, StorageFolder
 from .switching.rules import Rule, config_rules
 from .switching.sharing import Sharer
 from .web.app_files import ENTRY_PAGE, app_file
@@ -134,6 +135,9 @@ class _Plugin:
             authorization=Secret(orthanc.GenerateRestApiAuthorizationToken()),
             pool_size=config.workers + 4,
             reader=_read_dicom,
+            folder=StorageFolder(config.storage_folder, lookup=_attachment)
+            if config.storage_folder is not None
+            else None,
             # Without a store callback no store waits for the GIL a read holds.
             reader_max_bytes=_GIL_READ_MAX_BYTES
             if self.store_callback and not allow_threads
@@ -348,6 +352,19 @@ def _instance_size(orthanc_id: str) -> int:
         return int(orthanc.RestApiGet(f"/instances/{orthanc_id}/attachments/dicom/size"))
     except (orthanc.OrthancException, ValueError):
         return 0
+
+
+def _attachment(orthanc_id: str) -> Attachment | None:
+    """Where an instance's file is, in-process (a read, like `_instance_size`)."""
+    try:
+        info = json.loads(orthanc.RestApiGet(f"/instances/{orthanc_id}/attachments/dicom/info"))
+        return Attachment(
+            uuid=str(info["Uuid"]),
+            size=int(info["UncompressedSize"]),
+            stored_size=int(info["CompressedSize"]),
+        )
+    except (orthanc.OrthancException, ValueError, KeyError, TypeError):
+        return None
 
 
 def _read_dicom(orthanc_id: str) -> bytes:

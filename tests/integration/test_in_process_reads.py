@@ -1,9 +1,11 @@
-"""Workers read instance files in-process through the SDK; large ones over loopback while a
-store callback would wait for the GIL a read holds (with OverwriteInstances)."""
+"""Workers read instance files in-process: large ones from Orthanc's storage folder, where it
+keeps them as stored, the others through the SDK; a large one not in the folder goes over
+loopback while a store callback would wait for the GIL a read holds (with OverwriteInstances)."""
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -19,22 +21,66 @@ def loopback_reads(orthanc: OrthancProcess) -> set[str]:
     return set(re.findall(r"\(http\) GET /instances/([0-9a-f-]+)/file", orthanc.log))
 
 
-@pytest.mark.parametrize("store_callback", [False, True], ids=["default", "overwrite"])
-def test_files_are_read_in_process_but_a_large_one_over_loopback_beside_a_store_callback(
-    orthanc_factory: OrthancFactory, album: Album, store_callback: bool
+def stored_file(orthanc: OrthancProcess, instance: str) -> Path:
+    """Where Orthanc keeps an instance's file in its storage folder."""
+    uuid = orthanc.get(f"/instances/{instance}/attachments/dicom/info").json()["Uuid"]
+    return Path(orthanc.config["StorageDirectory"]) / uuid[:2] / uuid[2:4] / uuid
+
+
+@pytest.mark.parametrize(
+    ("store_callback", "compression"),
+    [(False, False), (True, False), (True, True)],
+    ids=["default", "overwrite", "overwrite-compressed"],
+)
+def test_a_large_file_goes_over_loopback_only_beside_a_store_callback_when_compressed(
+    orthanc_factory: OrthancFactory, album: Album, store_callback: bool, compression: bool
 ) -> None:
     small = [single_instance() for _ in range(3)]
     large = single_instance(rows=1024, columns=1024)  # 2 MiB: a store would wait for its read
     orthanc = orthanc_factory(
-        kheops=album.section(), extra_config={"OverwriteInstances": store_callback}
+        kheops=album.section(),
+        extra_config={"OverwriteInstances": store_callback, "StorageCompression": compression},
     )
 
     for _, data in [*small, large]:
         orthanc.upload(data)
     wait_until(lambda: album.holds([uid for uid, _ in [*small, large]]), timeout=60)
 
-    expected = {orthanc_id(orthanc, large[0])} if store_callback else set()
+    # Compressed, the large file is not in the storage folder as stored: read over loopback.
+    expected = {orthanc_id(orthanc, large[0])} if compression else set()
     assert loopback_reads(orthanc) == expected
+
+
+def test_a_large_file_is_sent_as_it_is_in_orthancs_storage_folder(
+    orthanc_factory: OrthancFactory, album: Album
+) -> None:
+    album.server.set_down(True)
+    orthanc = orthanc_factory(kheops=album.section())
+    sop_uid, data = single_instance(rows=512, columns=512)  # 512 KiB: read from the folder
+    instance = orthanc.upload(data)
+    wait_until(lambda: status(orthanc)["Counts"]["Queued"] == 1)
+    # The file in the folder now names another instance, of the same length: only a read
+    # from the folder sends that one.
+    other = sop_uid[:-1] + ("1" if sop_uid[-1] != "1" else "2")
+    path = stored_file(orthanc, instance)
+    path.write_bytes(path.read_bytes().replace(sop_uid.encode(), other.encode()))
+
+    album.server.set_down(False)
+
+    wait_until(lambda: album.holds([other]), timeout=60, message="the folder's file sent")
+    assert not album.holds([sop_uid])
+
+
+def test_a_large_compressed_file_is_sent_as_orthanc_reads_it(
+    orthanc_factory: OrthancFactory, album: Album
+) -> None:
+    orthanc = orthanc_factory(kheops=album.section(), extra_config={"StorageCompression": True})
+    sop_uid, data = single_instance(rows=512, columns=512)
+    instance = orthanc.upload(data)
+
+    wait_until(lambda: album.holds([sop_uid]), timeout=60, message="sent")
+    assert stored_file(orthanc, instance).stat().st_size < len(data)  # compressed on disk
+    assert loopback_reads(orthanc) == set()  # read in-process, through Orthanc
 
 
 def test_an_instance_deleted_before_it_is_sent_is_never_counted_as_sent(

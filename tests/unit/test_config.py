@@ -45,6 +45,7 @@ def test_a_minimal_section_gets_every_default() -> None:
         url="https://kheops.example.org",
         token=Secret(TOKEN),
         state_directory=Path("/etc/orthanc/OrthancStorage/kheops"),
+        storage_folder=Path("/etc/orthanc/OrthancStorage"),
         orthanc_url="http://127.0.0.1:8042",
         enabled=True,
         workers=4,
