@@ -74,7 +74,7 @@ class StorageFolder:
                 return
             self._misses += 1
             if self._misses == _MISSES:
-                log.warning(
+                log.info(
                     "the last %d files were not in Orthanc's storage folder %s (a storage"
                     " plugin?): files are read through Orthanc from now on",
                     _MISSES,
