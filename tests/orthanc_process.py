@@ -41,7 +41,8 @@ _DCMTK_ENVIRONMENT = {"TCP_NODELAY": "1"}
 _REQUEST_TIMEOUT = 30.0
 _STORESCU_BATCH = 500  # files per storescu run (one association each)
 _LOG_TAIL_LINES = 60
-_READINESS_CHECK = re.compile(r"\(http\) GET /(system|kheops/status)$")
+# Orthanc 1.13 logs a second line for each, with the time it took.
+_READINESS_CHECK = re.compile(r"\(http\) GET /(system|kheops/status)( \(elapsed: [^)]*\))?$")
 
 
 class OrthancError(RuntimeError):
