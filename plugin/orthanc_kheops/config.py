@@ -187,14 +187,18 @@ def _state_directory(
     explicit = section.get("StateDirectory")
     if explicit:
         return _resolve(Path(explicit), config_directory)
-    storage = Path(orthanc.get("StorageDirectory", "OrthancStorage"))
-    return _resolve(storage, config_directory) / "kheops"
+    return _orthanc_storage(orthanc, config_directory) / "kheops"
 
 
 def _storage_folder(orthanc: Mapping[str, Any], config_directory: Path) -> Path | None:
     """Where Orthanc keeps its files as stored; None when it compresses them."""
     if orthanc.get("StorageCompression") is True:
         return None
+    return _orthanc_storage(orthanc, config_directory)
+
+
+def _orthanc_storage(orthanc: Mapping[str, Any], config_directory: Path) -> Path:
+    """Orthanc's StorageDirectory, resolved as Orthanc resolves it."""
     return _resolve(Path(orthanc.get("StorageDirectory", "OrthancStorage")), config_directory)
 
 
