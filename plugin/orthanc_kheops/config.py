@@ -44,7 +44,7 @@ class KheopsConfig:
     orthanc_url: str
     enabled: bool = True
     workers: int = 4
-    batch_max_instances: int = 50
+    batch_max_instances: int = 100
     batch_max_bytes: int = 32 * _MEGABYTE
     batch_linger: float = 0.5
     connect_timeout: float = 10.0
@@ -88,7 +88,7 @@ def load_config(
         orthanc_url=_orthanc_url(section, orthanc_configuration),
         enabled=section.get("Enabled", True),
         workers=section.get("Workers", 4),
-        batch_max_instances=section.get("BatchMaxInstances", 50),
+        batch_max_instances=section.get("BatchMaxInstances", 100),
         batch_max_bytes=int(section.get("BatchMaxMegabytes", 32) * _MEGABYTE),
         batch_linger=section.get("BatchLingerMilliseconds", 500) / 1000,
         connect_timeout=float(section.get("ConnectTimeoutSeconds", 10)),
