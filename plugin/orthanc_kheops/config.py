@@ -17,10 +17,14 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .observability.masking import Secret
-from .schemas import SchemaError, validate
+from .schemas import SchemaError, defaults, validate
 
 SECTION = "Kheops"
 _MEGABYTE = 1024 * 1024
+_DAY = 86400
+# The schema's defaults, which the fields below and load_config take: no default is written twice.
+DEFAULTS = defaults("kheops.schema.json")
+_POSTGRES_DEFAULTS = defaults("kheops.schema.json", "PostgreSQL")
 
 
 class ConfigError(ValueError):
@@ -32,7 +36,7 @@ class PostgresSettings:
     """How to reach the shared state database: a conninfo string or URI, and the schema."""
 
     conninfo: Secret  # may hold a password
-    schema: str = "kheops"
+    schema: str = _POSTGRES_DEFAULTS["Schema"]
     password: Secret | None = None  # also masked on its own in the log
 
 
@@ -42,29 +46,29 @@ class KheopsConfig:
     token: Secret
     state_directory: Path
     orthanc_url: str
-    enabled: bool = True
-    workers: int = 4
-    batch_max_instances: int = 100
-    batch_max_bytes: int = 32 * _MEGABYTE
-    batch_linger: float = 0.5
-    connect_timeout: float = 10.0
-    request_timeout: float = 130.0
-    retry_initial: float = 2.0
-    retry_maximum: float = 300.0
-    maximum_age: float | None = None
-    sent_retention: float | None = 30 * 86400.0
+    enabled: bool = DEFAULTS["Enabled"]
+    workers: int = DEFAULTS["Workers"]
+    batch_max_instances: int = DEFAULTS["BatchMaxInstances"]
+    batch_max_bytes: int = int(DEFAULTS["BatchMaxMegabytes"] * _MEGABYTE)
+    batch_linger: float = DEFAULTS["BatchLingerMilliseconds"] / 1000
+    connect_timeout: float = float(DEFAULTS["ConnectTimeoutSeconds"])
+    request_timeout: float = float(DEFAULTS["RequestTimeoutSeconds"])
+    retry_initial: float = float(DEFAULTS["RetryInitialSeconds"])
+    retry_maximum: float = float(DEFAULTS["RetryMaximumSeconds"])
+    maximum_age: float | None = (DEFAULTS["MaximumAgeHours"] * 3600) or None
+    sent_retention: float | None = (DEFAULTS["SentRetentionDays"] * _DAY) or None
     storage_recycling: str | None = None
     # Orthanc's storage folder, where large files are read (None: StorageCompression is on).
     storage_folder: Path | None = None
-    token_recheck: float = 30.0
-    reconcile_interval: float = 60.0
-    verify_tls: bool | str = True
-    log_level: str = "info"
-    state_database: str = "sqlite"
+    token_recheck: float = float(DEFAULTS["TokenRecheckSeconds"])
+    reconcile_interval: float = float(DEFAULTS["ReconcileSeconds"])
+    verify_tls: bool | str = DEFAULTS["VerifyTls"]
+    log_level: str = DEFAULTS["LogLevel"]
+    state_database: str = DEFAULTS["StateDatabase"]
     postgres: PostgresSettings | None = None
     node_name: str = "orthanc"
-    lease_seconds: float = 30.0
-    sent_label: bool = False
+    lease_seconds: float = float(DEFAULTS["LeaseSeconds"])
+    sent_label: bool = DEFAULTS["SentLabel"]
     # Raw rules hold DestinationToken/SourceToken in clear: keep them out of repr().
     switching_albums: tuple[Mapping[str, Any], ...] = field(default=(), repr=False)
 
@@ -81,34 +85,35 @@ def load_config(
     except SchemaError as exc:
         raise ConfigError(str(exc)) from None
     _check_values(section)
+    given = {**DEFAULTS, **section}
     return KheopsConfig(
-        url=str(section["Url"]).rstrip("/"),
-        token=Secret(section["Token"]),
+        url=str(given["Url"]).rstrip("/"),
+        token=Secret(given["Token"]),
         state_directory=_state_directory(section, orthanc_configuration, config_directory),
         orthanc_url=_orthanc_url(section, orthanc_configuration),
-        enabled=section.get("Enabled", True),
-        workers=section.get("Workers", 4),
-        batch_max_instances=section.get("BatchMaxInstances", 100),
-        batch_max_bytes=int(section.get("BatchMaxMegabytes", 32) * _MEGABYTE),
-        batch_linger=section.get("BatchLingerMilliseconds", 500) / 1000,
-        connect_timeout=float(section.get("ConnectTimeoutSeconds", 10)),
-        request_timeout=float(section.get("RequestTimeoutSeconds", 130)),
-        retry_initial=float(section.get("RetryInitialSeconds", 2)),
-        retry_maximum=float(section.get("RetryMaximumSeconds", 300)),
-        maximum_age=(section.get("MaximumAgeHours", 0) * 3600) or None,
-        sent_retention=(section.get("SentRetentionDays", 30) * 86400) or None,
+        enabled=given["Enabled"],
+        workers=given["Workers"],
+        batch_max_instances=given["BatchMaxInstances"],
+        batch_max_bytes=int(given["BatchMaxMegabytes"] * _MEGABYTE),
+        batch_linger=given["BatchLingerMilliseconds"] / 1000,
+        connect_timeout=float(given["ConnectTimeoutSeconds"]),
+        request_timeout=float(given["RequestTimeoutSeconds"]),
+        retry_initial=float(given["RetryInitialSeconds"]),
+        retry_maximum=float(given["RetryMaximumSeconds"]),
+        maximum_age=(given["MaximumAgeHours"] * 3600) or None,
+        sent_retention=(given["SentRetentionDays"] * _DAY) or None,
         storage_recycling=_storage_recycling(orthanc_configuration),
         storage_folder=_storage_folder(orthanc_configuration, config_directory),
-        token_recheck=float(section.get("TokenRecheckSeconds", 30)),
-        reconcile_interval=float(section.get("ReconcileSeconds", 60)),
-        verify_tls=_verify_tls(section.get("VerifyTls", True), config_directory),
-        log_level=section.get("LogLevel", "info"),
-        state_database=section.get("StateDatabase", "sqlite"),
-        postgres=_postgres(section, orthanc_configuration),
+        token_recheck=float(given["TokenRecheckSeconds"]),
+        reconcile_interval=float(given["ReconcileSeconds"]),
+        verify_tls=_verify_tls(given["VerifyTls"], config_directory),
+        log_level=given["LogLevel"],
+        state_database=given["StateDatabase"],
+        postgres=_postgres(given, orthanc_configuration),
         node_name=section.get("NodeName")
         or f"{socket.gethostname()}:{orthanc_configuration.get('HttpPort', 8042)}",
-        lease_seconds=float(section.get("LeaseSeconds", 30)),
-        sent_label=section.get("SentLabel", False),
+        lease_seconds=float(given["LeaseSeconds"]),
+        sent_label=given["SentLabel"],
         switching_albums=tuple(section.get("SwitchingAlbums", ())),
     )
 
@@ -126,8 +131,8 @@ def _check_values(section: Mapping[str, Any]) -> None:
                     else " the plugin authenticates to Orthanc by itself"
                 )
             )
-    initial = section.get("RetryInitialSeconds", 2)
-    maximum = section.get("RetryMaximumSeconds", 300)
+    initial = section.get("RetryInitialSeconds", DEFAULTS["RetryInitialSeconds"])
+    maximum = section.get("RetryMaximumSeconds", DEFAULTS["RetryMaximumSeconds"])
     if maximum < initial:
         raise ConfigError(
             f"{SECTION}.RetryMaximumSeconds: {maximum} is less than"
@@ -207,7 +212,7 @@ _CONNINFO_KEYS = {"Host": "host", "Port": "port", "Database": "dbname", "Usernam
 
 def _postgres(section: Mapping[str, Any], orthanc: Mapping[str, Any]) -> PostgresSettings | None:
     """Kheops.PostgreSQL, else Orthanc's own PostgreSQL section (the same database)."""
-    if section.get("StateDatabase", "sqlite") != "postgresql":
+    if section["StateDatabase"] != "postgresql":
         return None
     own = {k: v for k, v in section.get("PostgreSQL", {}).items() if k != "Schema"}
     settings = own or orthanc.get("PostgreSQL")
@@ -217,7 +222,7 @@ def _postgres(section: Mapping[str, Any], orthanc: Mapping[str, Any]) -> Postgre
             f"{SECTION}.PostgreSQL: StateDatabase is 'postgresql' but neither Kheops.PostgreSQL"
             " nor Orthanc's PostgreSQL section says how to connect"
         )
-    schema = str(section.get("PostgreSQL", {}).get("Schema", "kheops"))
+    schema = str(section.get("PostgreSQL", {}).get("Schema", _POSTGRES_DEFAULTS["Schema"]))
     uri = settings.get("ConnectionUri")
     if uri:
         return PostgresSettings(conninfo=Secret(str(uri)), schema=schema)

@@ -66,6 +66,16 @@ def validate(document: object, schema_name: str, *, root: str) -> None:
     )
 
 
+def defaults(schema_name: str, *path: str) -> dict[str, Any]:
+    """The `default` of each property of the object at `path` (the top level without one):
+    the one place a setting's default is written."""
+    schema = _registry().contents(schema_name)
+    for key in path:
+        schema = schema["properties"][key]
+    properties = schema.get("properties", {})
+    return {key: spec["default"] for key, spec in properties.items() if "default" in spec}
+
+
 def field_path(root: str, path: Sequence[str | int]) -> str:
     text = root
     for part in path:
