@@ -122,6 +122,13 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         default={},
         help='JSON "Kheops" settings to test instead of the defaults, e.g. \'{"Workers": 2}\'',
     )
+    parser.add_argument(
+        "--orthanc",
+        type=json.loads,
+        default={},
+        help="JSON Orthanc settings for every Orthanc that runs the plugin,"
+        ' e.g. \'{"Python": {"AllowThreads": true}}\'',
+    )
     parser.add_argument("--repeat", type=int, help="repetitions of the timed runs")
     parser.add_argument("--output", type=Path, help="also write the report to this file")
     return parser.parse_args(argv)
@@ -153,6 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ingest_repeat=args.repeat or mode.ingest_repeat,
         latency=LATENCY,
         plugin=dict(args.plugin),
+        orthanc=dict(args.orthanc),
         sweep_workers=mode.sweep_workers,
         sweep_batches=mode.sweep_batches,
         sweep_latencies=mode.sweep_latencies,
@@ -160,7 +168,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         linger_values=mode.linger,
         memory_caches=mode.memory_caches,
     )
-    results = Results(corpus=corpus, small=small, plugin_settings=dict(args.plugin))
+    results = Results(
+        corpus=corpus,
+        small=small,
+        plugin_settings=dict(args.plugin),
+        orthanc_settings=dict(args.orthanc),
+    )
     shutil.rmtree(WORKDIR, ignore_errors=True)
     with KheopsProcess(WORKDIR / "kheops") as kheops:
         bench = Bench(settings=settings, kheops=kheops, corpus=corpus, workdir=WORKDIR, log=log)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
@@ -25,6 +26,7 @@ class Results:
     corpus: Corpus
     small: Corpus | None
     plugin_settings: dict[str, object]
+    orthanc_settings: dict[str, object] = field(default_factory=dict)
     runs: list[Run] = field(default_factory=list)
     ingest: list[Run] = field(default_factory=list)
     memory: list[Memory] = field(default_factory=list)
@@ -111,6 +113,8 @@ def header(results: Results, *, quick: bool) -> list[str]:
         f"Corpus: {results.corpus.describe()}",
         f"Plugin settings: {settings}",
     ]
+    if results.orthanc_settings:
+        lines.append(f"Orthanc settings with the plugin: {json.dumps(results.orthanc_settings)}")
     return lines
 
 

@@ -23,7 +23,7 @@ from bench import clients
 from bench.corpus import Corpus
 from bench.kheops import TOKEN, KheopsProcess
 from bench.measure import POLL, CpuMeter, percentile, proc_status_bytes, timed_until
-from tests.orthanc_process import OrthancProcess
+from tests.orthanc_process import OrthancProcess, merged
 from tests.waiting import wait_until
 
 # Outage detection is the probe interval; keeping it short keeps it out of the drain figures.
@@ -130,6 +130,7 @@ class Settings:
     ingest_repeat: int
     latency: float
     plugin: Mapping[str, Any]  # the "Kheops" settings under test, on top of the defaults
+    orthanc: Mapping[str, Any] = field(default_factory=dict)  # for every Orthanc with the plugin
     sink_batch: int = 50
     sink_connections: int = 2
     sweep_workers: Sequence[int] = (1, 2, 4, 8)
@@ -138,6 +139,18 @@ class Settings:
     sweep_repeat: int = 1
     linger_values: Sequence[int] = ()
     memory_caches: Sequence[int | None] = (0,)
+
+
+def with_orthanc_settings(
+    arguments: Mapping[str, Any], settings: Mapping[str, Any]
+) -> dict[str, Any]:
+    """OrthancProcess arguments with the Orthanc settings under test (`--orthanc`) merged into
+    their extra configuration, for an Orthanc that runs the plugin: a plain Orthanc, the
+    baseline, keeps its own."""
+    result = dict(arguments)
+    if result.get("kheops") is not None and settings:
+        result["extra_config"] = merged(dict(settings), result.get("extra_config") or {})
+    return result
 
 
 class Bench:
@@ -172,7 +185,9 @@ class Bench:
     def _orthanc(self, name: str, **kwargs: Any) -> OrthancProcess:
         workdir = self.workdir / name
         shutil.rmtree(workdir, ignore_errors=True)
-        orthanc = OrthancProcess(workdir, verbose=False, **kwargs)
+        orthanc = OrthancProcess(
+            workdir, verbose=False, **with_orthanc_settings(kwargs, self.settings.orthanc)
+        )
         self._orthancs.append(orthanc)
         orthanc.start()
         return orthanc

@@ -142,7 +142,7 @@ class OrthancProcess:
         if load_dicomweb:
             servers = copy.deepcopy(dict(dicomweb_servers or {}))
             config["DicomWeb"] = {"Enable": True, "Servers": servers}
-        return _merged(config, extra_config or {})
+        return merged(config, extra_config or {})
 
     # --- Process lifecycle -----------------------------------------------------------------
 
@@ -431,12 +431,12 @@ def _expand(paths: Iterable[Path]) -> Iterable[Path]:
             yield path
 
 
-def _merged(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+def merged(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
     """`base` updated by `overrides`, recursing where both hold an object."""
     result = dict(base)
     for key, value in overrides.items():
         if isinstance(value, Mapping) and isinstance(result.get(key), dict):
-            result[key] = _merged(result[key], value)
+            result[key] = merged(result[key], value)
         else:
             result[key] = copy.deepcopy(value)
     return result
