@@ -46,4 +46,4 @@ def test_the_docker_configuration_starts_orthanc_with_the_plugin_and_its_rule(
     assert status(orthanc)["State"] in ("sending", "paused", "unreachable")
     rules = wait_until(lambda: orthanc.get("/kheops/rules").json(), message="the rule listed")
     assert [(rule["Name"], rule["Source"]) for rule in rules] == [("research-r42", "config")]
-    wait_until(lambda: "Python.AllowThreads is off" in orthanc.log, message="the versions line")
+    wait_until(lambda: "Python.AllowThreads is on" in orthanc.log, message="the versions line")
