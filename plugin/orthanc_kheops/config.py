@@ -40,35 +40,62 @@ class PostgresSettings:
     password: Secret | None = None  # also masked on its own in the log
 
 
+def _fields(given: Mapping[str, Any]) -> dict[str, Any]:
+    """The plain settings as KheopsConfig's fields, in its units: for the defaults and for a
+    section alike."""
+    return {
+        "enabled": given["Enabled"],
+        "workers": given["Workers"],
+        "batch_max_instances": given["BatchMaxInstances"],
+        "batch_max_bytes": int(given["BatchMaxMegabytes"] * _MEGABYTE),
+        "batch_linger": given["BatchLingerMilliseconds"] / 1000,
+        "connect_timeout": float(given["ConnectTimeoutSeconds"]),
+        "request_timeout": float(given["RequestTimeoutSeconds"]),
+        "retry_initial": float(given["RetryInitialSeconds"]),
+        "retry_maximum": float(given["RetryMaximumSeconds"]),
+        "maximum_age": (given["MaximumAgeHours"] * 3600) or None,
+        "sent_retention": (given["SentRetentionDays"] * _DAY) or None,
+        "token_recheck": float(given["TokenRecheckSeconds"]),
+        "reconcile_interval": float(given["ReconcileSeconds"]),
+        "log_level": given["LogLevel"],
+        "state_database": given["StateDatabase"],
+        "lease_seconds": float(given["LeaseSeconds"]),
+        "sent_label": given["SentLabel"],
+    }
+
+
+_DEFAULT = _fields(DEFAULTS)
+
+
 @dataclass(frozen=True)
 class KheopsConfig:
     url: str
     token: Secret
     state_directory: Path
     orthanc_url: str
-    enabled: bool = DEFAULTS["Enabled"]
-    workers: int = DEFAULTS["Workers"]
-    batch_max_instances: int = DEFAULTS["BatchMaxInstances"]
-    batch_max_bytes: int = int(DEFAULTS["BatchMaxMegabytes"] * _MEGABYTE)
-    batch_linger: float = DEFAULTS["BatchLingerMilliseconds"] / 1000
-    connect_timeout: float = float(DEFAULTS["ConnectTimeoutSeconds"])
-    request_timeout: float = float(DEFAULTS["RequestTimeoutSeconds"])
-    retry_initial: float = float(DEFAULTS["RetryInitialSeconds"])
-    retry_maximum: float = float(DEFAULTS["RetryMaximumSeconds"])
-    maximum_age: float | None = (DEFAULTS["MaximumAgeHours"] * 3600) or None
-    sent_retention: float | None = (DEFAULTS["SentRetentionDays"] * _DAY) or None
+    enabled: bool = _DEFAULT["enabled"]
+    workers: int = _DEFAULT["workers"]
+    batch_max_instances: int = _DEFAULT["batch_max_instances"]
+    batch_max_bytes: int = _DEFAULT["batch_max_bytes"]
+    batch_linger: float = _DEFAULT["batch_linger"]
+    connect_timeout: float = _DEFAULT["connect_timeout"]
+    request_timeout: float = _DEFAULT["request_timeout"]
+    retry_initial: float = _DEFAULT["retry_initial"]
+    retry_maximum: float = _DEFAULT["retry_maximum"]
+    maximum_age: float | None = _DEFAULT["maximum_age"]
+    sent_retention: float | None = _DEFAULT["sent_retention"]
     storage_recycling: str | None = None
     # Orthanc's storage folder, where large files are read (None: StorageCompression is on).
     storage_folder: Path | None = None
-    token_recheck: float = float(DEFAULTS["TokenRecheckSeconds"])
-    reconcile_interval: float = float(DEFAULTS["ReconcileSeconds"])
+    token_recheck: float = _DEFAULT["token_recheck"]
+    reconcile_interval: float = _DEFAULT["reconcile_interval"]
     verify_tls: bool | str = DEFAULTS["VerifyTls"]
-    log_level: str = DEFAULTS["LogLevel"]
-    state_database: str = DEFAULTS["StateDatabase"]
+    log_level: str = _DEFAULT["log_level"]
+    state_database: str = _DEFAULT["state_database"]
     postgres: PostgresSettings | None = None
     node_name: str = "orthanc"
-    lease_seconds: float = float(DEFAULTS["LeaseSeconds"])
-    sent_label: bool = DEFAULTS["SentLabel"]
+    lease_seconds: float = _DEFAULT["lease_seconds"]
+    sent_label: bool = _DEFAULT["sent_label"]
     # Raw rules hold DestinationToken/SourceToken in clear: keep them out of repr().
     switching_albums: tuple[Mapping[str, Any], ...] = field(default=(), repr=False)
 
@@ -91,30 +118,14 @@ def load_config(
         token=Secret(given["Token"]),
         state_directory=_state_directory(section, orthanc_configuration, config_directory),
         orthanc_url=_orthanc_url(section, orthanc_configuration),
-        enabled=given["Enabled"],
-        workers=given["Workers"],
-        batch_max_instances=given["BatchMaxInstances"],
-        batch_max_bytes=int(given["BatchMaxMegabytes"] * _MEGABYTE),
-        batch_linger=given["BatchLingerMilliseconds"] / 1000,
-        connect_timeout=float(given["ConnectTimeoutSeconds"]),
-        request_timeout=float(given["RequestTimeoutSeconds"]),
-        retry_initial=float(given["RetryInitialSeconds"]),
-        retry_maximum=float(given["RetryMaximumSeconds"]),
-        maximum_age=(given["MaximumAgeHours"] * 3600) or None,
-        sent_retention=(given["SentRetentionDays"] * _DAY) or None,
         storage_recycling=_storage_recycling(orthanc_configuration),
         storage_folder=_storage_folder(orthanc_configuration, config_directory),
-        token_recheck=float(given["TokenRecheckSeconds"]),
-        reconcile_interval=float(given["ReconcileSeconds"]),
         verify_tls=_verify_tls(given["VerifyTls"], config_directory),
-        log_level=given["LogLevel"],
-        state_database=given["StateDatabase"],
         postgres=_postgres(given, orthanc_configuration),
         node_name=section.get("NodeName")
         or f"{socket.gethostname()}:{orthanc_configuration.get('HttpPort', 8042)}",
-        lease_seconds=float(given["LeaseSeconds"]),
-        sent_label=given["SentLabel"],
         switching_albums=tuple(section.get("SwitchingAlbums", ())),
+        **_fields(given),
     )
 
 
