@@ -78,3 +78,31 @@ def test_a_full_disk_is_raised_as_store_unavailable_and_changes_nothing(path: Pa
         assert outbox.counts()["pending"] == 2
     finally:
         outbox.close()
+
+
+def test_a_batch_is_claimed_and_marked_sent_in_as_many_statements_whatever_its_size(
+    path: Path,
+) -> None:
+    """Every statement gives the GIL away and takes it back, which can wait for a worker
+    reading a file: the rows of a batch are changed together, not one statement each."""
+    outbox = SqliteOutbox(path)
+    counts: dict[int, list[int]] = {}
+    try:
+        for size in (2, 100):
+            ids = [f"{size}-{n}" for n in range(size)]
+            outbox.enqueue([(orthanc_id, 1000) for orthanc_id in ids], now=T0, requeue=True)
+            statements: list[str] = []
+            outbox._file._db.set_trace_callback(statements.append)
+            claimed = outbox.claim(now=T0, lease=300, max_count=size, max_bytes=1 << 30)
+            claiming = len(statements)
+            outbox.mark_sent(ids, now=T0, sop_uids=dict.fromkeys(ids, "1.2.3"))
+            outbox._file._db.set_trace_callback(None)
+            # Statements with their values bound: a trigger's run is traced as the statement
+            # that fired it, with the same text; each row's own statement has its own values.
+            counts[size] = [len(set(statements[:claiming])), len(set(statements[claiming:]))]
+            assert sorted(i.orthanc_id for i in claimed) == sorted(ids)
+        assert outbox.counts().get("sent") == 102
+    finally:
+        outbox.close()
+
+    assert counts[100] == counts[2]

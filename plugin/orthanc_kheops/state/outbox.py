@@ -340,9 +340,10 @@ class SqliteOutbox:
             )
             if not chosen:
                 return []
-            db.executemany(
-                "UPDATE instances SET state = 'inflight', lease_until = ? WHERE orthanc_id = ?",
-                [(now + lease, row["orthanc_id"]) for row in chosen],
+            db.execute(
+                "UPDATE instances SET state = 'inflight', lease_until = ?"
+                f" WHERE orthanc_id IN {_EACH_ID}",
+                (now + lease, json.dumps([row["orthanc_id"] for row in chosen])),
             )
         return [_instance(row, state="inflight") for row in chosen]
 
@@ -350,11 +351,14 @@ class SqliteOutbox:
         self, orthanc_ids: Sequence[str], *, now: float, sop_uids: Mapping[str, str] | None = None
     ) -> None:
         uids = sop_uids or {}
+        given = {orthanc_id: uids.get(orthanc_id) for orthanc_id in orthanc_ids}
         with self._file.transaction() as db:
-            db.executemany(
-                _DONE.format(state="sent") + ", last_error = NULL, sop_uid = COALESCE(?, sop_uid)"
-                " WHERE orthanc_id = ?",
-                [(now, now, uids.get(orthanc_id), orthanc_id) for orthanc_id in orthanc_ids],
+            db.execute(
+                _DONE.format(state="sent")
+                + ", last_error = NULL, sop_uid = COALESCE(given.uid, instances.sop_uid)"
+                " FROM (SELECT key AS id, value AS uid FROM json_each(?)) AS given"
+                " WHERE instances.orthanc_id = given.id",
+                (now, now, json.dumps(given)),
             )
 
     def mark_failed(self, reasons: Mapping[str, str], *, now: float) -> None:
@@ -561,7 +565,13 @@ def choose_batch(
     return [] if waited_since > now - linger else chosen
 
 
-# A verdict, in one statement per row (its first two parameters: the done time, the due time):
+# A batch's rows are changed in one statement, their ids in a JSON array. Every statement SQLite
+# runs gives the GIL away and takes it back, which can wait for another worker (a read holds
+# the GIL): with one statement per row, a claim or a verdict of 100 rows took 10-60 ms in a
+# drain, and the drain of 2000 instances of 64 KiB 0.46 s instead of 0.25 s.
+_EACH_ID = "(SELECT value FROM json_each(?))"
+
+# A verdict (its first two parameters: the done time, the due time):
 # a row whose file Orthanc stored again while the old one was being sent is pending again,
 # so that the new file is sent.
 _DONE = (
