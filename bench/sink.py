@@ -176,6 +176,9 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "KheopsBenchSink"
     disable_nagle_algorithm = True
+    # Read from the socket a block at a time: with the default 8 KiB, a chunked body in chunks
+    # of 16 KiB (curl's) cost a read from the socket per 8 KiB, a Content-Length one far fewer.
+    rbufsize = BLOCK
     timeout = 300
 
     def do_GET(self) -> None:
@@ -218,35 +221,39 @@ class _Handler(BaseHTTPRequestHandler):
     # --- bodies ------------------------------------------------------------------------------
 
     def _blocks(self) -> Any:
-        """The request body in blocks of at most BLOCK bytes, whatever its framing."""
-        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-            pending = bytearray()
-            while size := int(self.rfile.readline(1024).split(b";")[0].strip(), 16):
-                while size:
-                    piece = self.rfile.read(min(size, BLOCK))
-                    if not piece:
-                        raise ConnectionResetError("the client closed the connection mid-body")
-                    size -= len(piece)
-                    pending += piece
-                    if len(pending) >= BLOCK:
-                        yield pending
-                        pending = bytearray()
-                self.rfile.readline(1024)
+        """The request body in blocks of at most BLOCK bytes, whatever its framing.
+
+        Both framings are read into one reused block, so a byte costs the same copies either
+        way. A block is only valid until the next one is asked for.
+        """
+        block = memoryview(bytearray(BLOCK))
+        filled = 0
+        chunked = "chunked" in (self.headers.get("Transfer-Encoding") or "").lower()
+        length = 0 if chunked else int(self.headers.get("Content-Length") or 0)
+        while size := self._next_chunk_size() if chunked else length:
+            while size:
+                count = self.rfile.readinto(block[filled : filled + min(size, BLOCK - filled)])
+                if not count:
+                    raise ConnectionResetError("the client closed the connection mid-body")
+                size -= count
+                filled += count
+                if filled == BLOCK:
+                    yield block
+                    filled = 0
+            if not chunked:
+                break
+            self.rfile.readline(1024)
+        if chunked:
             while self.rfile.readline(65536).strip():
                 pass  # trailer fields
-            if pending:
-                yield pending
-            return
-        length = int(self.headers.get("Content-Length") or 0)
-        while length > 0:
-            piece = self.rfile.read(min(length, BLOCK))
-            if not piece:
-                raise ConnectionResetError("the client closed the connection mid-body")
-            length -= len(piece)
-            yield piece
+        if filled:
+            yield block[:filled]
+
+    def _next_chunk_size(self) -> int:
+        return int(self.rfile.readline(1024).split(b";")[0].strip(), 16)
 
     def _body(self) -> bytes:
-        return b"".join(self._blocks())
+        return b"".join(bytes(block) for block in self._blocks())
 
     def _drain_body(self) -> None:
         for _ in self._blocks():
