@@ -21,6 +21,7 @@ choice here is tested with fakes.
 from __future__ import annotations
 
 import json
+import sqlite3
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +30,12 @@ from typing import Any
 # The oldest versions the tests run on: Debian bookworm's Orthanc and python plugin.
 MINIMUM_ORTHANC = (1, 10, 0)
 MINIMUM_PYTHON = (3, 11)
-SUPPORTED = "Orthanc 1.10.0 or later with its python plugin 4.0 or later, on Python 3.11 or later"
+# The queue changes a batch's rows in one statement: JSON functions built in, UPDATE ... FROM.
+MINIMUM_SQLITE = (3, 38)
+SUPPORTED = (
+    "Orthanc 1.10.0 or later with its python plugin 4.0 or later, on Python 3.11 or later"
+    " with SQLite 3.38 or later"
+)
 
 # Present from python plugin 4.0 on (its NEWS), with everything else the shell calls.
 _REQUIRED_FUNCTIONS = (
@@ -63,7 +69,12 @@ class Platform:
     python: str
 
 
-def check_platform(sdk: Any, *, python: tuple[int, ...] = tuple(sys.version_info[:3])) -> Platform:
+def check_platform(
+    sdk: Any,
+    *,
+    python: tuple[int, ...] = tuple(sys.version_info[:3]),
+    sqlite: tuple[int, ...] = sqlite3.sqlite_version_info,
+) -> Platform:
     """The running versions; raises UnsupportedPlatform with a line naming what is needed."""
     python_version = ".".join(map(str, python))
     missing = [name for name in _REQUIRED_FUNCTIONS if not hasattr(sdk, name)]
@@ -80,6 +91,8 @@ def check_platform(sdk: Any, *, python: tuple[int, ...] = tuple(sys.version_info
         problems.append(f"Orthanc {orthanc}")
     if missing:
         problems.append(f"a python plugin without {', '.join(missing)}")
+    if sqlite[:2] < MINIMUM_SQLITE:
+        problems.append(f"SQLite {'.'.join(map(str, sqlite))} (Python's sqlite3)")
     if problems:
         raise UnsupportedPlatform(f"needs {SUPPORTED}; this is {' and '.join(problems)}")
     return Platform(orthanc=orthanc, python=python_version)

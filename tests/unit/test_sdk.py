@@ -113,9 +113,18 @@ def test_a_core_that_passes_every_check_is_a_mainline_build() -> None:
 
 
 def test_bookworms_stack_is_supported_and_named() -> None:
-    running = check_platform(FakeOrthanc((1, 10, 1), _PLUGIN_4_0), python=(3, 11, 2))
+    running = check_platform(
+        FakeOrthanc((1, 10, 1), _PLUGIN_4_0), python=(3, 11, 2), sqlite=(3, 40, 1)
+    )
 
     assert (running.orthanc, running.python) == ("1.10.1", "3.11.2")
+
+
+def test_a_python_whose_sqlite_lacks_what_the_queue_uses_is_refused() -> None:
+    with pytest.raises(UnsupportedPlatform) as refused:
+        check_platform(FakeOrthanc((1, 12, 7), _PLUGIN_5_0), python=(3, 11, 2), sqlite=(3, 37, 2))
+
+    assert str(refused.value) == f"needs {SUPPORTED}; this is SQLite 3.37.2 (Python's sqlite3)"
 
 
 @pytest.mark.parametrize(
@@ -140,6 +149,7 @@ def test_an_older_platform_is_refused_naming_what_is_needed_and_what_it_is(
 
     assert str(refused.value).startswith(f"needs {SUPPORTED}; this is {seen}")
     assert "Orthanc 1.10.0" in SUPPORTED and "4.0" in SUPPORTED and "3.11" in SUPPORTED
+    assert "SQLite 3.38" in SUPPORTED
 
 
 # --- REST answers -----------------------------------------------------------------------------
