@@ -25,6 +25,7 @@ from orthanc_kheops.state.postgres.migrations import MIGRATIONS, Migration
 from orthanc_kheops.state.postgres.outbox import PgOutbox
 from orthanc_kheops.state.postgres.rule_store import PgRuleStore
 from orthanc_kheops.state.rule_store import Decision, ShareKey
+from tests.waiting import wait_until
 
 T0 = 1_000_000.0
 LEASE = 30.0  # the node's lease (Kheops.LeaseSeconds)
@@ -180,6 +181,46 @@ def test_the_store_callbacks_enqueue_is_one_statement_without_a_transaction(
 
 
 # --- advisory locks and migrations ---------------------------------------------------------------
+
+
+def _waiting_on_a_rule(db: PgDatabase) -> bool:
+    """Whether a transaction waits for a row of this schema's rules (it holds the row's
+    tuple lock while it waits for the holder)."""
+    row = db.fetchone(
+        "SELECT count(*) AS n FROM pg_locks WHERE locktype = 'tuple'"
+        " AND relation = to_regclass(%s)",
+        (f"{db.schema}.rules",),
+    )
+    return bool(row and row["n"])
+
+
+@pytest.mark.parametrize("change", ["delete", "save"])
+def test_a_rule_held_by_a_share_in_flight_changes_on_another_node_only_after_it(
+    pg_database: PgDatabase, second_database: PgDatabase, change: str
+) -> None:
+    here = PgRuleStore(pg_database, node="node-a", lease_seconds=LEASE)
+    there = PgRuleStore(second_database, node="node-b", lease_seconds=LEASE)
+    document = {"Name": "r", "DestinationToken": "TokenAAAAAAAAAAAAAAAAAAA", "Condition": ""}
+    here.save_rule("r", origin="api", document=document, albums=("D", "S"), now=T0)
+    changed = {**document, "Condition": "false"}
+
+    def other_node() -> None:
+        if change == "delete":
+            there.delete_rule("r")
+        else:
+            there.save_rule("r", origin="api", document=changed, albums=None, now=T0)
+
+    with here.hold_rule("r") as held:
+        changing = threading.Thread(target=other_node)
+        changing.start()
+        wait_until(lambda: _waiting_on_a_rule(pg_database), message="the change waits")
+        seen = here.rule("r")
+    changing.join(timeout=30)
+
+    assert held is not None and held.document == document
+    assert seen is not None and seen.document == document
+    after = here.rule("r")
+    assert (after and after.document) == (None if change == "delete" else changed)
 
 
 def test_one_node_at_a_time_holds_an_exclusive_task(

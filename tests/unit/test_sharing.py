@@ -24,7 +24,13 @@ from orthanc_kheops.kheops.client import (
 from orthanc_kheops.kheops.stow import StowAnswer
 from orthanc_kheops.observability.masking import Secret
 from orthanc_kheops.orthanc_rest import ChangePage, OrthancNotFound, OrthancRest, StoredInstance
-from orthanc_kheops.state.rule_store import RuleStore, ShareCounts, ShareKey, StoredRule
+from orthanc_kheops.state.rule_store import (
+    RuleStore,
+    ShareCounts,
+    ShareJob,
+    ShareKey,
+    StoredRule,
+)
 from orthanc_kheops.switching.conditions import Condition
 from orthanc_kheops.switching.rules import Rule, parse_rule
 from orthanc_kheops.switching.sharing import (
@@ -481,6 +487,57 @@ def test_the_shares_of_a_deleted_rule_are_never_made(world: _World) -> None:
     world.sharer.step()
 
     assert world.kheops.shares == []
+
+
+def test_a_rule_deleted_after_its_shares_were_claimed_is_never_shared_under(
+    world: _World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another node deleted it, or the REST call is between its deletion and the reload."""
+    world.add_rule("r")
+    world.sharer.after_store([_instance("a")])
+    claim = world.store.due_shares
+
+    def claimed_then_deleted(*args: Any, **kwargs: Any) -> list[ShareJob]:
+        jobs = claim(*args, **kwargs)
+        world.store.delete_rule("r")
+        return jobs
+
+    monkeypatch.setattr(world.store, "due_shares", claimed_then_deleted)
+
+    assert world.sharer.step()
+
+    assert world.kheops.shares == []
+    assert "r" not in world.sharer.rules
+
+
+def test_a_condition_changed_in_the_state_before_the_worker_reloads_decides_the_share(
+    world: _World,
+) -> None:
+    world.add_rule("r", CT)
+    ct = _instance("a")
+    _in_orthanc(world, ct, "CT")
+    world.sharer.after_store([ct])
+    rule = parse_rule(
+        {"Name": "r", "DestinationToken": DESTINATION, "Condition": MR}, world.config, origin="api"
+    )
+    world.store.save_rule("r", origin="api", document=rule.document(), albums=None, now=T0)
+
+    world.sharer.step()
+    world.sharer.step()
+
+    assert world.kheops.shares == []
+    assert world.counts("r") == ShareCounts()
+
+
+def test_a_rule_marked_failing_by_another_node_holds_its_shares_here_too(world: _World) -> None:
+    world.add_rule("r")
+    world.sharer.after_store([_instance("a")])
+    world.store.set_failing("r", "DestinationToken is expired", now=T0)
+
+    world.sharer.step()
+
+    assert world.kheops.shares == []
+    assert world.sharer.failing() == {"r": "DestinationToken is expired"}
 
 
 def test_the_worker_thread_shares_what_after_store_queues(world: _World) -> None:

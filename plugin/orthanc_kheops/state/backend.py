@@ -9,6 +9,7 @@ SQLite `RuleStore` and `PgRuleStore` both provide it, checked by the same contra
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -36,6 +37,8 @@ class RuleStoreApi(Protocol):
         albums: tuple[str, str] | None,
         now: float,
     ) -> int: ...
+
+    def hold_rule(self, name: str) -> AbstractContextManager[StoredRule | None]: ...
 
     def delete_rule(self, name: str) -> bool: ...
 

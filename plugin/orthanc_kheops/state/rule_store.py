@@ -25,7 +25,9 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
-from collections.abc import Collection, Mapping
+import threading
+from collections.abc import Collection, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,6 +144,8 @@ class RuleStore:
         self._file = StateFile(
             path, schema=_SCHEMA, version=SCHEMA_VERSION, migrations=_MIGRATIONS, private=True
         )
+        # Held by `hold_rule` and by every change of a rule's document: one node per file.
+        self._changing = threading.RLock()
 
     # -- rules ---------------------------------------------------------------------------
 
@@ -154,6 +158,16 @@ class RuleStore:
         with self._file.read() as db:
             row = db.execute("SELECT * FROM rules WHERE name = ?", (name,)).fetchone()
         return None if row is None else _rule(row)
+
+    @contextmanager
+    def hold_rule(self, name: str) -> Iterator[StoredRule | None]:
+        """The rule as saved now, kept from being changed or deleted until the block ends.
+
+        The share worker holds it from its last look at the rule to KHEOPS's answer, so that
+        a change made meanwhile waits for the share instead of racing it.
+        """
+        with self._changing:
+            yield self.rule(name)
 
     def save_rule(
         self,
@@ -171,7 +185,7 @@ class RuleStore:
         ones are dropped too (they were decided for the old album) unless the new token names
         the same album. Returns the pending shares dropped.
         """
-        with self._file.transaction() as db:
+        with self._changing, self._file.transaction() as db:
             return self._save(db, name, origin=origin, document=document, albums=albums, now=now)
 
     def _save(
@@ -222,7 +236,7 @@ class RuleStore:
 
     def delete_rule(self, name: str) -> bool:
         """Delete a rule and every share row of it, pending ones included."""
-        with self._file.transaction() as db:
+        with self._changing, self._file.transaction() as db:
             return db.execute("DELETE FROM rules WHERE name = ?", (name,)).rowcount > 0
 
     def sync_config(self, documents: Mapping[str, Mapping[str, Any]], *, now: float) -> list[str]:
@@ -232,7 +246,7 @@ class RuleStore:
         in the configuration is deleted with its shares.
         """
         replaced: list[str] = []
-        with self._file.transaction() as db:
+        with self._changing, self._file.transaction() as db:
             existing = {
                 row["name"]: row
                 for row in db.execute("SELECT name, origin, document FROM rules").fetchall()

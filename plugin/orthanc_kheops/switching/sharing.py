@@ -25,6 +25,9 @@ configuration rule changed at start, or `after_store` evaluating a snapshot olde
 is evaluated again on the series' instances in Orthanc, and shared only if it still matches;
 a series that cannot be evaluated again (deleted from Orthanc) is dropped. A series whose
 UIDs are not DICOM UIDs is never put into a URL: its job fails at once with the reason.
+From that comparison to KHEOPS's answer the worker holds the rule in the store
+(`hold_rule`): a change or a deletion, on this node or another, waits for the share in
+flight, and a rule saved since this node loaded it is loaded again before anything is shared.
 
 Crash window: the forwarder hands instances to `after_store` before the outbox marks them
 sent, and retries them if it raises. A crash in between costs a second upload of those
@@ -60,7 +63,13 @@ from ..kheops.client import (
 from ..observability.masking import Secret
 from ..orthanc_rest import OrthancNotFound, OrthancRest, OrthancUnavailable
 from ..state.backend import RuleStoreApi
-from ..state.rule_store import Decision, ShareJob, ShareKey, destination_identity
+from ..state.rule_store import (
+    Decision,
+    ShareJob,
+    ShareKey,
+    StoredRule,
+    destination_identity,
+)
 from .conditions import Condition
 from .rules import Origin, Rule, RuleError, check_tokens, parse_rule, token_problem
 
@@ -128,6 +137,7 @@ class Sharer:
         self._clock = clock
         self._lock = threading.Lock()
         self._rules: Mapping[str, Rule] = {}
+        self._documents: Mapping[str, Mapping[str, object]] = {}  # as saved, for `_loaded_as`
         self._failing: dict[str, str] = {}
         self._reported: dict[str, str] = {}  # failures logged, until a share works again
         self._pause_until = 0.0
@@ -155,6 +165,7 @@ class Sharer:
     def reload(self) -> None:
         """Read the rules from the store again (after any change)."""
         rules: dict[str, Rule] = {}
+        documents: dict[str, Mapping[str, object]] = {}
         failing: dict[str, str] = {}
         for stored in self.store.rules():
             try:
@@ -167,10 +178,12 @@ class Sharer:
             for secret in rule.secrets():
                 self._remember(secret)
             rules[rule.name] = rule
+            documents[rule.name] = stored.document
             if stored.failing:
                 failing[rule.name] = stored.failing
         with self._lock:
             self._rules = rules
+            self._documents = documents
             self._failing = failing
 
     @property
@@ -298,9 +311,27 @@ class Sharer:
             held = rule is None or not rule.enabled or job.key.rule in self._failing
         if rule is None or held:
             return  # changed since the jobs were read
-        key = job.key
-        if not self._still_decided(rule, job):
+        with self.store.hold_rule(rule.name) as stored:
+            # Held until KHEOPS answers: a change or a deletion of the rule, from this node's
+            # REST API or another node's, waits for this share rather than racing it.
+            in_force = self._loaded_as(rule, stored)
+            if in_force:
+                if not self._still_decided(rule, job):
+                    return
+                refused = self._put(rule, job.key)
+        if not in_force:
+            self.reload()  # another node, or a change not loaded yet: decide under the new rule
             return
+        self._record(rule, job, refused)
+
+    def _loaded_as(self, rule: Rule, stored: StoredRule | None) -> bool:
+        """Whether the rule as saved now is the one this worker loaded and may share under."""
+        with self._lock:
+            loaded = self._documents.get(rule.name)
+        return stored is not None and stored.failing is None and stored.document == loaded
+
+    def _put(self, rule: Rule, key: ShareKey) -> KheopsError | None:
+        """Share the series; KHEOPS's refusal, if any, is returned to be recorded."""
         try:
             self._kheops.share_series(
                 destination=rule.destination,
@@ -308,19 +339,25 @@ class Sharer:
                 study_uid=key.study_uid,
                 series_uid=key.series_uid,
             )
-        except KheopsUnauthorized as exc:
-            self._refused(rule, str(exc))
-        except KheopsNotFound as exc:
+        except KheopsError as exc:
+            return exc
+        return None
+
+    def _record(self, rule: Rule, job: ShareJob, refused: KheopsError | None) -> None:
+        key = job.key
+        if isinstance(refused, KheopsUnauthorized):
+            self._refused(rule, str(refused))
+        elif isinstance(refused, KheopsNotFound):
             self._reachable()
-            self._not_found(rule, job, str(exc))
-        except KheopsRejected as exc:
+            self._not_found(rule, job, str(refused))
+        elif isinstance(refused, KheopsRejected):
             self._reachable()
             log.warning(
-                "rule %r: KHEOPS refused to share series %s: %s", rule.name, key.series_uid, exc
+                "rule %r: KHEOPS refused to share series %s: %s", rule.name, key.series_uid, refused
             )
-            self.store.mark_failed(key, reason=str(exc), now=self._clock())
-        except KheopsError as exc:
-            self._unreachable(job, str(exc))
+            self.store.mark_failed(key, reason=str(refused), now=self._clock())
+        elif refused is not None:
+            self._unreachable(job, str(refused))
         else:
             self._reachable()
             self.store.mark_shared(key, now=self._clock())

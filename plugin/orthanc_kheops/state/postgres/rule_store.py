@@ -9,12 +9,15 @@ The contract is `RuleStore`'s (see state/rule_store.py). What several nodes add:
   nodes never share one (rule, series) at the same time; a claim that is not finished
   (the node died, or the rule changed meanwhile) expires and the job is due again on any
   node. To its own node a claimed job stays due, as in the SQLite back-end.
+- `hold_rule` reads the rule `FOR SHARE` in a transaction kept open for the block: a change
+  or a deletion from any node waits on the row until the share in flight has its answer.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 from psycopg.types.json import Jsonb
@@ -69,6 +72,15 @@ class PgRuleStore:
         """A number that changes with every change to the rules, on any node."""
         value = get_meta(self._db, "rules_version")
         return value if isinstance(value, int) else 0
+
+    @contextmanager
+    def hold_rule(self, name: str) -> Iterator[StoredRule | None]:
+        """The rule as saved now, kept from being changed or deleted until the block ends."""
+        with self._db.transaction() as db:
+            row = db.execute(
+                f"SELECT {_RULE_COLUMNS} FROM rules WHERE name = %s FOR SHARE", (name,)
+            ).fetchone()
+            yield None if row is None else _rule(row)
 
     def save_rule(
         self,
