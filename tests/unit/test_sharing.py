@@ -24,6 +24,8 @@ from orthanc_kheops.kheops.client import (
 from orthanc_kheops.kheops.stow import StowAnswer
 from orthanc_kheops.observability.masking import Secret
 from orthanc_kheops.orthanc_rest import ChangePage, OrthancNotFound, OrthancRest, StoredInstance
+from orthanc_kheops.state.backend import RuleStoreApi
+from orthanc_kheops.state.postgres.rule_store import PgRuleStore
 from orthanc_kheops.state.rule_store import (
     RuleStore,
     ShareCounts,
@@ -37,6 +39,7 @@ from orthanc_kheops.switching.sharing import (
     NOT_FOUND_ATTEMPTS,
     OrthancSeries,
     Sharer,
+    decision,
     evaluate_series,
     matching_shares,
     read_instance,
@@ -148,7 +151,7 @@ def _config(**fields: Any) -> KheopsConfig:
 @dataclass
 class _World:
     sharer: Sharer
-    store: RuleStore
+    store: RuleStoreApi
     kheops: _Kheops
     orthanc: _Orthanc
     clock: _Clock
@@ -172,20 +175,30 @@ class _World:
         return self.store.counts().get(name, ShareCounts())
 
 
-def _make_world(directory: Path, **config_fields: Any) -> _World:
+def _make_world(store: RuleStoreApi, **config_fields: Any) -> _World:
     config = _config(**config_fields)
-    store = RuleStore(directory / "switching.sqlite3")
     kheops, orthanc, clock = _Kheops(), _Orthanc(), _Clock()
     sharer = Sharer(config, store=store, kheops=kheops, orthanc=orthanc, clock=clock)
     return _World(sharer, store, kheops, orthanc, clock, config)
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RuleStoreApi]:
+    """Each back-end: PostgreSQL holds a rule with a row lock, SQLite with a lock in memory."""
+    opened: RuleStore | PgRuleStore
+    if request.param == "sqlite":
+        opened = RuleStore(tmp_path / "switching.sqlite3")
+    else:
+        opened = PgRuleStore(request.getfixturevalue("pg_database"), node="n", lease_seconds=30)
+    yield opened
+    opened.close()
+
+
 @pytest.fixture
-def world(tmp_path: Path) -> Iterator[_World]:
-    made = _make_world(tmp_path)
+def world(store: RuleStoreApi) -> Iterator[_World]:
+    made = _make_world(store)
     yield made
     made.sharer.stop(timeout=5)
-    made.store.close()
 
 
 def _uid(name: str) -> str:
@@ -452,8 +465,10 @@ def test_another_refusal_fails_the_share_at_once(world: _World) -> None:
     assert world.counts("all") == ShareCounts(failed=1)
 
 
-def test_a_share_older_than_the_maximum_age_fails_instead_of_waiting(tmp_path: Path) -> None:
-    world = _make_world(tmp_path, MaximumAgeHours=1)
+def test_a_share_older_than_the_maximum_age_fails_instead_of_waiting(
+    store: RuleStoreApi,
+) -> None:
+    world = _make_world(store, MaximumAgeHours=1)
     world.add_rule("all")
     world.sharer.after_store([_instance("a")])
     world.kheops.answers = [KheopsUnavailable("503")]
@@ -462,7 +477,6 @@ def test_a_share_older_than_the_maximum_age_fails_instead_of_waiting(tmp_path: P
     world.sharer.step()
 
     assert world.counts("all") == ShareCounts(failed=1)
-    world.store.close()
 
 
 def test_the_shares_of_a_disabled_rule_wait_until_it_is_enabled(world: _World) -> None:
@@ -752,6 +766,22 @@ def test_a_series_with_a_uid_kheops_cannot_carry_fails_at_once_with_the_reason(
     crafted = SentInstance("x-1", "1.2.3.4", "1.2.3", "1.2.3.4#x", Dataset())
 
     world.sharer.after_store([crafted])
+    world.sharer.step()
+
+    assert world.kheops.shares == []
+    assert world.counts("all") == ShareCounts(failed=1)
+    error = world.stored("all").last_error
+    assert error is not None and "is not a DICOM UID" in error
+
+
+def test_a_queued_share_with_a_uid_kheops_cannot_carry_fails_when_its_turn_comes(
+    world: _World,
+) -> None:
+    """Queued by a version that did not check UIDs: the worker checks them again."""
+    rule = world.add_rule("all")
+    key = ShareKey("all", "1.2.3", "1.2.3.4#x")
+    world.store.add_shares({key: decision(rule, "x-1")}, now=T0)
+
     world.sharer.step()
 
     assert world.kheops.shares == []

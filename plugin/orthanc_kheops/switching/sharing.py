@@ -311,9 +311,15 @@ class Sharer:
             held = rule is None or not rule.enabled or job.key.rule in self._failing
         if rule is None or held:
             return  # changed since the jobs were read
+        problem = series_uid_problem(job.key.study_uid, job.key.series_uid)
+        if problem:
+            self.store.mark_failed(job.key, reason=problem, now=self._clock())
+            return
         with self.store.hold_rule(rule.name) as stored:
             # Held until KHEOPS answers: a change or a deletion of the rule, from this node's
-            # REST API or another node's, waits for this share rather than racing it.
+            # REST API or another node's, waits for this share rather than racing it. Only the
+            # share's own row may be written meanwhile: PostgreSQL would make a write to the
+            # rule's row wait for this very block.
             in_force = self._loaded_as(rule, stored)
             if in_force:
                 if not self._still_decided(rule, job):
@@ -370,10 +376,6 @@ class Sharer:
     def _still_decided(self, rule: Rule, job: ShareJob) -> bool:
         """Whether the rule in force still makes this share; drops or re-decides it if not."""
         key = job.key
-        problem = series_uid_problem(key.study_uid, key.series_uid)
-        if problem:
-            self.store.mark_failed(key, reason=problem, now=self._clock())
-            return False
         now = decision(rule, job.decision.instance_id if job.decision else None)
         if job.decision is not None and job.decision.destination != now.destination:
             log.info(
