@@ -203,10 +203,13 @@ def test_a_rule_held_by_a_share_in_flight_changes_on_another_node_only_after_it(
     document = {"Name": "r", "DestinationToken": "TokenAAAAAAAAAAAAAAAAAAA", "Condition": ""}
     here.save_rule("r", origin="api", document=document, albums=("D", "S"), now=T0)
     changed = {**document, "Condition": "false"}
+    key = ShareKey("r", "1.2.3", "1.2.3.4")
+    here.add_shares({key: Decision("", "d", "i")}, now=T0)
+    dropped: list[int | None] = []
 
     def other_node() -> None:
         if change == "delete":
-            there.delete_rule("r")
+            dropped.append(there.delete_rule("r"))
         else:
             there.save_rule("r", origin="api", document=changed, albums=None, now=T0)
 
@@ -215,12 +218,14 @@ def test_a_rule_held_by_a_share_in_flight_changes_on_another_node_only_after_it(
         changing.start()
         wait_until(lambda: _waiting_on_a_rule(pg_database), message="the change waits")
         seen = here.rule("r")
+        here.mark_shared(key, now=T0)  # KHEOPS answered 201 to the share in flight
     changing.join(timeout=30)
 
     assert held is not None and held.document == document
     assert seen is not None and seen.document == document
     after = here.rule("r")
     assert (after and after.document) == (None if change == "delete" else changed)
+    assert dropped == ([0] if change == "delete" else [])  # the share was made, not dropped
 
 
 def test_one_node_at_a_time_holds_an_exclusive_task(

@@ -156,13 +156,14 @@ def test_a_failing_rule_keeps_the_time_it_started_failing(store: RuleStoreApi) -
 def test_deleting_a_rule_drops_its_shares(store: RuleStoreApi) -> None:
     _save(store)
     _save(store, "other")
-    store.add_shares(_decided(_key("s1"), _key("s2", "other")), now=T0)
+    store.add_shares(_decided(_key("s1"), _key("s2", "other"), _key("s3")), now=T0)
+    store.mark_shared(_key("s3"), now=T0)
 
-    assert store.delete_rule("r")
+    assert store.delete_rule("r") == 1  # the pending shares dropped
 
     assert store.rule("r") is None
     assert set(store.counts()) == {"other"}
-    assert not store.delete_rule("r")
+    assert store.delete_rule("r") is None
 
 
 def test_a_new_destination_forgets_every_share_pending_ones_included(store: RuleStoreApi) -> None:

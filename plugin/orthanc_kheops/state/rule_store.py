@@ -234,10 +234,15 @@ class RuleStore:
         )
         return int(dropped)
 
-    def delete_rule(self, name: str) -> bool:
-        """Delete a rule and every share row of it, pending ones included."""
+    def delete_rule(self, name: str) -> int | None:
+        """Delete a rule and every share row of it; the pending ones dropped, None if no rule."""
         with self._changing, self._file.transaction() as db:
-            return db.execute("DELETE FROM rules WHERE name = ?", (name,)).rowcount > 0
+            pending = db.execute(
+                "SELECT COUNT(*) FROM shares WHERE rule = ? AND state = 'pending'", (name,)
+            ).fetchone()[0]
+            if db.execute("DELETE FROM rules WHERE name = ?", (name,)).rowcount == 0:
+                return None
+            return int(pending)
 
     def sync_config(self, documents: Mapping[str, Mapping[str, Any]], *, now: float) -> list[str]:
         """Make the config rules those of orthanc.json; returns the REST rules they replaced.

@@ -325,6 +325,9 @@ class Sharer:
                 if not self._still_decided(rule, job):
                     return
                 refused = self._put(rule, job.key)
+                if refused is None:
+                    # Before the hold ends, so that a deletion waiting for it knows.
+                    self.store.mark_shared(job.key, now=self._clock())
         if not in_force:
             self.reload()  # another node, or a change not loaded yet: decide under the new rule
             return
@@ -366,7 +369,6 @@ class Sharer:
             self._unreachable(job, str(refused))
         else:
             self._reachable()
-            self.store.mark_shared(key, now=self._clock())
             log.info("rule %r: shared series %s into its album", rule.name, key.series_uid)
             with self._lock:
                 recovered = self._reported.pop(rule.name, None) is not None

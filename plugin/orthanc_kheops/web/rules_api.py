@@ -158,8 +158,7 @@ class RulesApi:
     def delete(self, request: Request, groups: Sequence[str]) -> Response:
         with self._saving:
             stored = self._editable(groups[0])
-            dropped = self._store.counts().get(stored.name, ShareCounts()).pending
-            self._store.delete_rule(stored.name)
+            dropped = self._store.delete_rule(stored.name) or 0
             self._sharer.reload()
         return Response(200, {"Deleted": stored.name, "DroppedPendingShares": dropped})
 

@@ -148,12 +148,17 @@ class PgRuleStore:
         )
         return dropped
 
-    def delete_rule(self, name: str) -> bool:
+    def delete_rule(self, name: str) -> int | None:
         with self._db.transaction() as db:
-            deleted = db.execute("DELETE FROM rules WHERE name = %s", (name,)).rowcount > 0
-            if deleted:
-                _bump(db)
-        return deleted
+            # The row lock first: it waits for a share in flight, whose verdict then counts.
+            if db.execute("SELECT 1 FROM rules WHERE name = %s FOR UPDATE", (name,)).rowcount == 0:
+                return None
+            row = db.execute(
+                "SELECT count(*) AS n FROM shares WHERE rule = %s AND state = 'pending'", (name,)
+            ).fetchone()
+            db.execute("DELETE FROM rules WHERE name = %s", (name,))
+            _bump(db)
+        return int(row["n"]) if row else 0
 
     def config_differences(self, documents: Mapping[str, Mapping[str, Any]]) -> list[str]:
         """Rules whose configuration here differs from the one in the database, by name.
