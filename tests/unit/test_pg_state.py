@@ -228,6 +228,30 @@ def test_a_rule_held_by_a_share_in_flight_changes_on_another_node_only_after_it(
     assert dropped == ([0] if change == "delete" else [])  # the share was made, not dropped
 
 
+def test_a_node_failing_a_share_of_a_held_rule_leaves_the_holders_own_writes_free(
+    pg_database: PgDatabase, second_database: PgDatabase
+) -> None:
+    """It waits for the rule's row before it takes the share's: no wait across two nodes."""
+    here = PgRuleStore(pg_database, node="node-a", lease_seconds=LEASE)
+    there = PgRuleStore(second_database, node="node-b", lease_seconds=LEASE)
+    document = {"Name": "r", "DestinationToken": "TokenAAAAAAAAAAAAAAAAAAA", "Condition": ""}
+    here.save_rule("r", origin="api", document=document, albums=("D", "S"), now=T0)
+    key = ShareKey("r", "1.2.3", "1.2.3.4")
+    here.add_shares({key: Decision("", "d", "i")}, now=T0)
+
+    with here.hold_rule("r"):
+        failing = threading.Thread(target=lambda: there.mark_failed(key, reason="x", now=T0))
+        failing.start()
+        wait_until(lambda: _waiting_on_a_rule(pg_database), message="the other node waits")
+        marking = threading.Thread(target=lambda: here.mark_shared(key, now=T0))
+        marking.start()
+        marking.join(timeout=30)
+        assert not marking.is_alive(), "the holder's write waited for the other node"
+    failing.join(timeout=30)
+
+    assert not failing.is_alive()
+
+
 def test_one_node_at_a_time_holds_an_exclusive_task(
     pg_database: PgDatabase, second_database: PgDatabase
 ) -> None:

@@ -355,16 +355,18 @@ class PgRuleStore:
         )
 
     def mark_failed(self, key: ShareKey, *, reason: str, now: float) -> None:
+        # The rule's row before the share's, as every transaction here takes them: one that
+        # waits for a node's `hold_rule` then holds no share row that node may write.
         with self._db.transaction() as db:
+            db.execute(
+                "UPDATE rules SET last_error = %s, last_error_at = %s WHERE name = %s",
+                (reason, now, key.rule),
+            )
             db.execute(
                 "UPDATE shares SET state = 'failed', attempts = attempts + 1, done_at = %s,"
                 " last_error = %s, lease_node = NULL, lease_until = NULL"
                 " WHERE rule = %s AND series_uid = %s",
                 (now, reason, key.rule, key.series_uid),
-            )
-            db.execute(
-                "UPDATE rules SET last_error = %s, last_error_at = %s WHERE name = %s",
-                (reason, now, key.rule),
             )
 
     def retry(self, name: str, *, now: float) -> int:
