@@ -180,7 +180,20 @@ def test_the_store_callbacks_enqueue_is_one_statement_without_a_transaction(
     assert outbox.lookup(["x"])["x"].state == "pending"
 
 
-# --- advisory locks and migrations ---------------------------------------------------------------
+# --- a rule held by a share in flight -----------------------------------------------------------
+
+_DOCUMENT = {"Name": "r", "DestinationToken": "TokenAAAAAAAAAAAAAAAAAAA", "Condition": ""}
+_KEY = ShareKey("r", "1.2.3", "1.2.3.4")
+
+
+def _two_nodes_with_a_pending_share(
+    one: PgDatabase, two: PgDatabase
+) -> tuple[PgRuleStore, PgRuleStore]:
+    here = PgRuleStore(one, node="node-a", lease_seconds=LEASE)
+    there = PgRuleStore(two, node="node-b", lease_seconds=LEASE)
+    here.save_rule("r", origin="api", document=_DOCUMENT, albums=("D", "S"), now=T0)
+    here.add_shares({_KEY: Decision("", "d", "i")}, now=T0)
+    return here, there
 
 
 def _waiting_on_a_rule(db: PgDatabase) -> bool:
@@ -198,13 +211,8 @@ def _waiting_on_a_rule(db: PgDatabase) -> bool:
 def test_a_rule_held_by_a_share_in_flight_changes_on_another_node_only_after_it(
     pg_database: PgDatabase, second_database: PgDatabase, change: str
 ) -> None:
-    here = PgRuleStore(pg_database, node="node-a", lease_seconds=LEASE)
-    there = PgRuleStore(second_database, node="node-b", lease_seconds=LEASE)
-    document = {"Name": "r", "DestinationToken": "TokenAAAAAAAAAAAAAAAAAAA", "Condition": ""}
-    here.save_rule("r", origin="api", document=document, albums=("D", "S"), now=T0)
-    changed = {**document, "Condition": "false"}
-    key = ShareKey("r", "1.2.3", "1.2.3.4")
-    here.add_shares({key: Decision("", "d", "i")}, now=T0)
+    here, there = _two_nodes_with_a_pending_share(pg_database, second_database)
+    changed = {**_DOCUMENT, "Condition": "false"}
     dropped: list[int | None] = []
 
     def other_node() -> None:
@@ -218,11 +226,11 @@ def test_a_rule_held_by_a_share_in_flight_changes_on_another_node_only_after_it(
         changing.start()
         wait_until(lambda: _waiting_on_a_rule(pg_database), message="the change waits")
         seen = here.rule("r")
-        here.mark_shared(key, now=T0)  # KHEOPS answered 201 to the share in flight
+        here.mark_shared(_KEY, now=T0)  # KHEOPS answered 201 to the share in flight
     changing.join(timeout=30)
 
-    assert held is not None and held.document == document
-    assert seen is not None and seen.document == document
+    assert held is not None and held.document == _DOCUMENT
+    assert seen is not None and seen.document == _DOCUMENT
     after = here.rule("r")
     assert (after and after.document) == (None if change == "delete" else changed)
     assert dropped == ([0] if change == "delete" else [])  # the share was made, not dropped
@@ -232,24 +240,22 @@ def test_a_node_failing_a_share_of_a_held_rule_leaves_the_holders_own_writes_fre
     pg_database: PgDatabase, second_database: PgDatabase
 ) -> None:
     """It waits for the rule's row before it takes the share's: no wait across two nodes."""
-    here = PgRuleStore(pg_database, node="node-a", lease_seconds=LEASE)
-    there = PgRuleStore(second_database, node="node-b", lease_seconds=LEASE)
-    document = {"Name": "r", "DestinationToken": "TokenAAAAAAAAAAAAAAAAAAA", "Condition": ""}
-    here.save_rule("r", origin="api", document=document, albums=("D", "S"), now=T0)
-    key = ShareKey("r", "1.2.3", "1.2.3.4")
-    here.add_shares({key: Decision("", "d", "i")}, now=T0)
+    here, there = _two_nodes_with_a_pending_share(pg_database, second_database)
 
     with here.hold_rule("r"):
-        failing = threading.Thread(target=lambda: there.mark_failed(key, reason="x", now=T0))
+        failing = threading.Thread(target=lambda: there.mark_failed(_KEY, reason="x", now=T0))
         failing.start()
         wait_until(lambda: _waiting_on_a_rule(pg_database), message="the other node waits")
-        marking = threading.Thread(target=lambda: here.mark_shared(key, now=T0))
+        marking = threading.Thread(target=lambda: here.mark_shared(_KEY, now=T0))
         marking.start()
         marking.join(timeout=30)
         assert not marking.is_alive(), "the holder's write waited for the other node"
     failing.join(timeout=30)
 
     assert not failing.is_alive()
+
+
+# --- advisory locks and migrations ---------------------------------------------------------------
 
 
 def test_one_node_at_a_time_holds_an_exclusive_task(

@@ -216,10 +216,7 @@ class RuleStore:
                 )
                 db.execute("DELETE FROM shares WHERE rule = ? AND state != 'pending'", (name,))
             else:
-                dropped = db.execute(
-                    "SELECT COUNT(*) FROM shares WHERE rule = ? AND state = 'pending'", (name,)
-                ).fetchone()[0]
-                db.execute("DELETE FROM shares WHERE rule = ?", (name,))
+                dropped = _drop_shares(db, name)
         if albums is None and old is not None and tokens(previous) == tokens(document):
             albums = (old["destination_album"], old["source_album"])
         destination, source = albums if albums is not None else (None, None)
@@ -237,12 +234,10 @@ class RuleStore:
     def delete_rule(self, name: str) -> int | None:
         """Delete a rule and every share row of it; the pending ones dropped, None if no rule."""
         with self._changing, self._file.transaction() as db:
-            pending = db.execute(
-                "SELECT COUNT(*) FROM shares WHERE rule = ? AND state = 'pending'", (name,)
-            ).fetchone()[0]
+            dropped = _drop_shares(db, name)
             if db.execute("DELETE FROM rules WHERE name = ?", (name,)).rowcount == 0:
                 return None
-            return int(pending)
+            return dropped
 
     def sync_config(self, documents: Mapping[str, Mapping[str, Any]], *, now: float) -> list[str]:
         """Make the config rules those of orthanc.json; returns the REST rules they replaced.
@@ -478,6 +473,15 @@ class RuleStore:
 
     def close(self) -> None:
         self._file.close()
+
+
+def _drop_shares(db: sqlite3.Connection, name: str) -> int:
+    """Forget every share row of a rule; the pending ones dropped."""
+    pending = db.execute(
+        "SELECT COUNT(*) FROM shares WHERE rule = ? AND state = 'pending'", (name,)
+    ).fetchone()[0]
+    db.execute("DELETE FROM shares WHERE rule = ?", (name,))
+    return int(pending)
 
 
 def _rule(row: sqlite3.Row) -> StoredRule:

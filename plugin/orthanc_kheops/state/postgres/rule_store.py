@@ -129,11 +129,7 @@ class PgRuleStore:
                 )
                 db.execute("DELETE FROM shares WHERE rule = %s AND state != 'pending'", (name,))
             else:
-                gone = db.execute(
-                    "DELETE FROM shares WHERE rule = %s RETURNING state = 'pending' AS pending",
-                    (name,),
-                ).fetchall()
-                dropped = sum(1 for row in gone if row["pending"])
+                dropped = _drop_shares(db, name)
         if albums is None and old is not None and tokens(previous) == tokens(document):
             albums = (old["destination_album"], old["source_album"])
         destination, source = albums if albums is not None else (None, None)
@@ -153,12 +149,10 @@ class PgRuleStore:
             # The row lock first: it waits for a share in flight, whose verdict then counts.
             if db.execute("SELECT 1 FROM rules WHERE name = %s FOR UPDATE", (name,)).rowcount == 0:
                 return None
-            row = db.execute(
-                "SELECT count(*) AS n FROM shares WHERE rule = %s AND state = 'pending'", (name,)
-            ).fetchone()
+            dropped = _drop_shares(db, name)
             db.execute("DELETE FROM rules WHERE name = %s", (name,))
             _bump(db)
-        return int(row["n"]) if row else 0
+        return dropped
 
     def config_differences(self, documents: Mapping[str, Mapping[str, Any]]) -> list[str]:
         """Rules whose configuration here differs from the one in the database, by name.
@@ -416,6 +410,14 @@ class PgRuleStore:
 
     def close(self) -> None:
         """The database is closed by whoever opened it (it is shared with the outbox)."""
+
+
+def _drop_shares(db: Connection, name: str) -> int:
+    """Forget every share row of a rule; the pending ones dropped."""
+    gone = db.execute(
+        "DELETE FROM shares WHERE rule = %s RETURNING state = 'pending' AS pending", (name,)
+    ).fetchall()
+    return sum(1 for row in gone if row["pending"])
 
 
 def _bump(db: Connection) -> None:
