@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 
 from orthanc_kheops.state.backend import RuleStoreApi
-from orthanc_kheops.state.postgres.rule_store import PgRuleStore
 from orthanc_kheops.state.rule_store import (
     SCHEMA_VERSION,
     Decision,
@@ -31,19 +30,6 @@ TOKEN_B = "TokenBBBBBBBBBBBBBBBBBBB"
 @pytest.fixture
 def path(tmp_path: Path) -> Path:
     return tmp_path / "state" / "switching.sqlite3"
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, path: Path) -> Iterator[RuleStoreApi]:
-    """The contract holds for both back-ends: each test runs on SQLite and on PostgreSQL."""
-    opened: RuleStoreApi
-    if request.param == "sqlite":
-        opened = RuleStore(path)
-    else:
-        db = request.getfixturevalue("pg_database")
-        opened = PgRuleStore(db, node="node-a", lease_seconds=30)
-    yield opened
-    opened.close()
 
 
 def _doc(name: str = "r", token: str = TOKEN_A, **fields: Any) -> dict[str, Any]:

@@ -25,9 +25,7 @@ from orthanc_kheops.kheops.stow import StowAnswer
 from orthanc_kheops.observability.masking import Secret
 from orthanc_kheops.orthanc_rest import ChangePage, OrthancNotFound, OrthancRest, StoredInstance
 from orthanc_kheops.state.backend import RuleStoreApi
-from orthanc_kheops.state.postgres.rule_store import PgRuleStore
 from orthanc_kheops.state.rule_store import (
-    RuleStore,
     ShareCounts,
     ShareJob,
     ShareKey,
@@ -180,18 +178,6 @@ def _make_world(store: RuleStoreApi, **config_fields: Any) -> _World:
     kheops, orthanc, clock = _Kheops(), _Orthanc(), _Clock()
     sharer = Sharer(config, store=store, kheops=kheops, orthanc=orthanc, clock=clock)
     return _World(sharer, store, kheops, orthanc, clock, config)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RuleStoreApi]:
-    """Each back-end: PostgreSQL holds a rule with a row lock, SQLite with a lock in memory."""
-    opened: RuleStore | PgRuleStore
-    if request.param == "sqlite":
-        opened = RuleStore(tmp_path / "switching.sqlite3")
-    else:
-        opened = PgRuleStore(request.getfixturevalue("pg_database"), node="n", lease_seconds=30)
-    yield opened
-    opened.close()
 
 
 @pytest.fixture

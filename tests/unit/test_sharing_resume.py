@@ -12,7 +12,7 @@ from orthanc_kheops.state.rule_store import ShareCounts
 from tests.unit import test_sharing as sharing
 from tests.unit.test_sharing import T0, _instance, _World
 
-store, world = sharing.store, sharing.world
+world = sharing.world
 
 
 def test_after_a_long_outage_shares_resume_within_one_probe_interval(
