@@ -60,7 +60,7 @@ class Mode:
     memory_caches: tuple[int | None, ...] = (0,)
     sizes: tuple[Size, ...] = SIZES
     size_repeat: int = 5
-    ingest_repeat: int = 5
+    ingest_repeat: int = 9
 
 
 FULL = Mode(
@@ -130,6 +130,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         ' e.g. \'{"Python": {"AllowThreads": true}}\'',
     )
     parser.add_argument("--repeat", type=int, help="repetitions of the timed runs")
+    parser.add_argument(
+        "--ingest-rounds", type=int, help="rounds of the ingest runs (default: --repeat, or 9)"
+    )
     parser.add_argument("--output", type=Path, help="also write the report to this file")
     return parser.parse_args(argv)
 
@@ -157,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     small = corpora.ensure(mode.backlog, size=64) if "memory" in chosen else None
     settings = Settings(
         repeat=args.repeat or mode.repeat,
-        ingest_repeat=args.repeat or mode.ingest_repeat,
+        ingest_repeat=args.ingest_rounds or args.repeat or mode.ingest_repeat,
         latency=LATENCY,
         plugin=dict(args.plugin),
         orthanc=dict(args.orthanc),

@@ -501,36 +501,53 @@ class Bench:
     # --- 5 and 6: live forwarding, and what it costs the ingest --------------------------------
 
     def live_and_ingest(self) -> None:
-        """Interleaved, round by round: storescu into a plain Orthanc, into one with the plugin
-        forwarding, and into one with the plugin while KHEOPS is down (an outage must not slow
-        Orthanc either)."""
+        """Round by round: storescu into a plain Orthanc, into one with the plugin forwarding,
+        and into one with the plugin while KHEOPS is down (an outage must not slow Orthanc
+        either).
+
+        The order turns from one round to the next, so that no contender always follows the
+        same one, and each store starts with the disk's pending writes done: what the round
+        before left to write falls on no one.
+        """
         plain = self._ingest("plain", "Plain Orthanc")
         live = self._ingest("live", "Orthanc + plugin forwarding live")
         down = self._ingest("down", "Orthanc + plugin, KHEOPS down")
         end_to_end = self._run("live", "This plugin, live: storescu -> all in the album")
         lags: list[Lag] = []
+        contenders = ("plain", "down", "live")
         for number in range(self.settings.ingest_repeat):
             self.log(f"   round {number + 1} of {self.settings.ingest_repeat}")
-            orthanc = self._orthanc("plain")
-            try:
-                self._timed_store(orthanc, plain)
-            finally:
-                self.retire(orthanc)
-            self.kheops.set_down(True)
-            orthanc = self._orthanc("down", kheops=self.plugin_section())
-            try:
-                self._timed_store(orthanc, down)
-            finally:
-                self.retire(orthanc)
-                self.kheops.set_down(False)
-            lag, requests = self._live_once(self.plugin_section(), live, end_to_end)
-            lags.append(lag)
-            if end_to_end.seconds[-1] == end_to_end.time:
-                end_to_end.requests = requests
+            for key in contenders[number % 3 :] + contenders[: number % 3]:
+                os.sync()
+                if key == "plain":
+                    self._plain_once(plain)
+                elif key == "down":
+                    self._down_once(down)
+                else:
+                    lag, requests = self._live_once(self.plugin_section(), live, end_to_end)
+                    lags.append(lag)
+                    if end_to_end.seconds[-1] == end_to_end.time:
+                        end_to_end.requests = requests
         self.lag = lags[end_to_end.seconds.index(end_to_end.time)]
         end_to_end.notes.append(
             f"lag store -> album p50 {self.lag.p50:.2f} s, p95 {self.lag.p95:.2f} s"
         )
+
+    def _plain_once(self, run: Run) -> None:
+        orthanc = self._orthanc("plain")
+        try:
+            self._timed_store(orthanc, run)
+        finally:
+            self.retire(orthanc)
+
+    def _down_once(self, run: Run) -> None:
+        self.kheops.set_down(True)
+        orthanc = self._orthanc("down", kheops=self.plugin_section())
+        try:
+            self._timed_store(orthanc, run)
+        finally:
+            self.retire(orthanc)
+            self.kheops.set_down(False)
 
     def _live_once(
         self, section: Mapping[str, Any], ingest: Run, end_to_end: Run
@@ -567,11 +584,7 @@ class Bench:
         for linger_ms in values:
             count, size = len(self.corpus), self.corpus.megabytes
             plain = Run("plain", "plain", count, size)
-            orthanc = self._orthanc("plain")
-            try:
-                self._timed_store(orthanc, plain)
-            finally:
-                self.retire(orthanc)
+            self._plain_once(plain)
             ingest = Run("live", "live", count, size)
             end_to_end = Run("live", "live", count, size)
             section = self.plugin_section(BatchLingerMilliseconds=linger_ms)
