@@ -6,6 +6,7 @@ For the unit tests of the plugin's HTTP clients (KHEOPS, Orthanc's loopback REST
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 from collections import deque
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ class RecordingServer:
     An unscripted request gets 599 and is noted in `unexpected`, checked after each test.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, tls: ssl.SSLContext | None = None) -> None:
         self.received: list[Received] = []
         self.unexpected: list[str] = []
         self._answers: deque[Answer] = deque()
@@ -56,6 +57,9 @@ class RecordingServer:
                 pass
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        if tls is not None:
+            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
+        self._scheme = "https" if tls is not None else "http"
         self._server.daemon_threads = True
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
@@ -65,7 +69,7 @@ class RecordingServer:
     @property
     def url(self) -> str:
         host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
+        return f"{self._scheme}://{host!s}:{port}"
 
     def answer(self, *answers: Answer) -> None:
         with self._lock:

@@ -22,10 +22,10 @@ from typing import Protocol
 from urllib.parse import quote, urljoin, urlsplit
 
 import requests
-from requests.adapters import HTTPAdapter
 
 from ..observability.masking import Secret, mask_url
 from .stow import MalformedAnswer, StowAnswer, encode_multipart, parse_answer
+from .transport import Body, BuffersAdapter
 
 _RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 _DICOM_UID = re.compile(r"[0-9]+(?:\.[0-9]+)*")
@@ -143,7 +143,7 @@ def make_session(*, url: str, pool_size: int, verify: bool | str) -> requests.Se
     ~/.netrc entry for the host would replace the token in the Authorization header.
     """
     session = requests.Session()
-    adapter = HTTPAdapter(pool_connections=2, pool_maxsize=max(pool_size, 1), max_retries=0)
+    adapter = BuffersAdapter(pool_connections=2, pool_maxsize=max(pool_size, 1), max_retries=0)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     settings = session.merge_environment_settings(url, {}, None, verify, None)
@@ -202,7 +202,7 @@ class KheopsClient:
         response = self._send(
             "POST",
             "/studies",
-            data=body,  # iterable with a length: requests sends it piece by piece, unchunked
+            data=Body(body.chunks, body.length),  # with a length: never chunked
             headers={
                 "Authorization": f"Bearer {token.reveal()}",
                 "Content-Type": body.content_type,

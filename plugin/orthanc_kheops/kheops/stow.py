@@ -93,7 +93,7 @@ def describe_reason(code: int | None) -> str:
 
 @dataclass(frozen=True)
 class MultipartBody:
-    """The body as the pieces it is made of, sent one after the other with a Content-Length.
+    """The body as the pieces it is made of, handed to the socket together (`transport.Body`).
 
     Never joined into one buffer: a batch of 50 CT images is 26 MB, and copying it into a
     fresh buffer cost 0.3 ms of CPU per instance.
