@@ -60,14 +60,14 @@ def send_buffers(sock: Any, buffers: Sequence[bytes]) -> None:
         for buffer in buffers:
             sock.sendall(buffer)
         return
-    views = [memoryview(buffer) for buffer in buffers if buffer]
+    pending: list[bytes | memoryview] = [buffer for buffer in buffers if buffer]
     first = 0
-    while first < len(views):
-        sent = sock.sendmsg(views[first : first + _IOV_MAX])
+    while first < len(pending):
+        sent = sock.sendmsg(pending[first : first + _IOV_MAX])
         while sent:
-            size = views[first].nbytes
+            size = len(pending[first])  # bytes, or a view of bytes: one byte per item
             if sent < size:
-                views[first] = views[first][sent:]
+                pending[first] = memoryview(pending[first])[sent:]
                 break
             sent -= size
             first += 1
