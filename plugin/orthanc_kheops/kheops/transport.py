@@ -73,20 +73,20 @@ def send_buffers(sock: Any, buffers: Sequence[bytes]) -> None:
             first += 1
 
 
+def _send(connection: HTTPConnection, data: Any) -> None:
+    """The connections' `send`: `Buffers` whole, anything else as urllib3 sends it."""
+    if isinstance(data, Buffers) and connection.sock is not None:
+        send_buffers(connection.sock, data.buffers)
+    else:
+        HTTPConnection.send(connection, data)
+
+
 class _BuffersConnection(HTTPConnection):
-    def send(self, data: Any) -> None:
-        if isinstance(data, Buffers) and self.sock is not None:
-            send_buffers(self.sock, data.buffers)
-        else:
-            super().send(data)
+    send = _send
 
 
 class _BuffersTlsConnection(HTTPSConnection):
-    def send(self, data: Any) -> None:
-        if isinstance(data, Buffers) and self.sock is not None:
-            send_buffers(self.sock, data.buffers)
-        else:
-            super().send(data)
+    send = _send
 
 
 class _Pool(HTTPConnectionPool):
