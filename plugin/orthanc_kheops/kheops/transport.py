@@ -5,7 +5,7 @@ giving up the GIL and waiting to take it back. While another worker holds the GI
 (python plugin 4.0 never releases it during an SDK call), each of those waits can last the
 whole switch interval, so a sender of 100 instances waited 200 times. A plain socket takes the
 whole body in a few `sendmsg` calls (scatter-gather: the kernel copies from the buffers, nothing
-is joined in Python): a drain of 64 KiB files went 1.15x as fast (bench/RESULTS.md). A TLS
+is joined in Python): a drain of 64 KiB files went 1.07-1.15x as fast (bench/RESULTS.md). A TLS
 socket has no `sendmsg`: there each buffer still goes with its own `sendall`.
 """
 
@@ -30,6 +30,7 @@ class Buffers:
         self.buffers = buffers
 
     def __iter__(self) -> Iterator[bytes]:
+        # For a connection that is not ours (a SOCKS proxy's): http.client then sends each.
         return iter(self.buffers)
 
     def __bool__(self) -> bool:  # urllib3 skips an empty piece
