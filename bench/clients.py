@@ -54,6 +54,25 @@ def _post(session: requests.Session, api: str, token: str, parts: Sequence[bytes
         raise StowError(f"STOW-RS answered {response.status_code}: {response.text[:300]}")
 
 
+def post_chunked(api: str, token: str, files: Sequence[bytes], *, chunk: int = 16384) -> None:
+    """Every instance in one request whose body goes in chunks of `chunk` bytes, as curl sends
+    Orthanc's DICOMweb client's (Transfer-Encoding: chunked)."""
+    content_type, body = multipart(files)
+    with _session(1) as session:
+        response = session.post(
+            f"{api}/studies",
+            data=(body[i : i + chunk] for i in range(0, len(body), chunk)),
+            headers={
+                "Authorization": f"Bearer {token}",
+                "Content-Type": content_type,
+                "Accept": "application/dicom+json",
+            },
+            timeout=300,
+        )
+    if response.status_code != 200:
+        raise StowError(f"STOW-RS answered {response.status_code}: {response.text[:300]}")
+
+
 def post_batches(
     api: str, token: str, files: Sequence[bytes], *, batch: int, connections: int
 ) -> None:

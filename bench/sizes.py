@@ -34,6 +34,13 @@ LABELS = {
     "bare": "bare client (50 per request, 2 connections)",
 }
 _TIMEOUT = 900.0
+# The sink's neutrality, checked with one sender and one connection for both framings: its CPU
+# per instance also rises with how busy the other core is (1.44x on the same requests with a
+# busy loop beside it), so the contenders, which load the machine differently, cannot show it.
+FRAMINGS = {
+    "chunked": "one chunked request of every instance (16 KiB chunks)",
+    "length": "requests of 100 with a Content-Length",
+}
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,8 @@ class SizeResult:
     corpus: Corpus
     rounds: dict[str, list[Round]] = field(default_factory=dict)
     resumes: list[Resume] = field(default_factory=list)
+    # The sink's CPU seconds per 1000 instances for each framing (FRAMINGS), round by round.
+    framing: dict[str, list[float]] = field(default_factory=dict)
 
     def median(self, key: str) -> float:
         return statistics.median(r.seconds for r in self.rounds[key])
@@ -95,7 +104,12 @@ def run_sizes(bench: Bench, sizes: Sequence[Size], *, repeat: int) -> list[SizeR
 
 
 def _one_size(bench: Bench, size: Size, corpus: Corpus, repeat: int) -> SizeResult:
-    result = SizeResult(size=size, corpus=corpus, rounds={key: [] for key in CONTENDERS})
+    result = SizeResult(
+        size=size,
+        corpus=corpus,
+        rounds={key: [] for key in CONTENDERS},
+        framing={key: [] for key in FRAMINGS},
+    )
     bench.kheops.set_down(True)
     plugin = bench.orthanc(f"plugin-{size.rows}x{size.columns}", kheops=bench.defaults_section())
     dicomweb: OrthancProcess | None = None
@@ -114,6 +128,7 @@ def _one_size(bench: Bench, size: Size, corpus: Corpus, repeat: int) -> SizeResu
                     result.rounds[key].append(_dicomweb(bench, dicomweb, corpus))
                 else:
                     result.rounds[key].append(_bare(bench, files))
+            _framings(bench, files, result, first=("chunked", "length")[number % 2])
             bench.log(
                 f"    round {number + 1}: "
                 + ", ".join(f"{k} {result.rounds[k][-1].seconds:.2f} s" for k in CONTENDERS)
@@ -195,6 +210,19 @@ def _bare(bench: Bench, files: list[bytes]) -> Round:
         clients.post_batches(bench.kheops.api, TOKEN, files, batch=50, connections=2)
 
     return _timed(bench, None, len(files), post, window=False)[0]
+
+
+def _framings(bench: Bench, files: list[bytes], result: SizeResult, *, first: str) -> None:
+    """The sink's CPU per 1000 instances for the same files in each framing, `first` first."""
+    posts: dict[str, Callable[[], None]] = {
+        "chunked": lambda: clients.post_chunked(bench.kheops.api, TOKEN, files),
+        "length": lambda: clients.post_batches(
+            bench.kheops.api, TOKEN, files, batch=100, connections=1
+        ),
+    }
+    for key in sorted(posts, key=lambda k: k != first):
+        cpu = _timed(bench, None, len(files), posts[key], window=False)[0].cpu["kheops"]
+        result.framing[key].append(1000 * cpu / len(files))
 
 
 def _status(orthanc: OrthancProcess) -> dict[str, object]:
