@@ -34,6 +34,7 @@ class Window:
     first_ended: float  # the first instance stored
     last_ended: float  # the last instance stored
     parts: tuple[int, ...]
+    chunk_bytes: int = 0  # the largest mean chunk size of a chunked request; 0: none was
 
     @property
     def seconds(self) -> float:
@@ -161,6 +162,7 @@ class KheopsProcess:
             first_ended=min(float(e["ended"]) for e in accepted),
             last_ended=max(float(e["ended"]) for e in accepted),
             parts=tuple(int(e["part_count"]) for e in accepted),
+            chunk_bytes=max(int(e.get("chunk_bytes", 0)) for e in accepted),
         )
 
     def clear_requests(self) -> None:

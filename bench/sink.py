@@ -47,6 +47,7 @@ class Recorded:
     part_count: int
     started: float = 0.0
     ended: float = 0.0
+    chunk_bytes: int = 0  # the mean size of a chunked body's chunks; 0 with a Content-Length
 
 
 @dataclass
@@ -184,6 +185,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         state: SinkState = self.server.state  # type: ignore[attr-defined]
         self._started = time.monotonic()
+        self._chunks = self._chunked_bytes = 0  # a connection's handler serves many requests
         url = urlsplit(self.path)
         if url.path.startswith("/_test/"):
             self._control(state, url.path[len("/_test/") :], url.query)
@@ -217,6 +219,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     _status = 0
     _started = 0.0
+    _chunks = 0
+    _chunked_bytes = 0
 
     # --- bodies ------------------------------------------------------------------------------
 
@@ -231,6 +235,9 @@ class _Handler(BaseHTTPRequestHandler):
         chunked = "chunked" in (self.headers.get("Transfer-Encoding") or "").lower()
         length = 0 if chunked else int(self.headers.get("Content-Length") or 0)
         while size := self._next_chunk_size() if chunked else length:
+            if chunked:
+                self._chunks += 1
+                self._chunked_bytes += size
             while size:
                 count = self.rfile.readinto(block[filled : filled + min(size, BLOCK - filled)])
                 if not count:
@@ -315,7 +322,15 @@ class _Handler(BaseHTTPRequestHandler):
         self._answer(status, answer, "application/dicom+json")
         with state.lock:
             state.requests.append(
-                Recorded("POST", "/api/studies", status, splitter.parts, self._started, ended)
+                Recorded(
+                    "POST",
+                    "/api/studies",
+                    status,
+                    splitter.parts,
+                    self._started,
+                    ended,
+                    self._chunked_bytes // max(self._chunks, 1),
+                )
             )
 
     # --- control -----------------------------------------------------------------------------
@@ -348,6 +363,7 @@ class _Handler(BaseHTTPRequestHandler):
                             "part_count": r.part_count,
                             "started": r.started,
                             "ended": r.ended,
+                            "chunk_bytes": r.chunk_bytes,
                         }
                         for r in state.requests
                     ]

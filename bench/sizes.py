@@ -38,9 +38,10 @@ _TIMEOUT = 900.0
 # per instance also rises with how busy the other core is (1.44x on the same requests with a
 # busy loop beside it), so the contenders, which load the machine differently, cannot show it.
 FRAMINGS = {
-    "chunked": "one chunked request of every instance (16 KiB chunks)",
+    "chunked": "one chunked request of every instance, in the DICOMweb client's chunk size",
     "length": "requests of 100 with a Content-Length",
 }
+_CHUNK = 16384  # curl's, before the DICOMweb client's own was seen
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class Round:
     seconds: float
     cpu: dict[str, float]  # CPU seconds of the sink ("kheops") and of the sender
     requests: tuple[int, ...]  # parts per accepted request
+    chunk_bytes: int = 0  # the mean chunk of a chunked request (the DICOMweb client's)
 
 
 @dataclass
@@ -72,6 +74,7 @@ class SizeResult:
     resumes: list[Resume] = field(default_factory=list)
     # The sink's CPU seconds per 1000 instances for each framing (FRAMINGS), round by round.
     framing: dict[str, list[float]] = field(default_factory=dict)
+    chunk_bytes: int = 0  # the chunk size the last framing check sent
 
     def median(self, key: str) -> float:
         return statistics.median(r.seconds for r in self.rounds[key])
@@ -162,7 +165,7 @@ def _timed(
     cpu = meter.stop()
     accepted = bench.kheops.stow_window()
     seconds = accepted.seconds if window else accepted.last_ended - began
-    return Round(seconds, cpu, accepted.parts), began, accepted
+    return Round(seconds, cpu, accepted.parts, accepted.chunk_bytes), began, accepted
 
 
 def _drain(
@@ -214,8 +217,11 @@ def _bare(bench: Bench, files: list[bytes]) -> Round:
 
 def _framings(bench: Bench, files: list[bytes], result: SizeResult, *, first: str) -> None:
     """The sink's CPU per 1000 instances for the same files in each framing, `first` first."""
+    seen = [r.chunk_bytes for r in result.rounds["dicomweb"] if r.chunk_bytes]
+    chunk = seen[-1] if seen else _CHUNK
+    result.chunk_bytes = chunk
     posts: dict[str, Callable[[], None]] = {
-        "chunked": lambda: clients.post_chunked(bench.kheops.api, TOKEN, files),
+        "chunked": lambda: clients.post_chunked(bench.kheops.api, TOKEN, files, chunk=chunk),
         "length": lambda: clients.post_batches(
             bench.kheops.api, TOKEN, files, batch=100, connections=1
         ),
