@@ -38,11 +38,14 @@ def multipart(parts: Sequence[bytes]) -> tuple[str, bytes]:
     return content_type, b"".join(chunks)
 
 
-def _post(session: requests.Session, api: str, token: str, parts: Sequence[bytes]) -> None:
+def _post(
+    session: requests.Session, api: str, token: str, parts: Sequence[bytes], *, chunk: int = 0
+) -> None:
+    """One STOW-RS request of `parts`; with `chunk`, its body goes in chunks of that size."""
     content_type, body = multipart(parts)
     response = session.post(
         f"{api}/studies",
-        data=body,
+        data=(body[i : i + chunk] for i in range(0, len(body), chunk)) if chunk else body,
         headers={
             "Authorization": f"Bearer {token}",
             "Content-Type": content_type,
@@ -55,22 +58,10 @@ def _post(session: requests.Session, api: str, token: str, parts: Sequence[bytes
 
 
 def post_chunked(api: str, token: str, files: Sequence[bytes], *, chunk: int = 16384) -> None:
-    """Every instance in one request whose body goes in chunks of `chunk` bytes, as curl sends
-    Orthanc's DICOMweb client's (Transfer-Encoding: chunked)."""
-    content_type, body = multipart(files)
+    """Every instance in one request whose body goes in chunks of `chunk` bytes
+    (Transfer-Encoding: chunked), as Orthanc's DICOMweb client sends."""
     with _session(1) as session:
-        response = session.post(
-            f"{api}/studies",
-            data=(body[i : i + chunk] for i in range(0, len(body), chunk)),
-            headers={
-                "Authorization": f"Bearer {token}",
-                "Content-Type": content_type,
-                "Accept": "application/dicom+json",
-            },
-            timeout=300,
-        )
-    if response.status_code != 200:
-        raise StowError(f"STOW-RS answered {response.status_code}: {response.text[:300]}")
+        _post(session, api, token, files, chunk=chunk)
 
 
 def post_batches(
