@@ -126,7 +126,9 @@ def _one_size(bench: Bench, size: Size, corpus: Corpus, repeat: int) -> SizeResu
             order = CONTENDERS[number % 3 :] + CONTENDERS[: number % 3]
             for key in order:
                 if key == "drain":
-                    _drain(bench, plugin, corpus, result, down_since if number == 0 else None)
+                    drain_backlog(
+                        bench, plugin, corpus, result, down_since if number == 0 else None
+                    )
                 elif key == "dicomweb":
                     result.rounds[key].append(_dicomweb(bench, dicomweb, corpus))
                 else:
@@ -168,7 +170,7 @@ def _timed(
     return Round(seconds, cpu, accepted.parts, accepted.chunk_bytes), began, accepted
 
 
-def _drain(
+def drain_backlog(
     bench: Bench, orthanc: OrthancProcess, corpus: Corpus, result: SizeResult, since: float | None
 ) -> None:
     """KHEOPS comes back after an outage; the backlog is the corpus.
