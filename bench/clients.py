@@ -57,7 +57,7 @@ def _post(
         raise StowError(f"STOW-RS answered {response.status_code}: {response.text[:300]}")
 
 
-def post_chunked(api: str, token: str, files: Sequence[bytes], *, chunk: int = 16384) -> None:
+def post_chunked(api: str, token: str, files: Sequence[bytes], *, chunk: int) -> None:
     """Every instance in one request whose body goes in chunks of `chunk` bytes
     (Transfer-Encoding: chunked), as Orthanc's DICOMweb client sends."""
     with _session(1) as session:

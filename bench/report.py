@@ -360,7 +360,7 @@ def size_verdicts(sizes: Sequence[SizeResult]) -> list[Verdict]:
                     max(framing["chunked"], tick) / max(framing["length"], tick),
                     0.8,
                     "the same files from this process over one connection (chunks of"
-                    f" {result.chunk_bytes / 1024:.0f} KiB), sink CPU s per 1000 instances: "
+                    f" {result.chunk_bytes() / 1024:.0f} KiB), sink CPU s per 1000 instances: "
                     + ", ".join(f"{FRAMINGS[k]} {v:.2f}" for k, v in framing.items())
                     + "; in the contenders' rounds: "
                     + ", ".join(f"{LABELS[k]} {v:.2f}" for k, v in cpu.items()),

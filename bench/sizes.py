@@ -41,7 +41,7 @@ FRAMINGS = {
     "chunked": "one chunked request of every instance, in the DICOMweb client's chunk size",
     "length": "requests of 100 with a Content-Length",
 }
-_CHUNK = 16384  # curl's, before the DICOMweb client's own was seen
+_CHUNK = 65536  # what the DICOMweb client sent on every stack, until its own is seen
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,11 @@ class SizeResult:
     resumes: list[Resume] = field(default_factory=list)
     # The sink's CPU seconds per 1000 instances for each framing (FRAMINGS), round by round.
     framing: dict[str, list[float]] = field(default_factory=dict)
-    chunk_bytes: int = 0  # the chunk size the last framing check sent
+
+    def chunk_bytes(self) -> int:
+        """The chunk size of the framing check: the DICOMweb client's in its latest round."""
+        seen = [r.chunk_bytes for r in self.rounds.get("dicomweb", []) if r.chunk_bytes]
+        return seen[-1] if seen else _CHUNK
 
     def median(self, key: str) -> float:
         return statistics.median(r.seconds for r in self.rounds[key])
@@ -219,9 +223,7 @@ def _bare(bench: Bench, files: list[bytes]) -> Round:
 
 def _framings(bench: Bench, files: list[bytes], result: SizeResult, *, first: str) -> None:
     """The sink's CPU per 1000 instances for the same files in each framing, `first` first."""
-    seen = [r.chunk_bytes for r in result.rounds["dicomweb"] if r.chunk_bytes]
-    chunk = seen[-1] if seen else _CHUNK
-    result.chunk_bytes = chunk
+    chunk = result.chunk_bytes()
     posts: dict[str, Callable[[], None]] = {
         "chunked": lambda: clients.post_chunked(bench.kheops.api, TOKEN, files, chunk=chunk),
         "length": lambda: clients.post_batches(
