@@ -129,6 +129,11 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         help="JSON Orthanc settings for every Orthanc that runs the plugin,"
         ' e.g. \'{"Python": {"AllowThreads": true}}\'',
     )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="the sink serves HTTPS, as a real KHEOPS: every contender encrypts",
+    )
     parser.add_argument("--repeat", type=int, help="repetitions of the timed runs")
     parser.add_argument(
         "--ingest-rounds", type=int, help="rounds of the ingest runs (default: --repeat, or 9)"
@@ -178,7 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         orthanc_settings=dict(args.orthanc),
     )
     shutil.rmtree(WORKDIR, ignore_errors=True)
-    with KheopsProcess(WORKDIR / "kheops") as kheops:
+    with KheopsProcess(WORKDIR / "kheops", tls=args.tls) as kheops:
+        results.tls = kheops.url.startswith("https://")  # what the sink announced
         bench = Bench(settings=settings, kheops=kheops, corpus=corpus, workdir=WORKDIR, log=log)
         try:
             if "sizes" in chosen:

@@ -37,6 +37,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--columns", type=int, default=256)
     parser.add_argument("--count", type=int, default=2000, help="instances in the backlog")
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--tls", action="store_true", help="the sink serves HTTPS")
     parser.add_argument(
         "variants",
         type=json.loads,
@@ -58,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(message, file=sys.stderr, flush=True)
 
     shutil.rmtree(WORKDIR, ignore_errors=True)
-    with KheopsProcess(WORKDIR / "kheops") as kheops:
+    with KheopsProcess(WORKDIR / "kheops", tls=args.tls) as kheops:
         bench = Bench(
             settings=Settings(repeat=1, ingest_repeat=1, latency=0.0, plugin={}),
             kheops=kheops,

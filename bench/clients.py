@@ -19,10 +19,12 @@ class StowError(RuntimeError):
     """The test server did not store a request whole."""
 
 
-def _session(connections: int) -> requests.Session:
+def _session(connections: int, verify: bool | str) -> requests.Session:
     session = requests.Session()
+    session.verify = verify
     adapter = HTTPAdapter(pool_connections=1, pool_maxsize=connections, max_retries=0)
     session.mount("http://", adapter)
+    session.mount("https://", adapter)
     return session
 
 
@@ -52,20 +54,29 @@ def _post(
             "Accept": "application/dicom+json",
         },
         timeout=300,
+        verify=session.verify,  # given here, requests' environment (REQUESTS_CA_BUNDLE) cannot win
     )
     if response.status_code != 200:
         raise StowError(f"STOW-RS answered {response.status_code}: {response.text[:300]}")
 
 
-def post_chunked(api: str, token: str, files: Sequence[bytes], *, chunk: int) -> None:
+def post_chunked(
+    api: str, token: str, files: Sequence[bytes], *, chunk: int, verify: bool | str = True
+) -> None:
     """Every instance in one request whose body goes in chunks of `chunk` bytes
-    (Transfer-Encoding: chunked), as Orthanc's DICOMweb client sends."""
-    with _session(1) as session:
+    (Transfer-Encoding: chunked), as Orthanc's DICOMweb client sends; `verify` is requests'."""
+    with _session(1, verify) as session:
         _post(session, api, token, files, chunk=chunk)
 
 
 def post_batches(
-    api: str, token: str, files: Sequence[bytes], *, batch: int, connections: int
+    api: str,
+    token: str,
+    files: Sequence[bytes],
+    *,
+    batch: int,
+    connections: int,
+    verify: bool | str = True,
 ) -> None:
     """Batches of `batch` instances, `connections` requests in flight at a time."""
     batches = [files[i : i + batch] for i in range(0, len(files), batch)]
@@ -76,7 +87,7 @@ def post_batches(
     def send(parts: Sequence[bytes]) -> None:
         session = getattr(local, "session", None)
         if session is None:
-            session = local.session = _session(1)
+            session = local.session = _session(1, verify)
             with lock:
                 sessions.append(session)
         _post(session, api, token, parts)
@@ -89,8 +100,10 @@ def post_batches(
             session.close()
 
 
-def post_one_by_one(api: str, token: str, files: Sequence[bytes]) -> None:
+def post_one_by_one(
+    api: str, token: str, files: Sequence[bytes], *, verify: bool | str = True
+) -> None:
     """One request per instance over one keep-alive connection, as Karnak forwards."""
-    with _session(1) as session:
+    with _session(1, verify) as session:
         for data in files:
             _post(session, api, token, [data])

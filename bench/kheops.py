@@ -23,6 +23,9 @@ from tests.waiting import wait_until
 ROOT = Path(__file__).resolve().parent.parent
 ALBUM = "BenchAlbum01"
 TOKEN = "BenchMainAlbumToken001"
+# The tests' certificate for 127.0.0.1, its own CA: test data, as the sink is.
+TLS_CERTIFICATE = ROOT / "tests" / "unit" / "data" / "localhost-tls.crt"
+TLS_KEY = ROOT / "tests" / "unit" / "data" / "localhost-tls.key"
 
 
 @dataclass(frozen=True)
@@ -42,19 +45,21 @@ class Window:
 
 
 class KheopsProcess:
-    """`python -m bench.sink` with one album and its write token."""
+    """`python -m bench.sink` with one album and its write token; with `tls`, over HTTPS."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, tls: bool = False) -> None:
         self.workdir = workdir
         self.url = ""
+        self.tls = tls
         self._process: subprocess.Popen[str] | None = None
         self._session = requests.Session()
 
     def start(self, timeout: float = 30) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         log = (self.workdir / "kheops.log").open("ab")
+        tls = ["--tls", str(TLS_CERTIFICATE), str(TLS_KEY)] if self.tls else []
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "bench.sink", "--album", ALBUM, "--token", TOKEN],
+            [sys.executable, "-m", "bench.sink", "--album", ALBUM, "--token", TOKEN, *tls],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=log,
@@ -107,10 +112,29 @@ class KheopsProcess:
     def api(self) -> str:
         return f"{self.url}/api"
 
+    @property
+    def verify(self) -> bool | str:
+        """What a client checks the sink's certificate against (requests' `verify`)."""
+        return str(TLS_CERTIFICATE) if self.tls else True
+
+    def plugin_settings(self) -> dict[str, Any]:
+        """The plugin's settings that reach this sink: its URL, token and CA."""
+        return {"Url": self.url, "Token": TOKEN} | (
+            {"VerifyTls": str(TLS_CERTIFICATE)} if self.tls else {}
+        )
+
+    def orthanc_settings(self) -> dict[str, Any]:
+        """Orthanc's settings for its own HTTP client (the DICOMweb plugin's) to trust the sink."""
+        if not self.tls:
+            return {}
+        return {"HttpsVerifyPeers": True, "HttpsCACertificates": str(TLS_CERTIFICATE)}
+
     # --- control API ---------------------------------------------------------------------
 
     def _control(self, method: str, path: str, body: Any = None) -> requests.Response:
-        return self._session.request(method, f"{self.url}/_test/{path}", json=body, timeout=30)
+        return self._session.request(
+            method, f"{self.url}/_test/{path}", json=body, timeout=30, verify=self.verify
+        )
 
     def stores(self) -> int:
         """Instances accepted so far, re-sends included: progress is a difference of two reads."""
@@ -121,7 +145,10 @@ class KheopsProcess:
     def await_stores(self, count: int, *, timeout: float = 600) -> None:
         """Block until the sink has accepted `count` instances in all (re-sends included)."""
         response = self._session.get(
-            f"{self.url}/_test/await", params={"stores": count}, timeout=timeout + 30
+            f"{self.url}/_test/await",
+            params={"stores": count},
+            timeout=timeout + 30,
+            verify=self.verify,
         )
         response.raise_for_status()
         if int(response.json()["stores"]) < count:

@@ -33,6 +33,7 @@ class Results:
     sweep: list[SweepPoint] = field(default_factory=list)
     linger: list[LingerPoint] = field(default_factory=list)
     sizes: list[SizeResult] = field(default_factory=list)
+    tls: bool = False  # the sink served HTTPS
     load_at_start: tuple[float, ...] = field(default_factory=os.getloadavg)
 
     def find(self, key: str, latency: float = 0.0) -> Run | None:
@@ -112,6 +113,12 @@ def header(results: Results, *, quick: bool) -> list[str]:
         f"Machine: {machine(results.load_at_start)}",
         f"Corpus: {results.corpus.describe()}",
         f"Plugin settings: {settings}",
+        "KHEOPS sink: "
+        + (
+            "HTTPS on loopback (the tests' certificate; every contender verifies it)"
+            if results.tls
+            else "HTTP on loopback"
+        ),
     ]
     if results.orthanc_settings:
         lines.append(f"Orthanc settings with the plugin: {json.dumps(results.orthanc_settings)}")

@@ -208,8 +208,7 @@ class Bench:
     def defaults_section(self) -> dict[str, Any]:
         """The plugin's defaults (but for quieter logs) and the settings under test."""
         return {
-            "Url": self.kheops.url,
-            "Token": TOKEN,
+            **self.kheops.plugin_settings(),
             "LogLevel": "warning",
             **self.settings.plugin,
         }
@@ -229,12 +228,12 @@ class Bench:
                     "HttpHeaders": {"Authorization": f"Bearer {TOKEN}"},
                 }
             },
+            extra_config=self.kheops.orthanc_settings(),
         )
 
     def plugin_section(self, **overrides: Any) -> dict[str, Any]:
         return {
-            "Url": self.kheops.url,
-            "Token": TOKEN,
+            **self.kheops.plugin_settings(),
             **BENCH_PLUGIN_SETTINGS,
             **self.settings.plugin,
             **overrides,
@@ -365,7 +364,14 @@ class Bench:
         meter = self._meter()
         meter.start()
         began = time.perf_counter()
-        clients.post_batches(self.kheops.api, TOKEN, files, batch=batch, connections=connections)
+        clients.post_batches(
+            self.kheops.api,
+            TOKEN,
+            files,
+            batch=batch,
+            connections=connections,
+            verify=self.kheops.verify,
+        )
         run.add(time.perf_counter() - began, meter.stop())
         run.requests = self._stow_requests()
 
@@ -378,7 +384,7 @@ class Bench:
         meter = self._meter()
         meter.start()
         began = time.perf_counter()
-        clients.post_one_by_one(self.kheops.api, TOKEN, files)
+        clients.post_one_by_one(self.kheops.api, TOKEN, files, verify=self.kheops.verify)
         run.add(time.perf_counter() - began, meter.stop())
         run.requests = self._stow_requests()
 

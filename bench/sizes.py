@@ -216,7 +216,9 @@ def _dicomweb(bench: Bench, orthanc: OrthancProcess | None, corpus: Corpus) -> R
 
 def _bare(bench: Bench, files: list[bytes]) -> Round:
     def post() -> None:
-        clients.post_batches(bench.kheops.api, TOKEN, files, batch=50, connections=2)
+        clients.post_batches(
+            bench.kheops.api, TOKEN, files, batch=50, connections=2, verify=bench.kheops.verify
+        )
 
     return _timed(bench, None, len(files), post, window=False)[0]
 
@@ -224,10 +226,11 @@ def _bare(bench: Bench, files: list[bytes]) -> Round:
 def _framings(bench: Bench, files: list[bytes], result: SizeResult, *, first: str) -> None:
     """The sink's CPU per 1000 instances for the same files in each framing, `first` first."""
     chunk = result.chunk_bytes()
+    api, verify = bench.kheops.api, bench.kheops.verify
     posts: dict[str, Callable[[], None]] = {
-        "chunked": lambda: clients.post_chunked(bench.kheops.api, TOKEN, files, chunk=chunk),
+        "chunked": lambda: clients.post_chunked(api, TOKEN, files, chunk=chunk, verify=verify),
         "length": lambda: clients.post_batches(
-            bench.kheops.api, TOKEN, files, batch=100, connections=1
+            api, TOKEN, files, batch=100, connections=1, verify=verify
         ),
     }
     for key in sorted(posts, key=lambda k: k != first):

@@ -62,3 +62,29 @@ def test_the_bench_runs_tiny_corpora_of_every_size_and_prints_its_verdict(
         == 1
     )
     assert sum(row.startswith("| Ingest") for row in verdicts) == 2
+
+
+def test_over_https_every_contender_reaches_the_sink_and_verifies_its_certificate(
+    tmp_path: Path,
+) -> None:
+    report = tmp_path / "report.md"
+
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--instances", "20", "--scenarios", "sizes", "--tls"]
+        + ["--output", str(report)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "KHEOPS sink: HTTPS on loopback" in result.stdout
+    rows = [
+        row
+        for row in table(result.stdout, "### Drain by instance size")
+        if re.match(r"\| [\d.]+ (KiB|MB) \(", row)
+    ]
+    for contender in ("backlog drain", "DICOMweb STOW client", "bare client"):
+        assert sum(contender in row for row in rows) == 4, contender
