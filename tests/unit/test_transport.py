@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import socket
 import ssl
@@ -15,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from orthanc_kheops.kheops.client import KheopsClient, make_session
-from orthanc_kheops.kheops.transport import send_buffers
+from orthanc_kheops.kheops.transport import TLS_WRITE, _joined, send_buffers
 from orthanc_kheops.observability.masking import Secret
 from tests.recording_server import Answer, RecordingServer
 
@@ -133,15 +134,30 @@ def tls_server() -> Iterator[RecordingServer]:
     assert recording.unexpected == [], "requests the test did not script"
 
 
-def test_over_tls_which_has_no_sendmsg_each_buffer_goes_in_turn_and_all_arrive(
-    tls_server: RecordingServer,
+def test_over_tls_which_has_no_sendmsg_a_batch_goes_in_writes_of_a_mebibyte_and_all_arrive(
+    tls_server: RecordingServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     tls_server.answer(ANSWER)
+    calls = _calls(monkeypatch, ssl.SSLSocket, "sendall")
 
-    _client(tls_server.url, verify=str(CERTIFICATE)).stow(TOKEN, PARTS[:10])
+    _client(tls_server.url, verify=str(CERTIFICATE)).stow(TOKEN, PARTS)
 
     assert tls_server.url.startswith("https://")
     body = _body_of(tls_server)
-    assert [body.index(part) for part in PARTS[:10]] == sorted(
-        body.index(part) for part in PARTS[:10]
-    )
+    assert [body.index(part) for part in PARTS] == sorted(body.index(part) for part in PARTS)
+    # Buffer by buffer, 100 instances were 201 writes. Now: the body's, the request's headers
+    # and the test server's answer (headers and body: in this process too).
+    assert calls["sendall"] <= len(body) // TLS_WRITE + 1 + 1 + 2
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.binary(max_size=300), max_size=30), st.integers(1, 400))
+def test_joined_writes_carry_every_byte_in_order_and_a_large_buffer_goes_uncopied(
+    buffers: list[bytes], size: int
+) -> None:
+    writes = list(_joined(buffers, size))
+
+    assert b"".join(writes) == b"".join(buffers)
+    for write, following in itertools.pairwise(writes):
+        assert len(write) >= size or len(following) >= size  # cut short only by a large one
+    assert all(any(w is b for w in writes) for b in buffers if len(b) >= size)
