@@ -24,25 +24,30 @@ def table(report: str, heading: str) -> list[str]:
     return [line for line in section.splitlines() if line.startswith("| ")][1:]
 
 
-def test_the_bench_runs_tiny_corpora_of_every_size_and_prints_its_verdict(
-    tmp_path: Path,
-) -> None:
+def bench(tmp_path: Path, *arguments: str) -> str:
+    """The report `python -m bench` prints, once it ended well and wrote the same to a file."""
     report = tmp_path / "report.md"
-
     result = subprocess.run(
-        [sys.executable, "-m", "bench", "--instances", "40", "--output", str(report)],
+        [sys.executable, "-m", "bench", *arguments, "--output", str(report)],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=180,
         check=False,
     )
-
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout == report.read_text()
+    return result.stdout
+
+
+def test_the_bench_runs_tiny_corpora_of_every_size_and_prints_its_verdict(
+    tmp_path: Path,
+) -> None:
+    stdout = bench(tmp_path, "--instances", "40")
+
     for heading in ("### Drain by instance size", "### Ingest cost", "### Verdict"):
-        assert heading in result.stdout
-    rows = table(result.stdout, "### Drain by instance size")
+        assert heading in stdout
+    rows = table(stdout, "### Drain by instance size")
     sizes = ("64 KiB", "128 KiB", "512 KiB", "27 MB")
     contenders = ("backlog drain", "DICOMweb STOW client", "bare client")
     for size in sizes:
@@ -52,7 +57,7 @@ def test_the_bench_runs_tiny_corpora_of_every_size_and_prints_its_verdict(
     summary = [row for row in rows if re.match(r"\| [\d.]+ (KiB|MB) \| \d", row)]
     assert len(summary) == 4
     assert all(re.search(r"\| [\d.]+ / [\d.]+ / [\d.]+ \|", row) for row in summary)
-    verdicts = table(result.stdout, "### Verdict")
+    verdicts = table(stdout, "### Verdict")
     assert all(re.search(r"\| (met|MISSED) \|", row) for row in verdicts)
     for size in sizes:
         assert sum(row.startswith(f"| {size}: drain vs Orthanc") for row in verdicts) == 1
@@ -67,23 +72,12 @@ def test_the_bench_runs_tiny_corpora_of_every_size_and_prints_its_verdict(
 def test_over_https_every_contender_reaches_the_sink_and_verifies_its_certificate(
     tmp_path: Path,
 ) -> None:
-    report = tmp_path / "report.md"
+    stdout = bench(tmp_path, "--instances", "20", "--scenarios", "sizes", "--tls")
 
-    result = subprocess.run(
-        [sys.executable, "-m", "bench", "--instances", "20", "--scenarios", "sizes", "--tls"]
-        + ["--output", str(report)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
-
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "KHEOPS sink: HTTPS on loopback" in result.stdout
+    assert "KHEOPS sink: HTTPS on loopback" in stdout
     rows = [
         row
-        for row in table(result.stdout, "### Drain by instance size")
+        for row in table(stdout, "### Drain by instance size")
         if re.match(r"\| [\d.]+ (KiB|MB) \(", row)
     ]
     for contender in ("backlog drain", "DICOMweb STOW client", "bare client"):
