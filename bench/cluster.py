@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import corpus as corpora
-from bench.kheops import TOKEN, KheopsProcess
+from bench.kheops import KheopsProcess
 from orthanc_kheops.state.outbox import Outbox, SqliteOutbox
 from orthanc_kheops.state.postgres.database import PgDatabase
 from orthanc_kheops.state.postgres.outbox import PgOutbox
@@ -74,7 +74,7 @@ class Site:
         name = f"node-{len(self.nodes) + 1}"
         node = OrthancProcess(
             self.folder / name,
-            kheops={"Url": self.kheops.url, "Token": TOKEN, "StateDatabase": self.state,
+            kheops={**self.kheops.plugin_settings(), "StateDatabase": self.state,
                     "NodeName": name},
             extra_config={
                 "Plugins": [str(PYTHON_PLUGIN), str(POSTGRESQL_INDEX)],
