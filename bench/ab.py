@@ -10,25 +10,34 @@ A variant is a name and any of: "plugin" (settings of the "Kheops" section), "or
 Orthanc's configuration, such as another "PythonScript": a checkout of the plugin before a
 change) and "env" (Orthanc's environment). Two identical variants show how far apart the
 noise alone puts them.
+
+With `--ingest`, what is compared is the ingest instead: each round, every variant gets a fresh
+Orthanc with the plugin forwarding live, storescu stores the corpus into it (timed), and the
+next one starts once the sink has every instance, so that no variant's sends fall on another's
+store. A variant whose "plugin" is null is a plain Orthanc, without the plugin.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from bench import corpus as corpora
 from bench.kheops import KheopsProcess
 from bench.scenarios import Bench, Settings
-from bench.sizes import Size, SizeResult, drain_backlog
+from bench.sizes import Round, Size, SizeResult, drain_backlog
+from tests.waiting import wait_until
 
 WORKDIR = Path(__file__).resolve().parent.parent / "build" / "bench-ab"
+_TIMEOUT = 900.0
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -38,6 +47,16 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--count", type=int, default=2000, help="instances in the backlog")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--tls", action="store_true", help="the sink serves HTTPS")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=WORKDIR,
+        help="where the Orthancs and the sink keep their files (a tmpfs takes the disk's"
+        " latency out of an ingest)",
+    )
+    parser.add_argument(
+        "--ingest", action="store_true", help="time storescu into each variant, forwarding live"
+    )
     parser.add_argument(
         "variants",
         type=json.loads,
@@ -58,57 +77,127 @@ def main(argv: Sequence[str] | None = None) -> int:
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    shutil.rmtree(WORKDIR, ignore_errors=True)
-    with KheopsProcess(WORKDIR / "kheops", tls=args.tls) as kheops:
+    shutil.rmtree(args.workdir / "kheops", ignore_errors=True)  # the Orthancs' go with them
+    with KheopsProcess(args.workdir / "kheops", tls=args.tls) as kheops:
         bench = Bench(
             settings=Settings(repeat=1, ingest_repeat=1, latency=0.0, plugin={}),
             kheops=kheops,
             corpus=corpus,
-            workdir=WORKDIR,
+            workdir=args.workdir,
             log=log,
         )
         try:
-            kheops.set_down(True)
-            results = {}
-            orthancs = {}
-            for name, variant in variants.items():
-                orthancs[name] = bench.orthanc(
-                    f"variant-{name}",
-                    kheops={**bench.defaults_section(), **variant.get("plugin", {})},
-                    extra_config=variant.get("orthanc"),
-                    env=variant.get("env"),
-                )
-                orthancs[name].storescu(list(corpus.paths))
-                results[name] = SizeResult(size=size, corpus=corpus, rounds={"drain": []})
-            names = list(variants)
-            for number in range(args.rounds):
-                for name in names[number % len(names) :] + names[: number % len(names)]:
-                    drain_backlog(bench, orthancs[name], corpus, results[name], None)
-                log(
-                    f"round {number + 1}: "
-                    + ", ".join(
-                        f"{n} {results[n].rounds['drain'][-1].seconds:.3f} s" for n in names
-                    )
-                )
+            if args.ingest:
+                results = ingest(bench, variants, corpus, size, args.rounds)
+            else:
+                results = drain(bench, variants, corpus, size, args.rounds)
         finally:
             bench.close()
-    print(report(results))
+    print(report(results, "ingest" if args.ingest else "drain"))
     return 0
 
 
-def report(results: Mapping[str, SizeResult]) -> str:
+def drain(
+    bench: Bench,
+    variants: Mapping[str, Mapping[str, Any]],
+    corpus: corpora.Corpus,
+    size: Size,
+    rounds: int,
+) -> dict[str, SizeResult]:
+    """The same backlog in one Orthanc per variant, drained round by round."""
+    bench.kheops.set_down(True)
+    results = {}
+    orthancs = {}
+    for name, variant in variants.items():
+        orthancs[name] = bench.orthanc(f"variant-{name}", **_arguments(bench, variant))
+        orthancs[name].storescu(list(corpus.paths))
+        results[name] = SizeResult(size=size, corpus=corpus, rounds={"drain": []})
+    for number, order in _rounds(list(variants), rounds):
+        for name in order:
+            drain_backlog(bench, orthancs[name], corpus, results[name], None)
+        _log_round(bench, number, results, "drain")
+    return results
+
+
+def ingest(
+    bench: Bench,
+    variants: Mapping[str, Mapping[str, Any]],
+    corpus: corpora.Corpus,
+    size: Size,
+    rounds: int,
+) -> dict[str, SizeResult]:
+    """storescu into a fresh Orthanc per variant and round, forwarding live."""
+    results = {
+        name: SizeResult(size=size, corpus=corpus, rounds={"ingest": []}) for name in variants
+    }
+    for number, order in _rounds(list(variants), rounds):
+        for name in order:
+            results[name].rounds["ingest"].append(_ingest_once(bench, name, variants[name], corpus))
+        _log_round(bench, number, results, "ingest")
+    return results
+
+
+def _ingest_once(
+    bench: Bench, name: str, variant: Mapping[str, Any], corpus: corpora.Corpus
+) -> Round:
+    """The store's time and CPU; returns once the sink has every instance it forwards."""
+    os.sync()  # what the store before left to write falls on no one
+    orthanc = bench.orthanc(f"variant-{name}", **_arguments(bench, variant))
+    try:
+        baseline = bench.kheops.stores()
+        meter = bench.meter(orthanc.pid)
+        meter.start()
+        began = time.perf_counter()
+        orthanc.storescu(list(corpus.paths))
+        stored = time.perf_counter() - began
+        cpu = meter.stop()
+        if variant.get("plugin", {}) is not None:
+            wait_until(
+                lambda: bench.kheops.stores() - baseline >= len(corpus),
+                timeout=_TIMEOUT,
+                message="every instance in the sink",
+            )
+        return Round(stored, cpu, requests=())
+    finally:
+        bench.retire(orthanc)
+
+
+def _arguments(bench: Bench, variant: Mapping[str, Any]) -> dict[str, Any]:
+    """An Orthanc's arguments for a variant; its plugin section null: no plugin at all."""
+    plugin = variant.get("plugin", {})
+    return {
+        "kheops": None if plugin is None else {**bench.defaults_section(), **plugin},
+        "extra_config": variant.get("orthanc"),
+        "env": variant.get("env"),
+    }
+
+
+def _rounds(names: list[str], rounds: int) -> Iterator[tuple[int, list[str]]]:
+    """Each round's order, turning, so that no variant always follows the same one."""
+    for number in range(rounds):
+        yield number, names[number % len(names) :] + names[: number % len(names)]
+
+
+def _log_round(bench: Bench, number: int, results: Mapping[str, SizeResult], key: str) -> None:
+    bench.log(
+        f"round {number + 1}: "
+        + ", ".join(f"{n} {r.rounds[key][-1].seconds:.3f} s" for n, r in results.items())
+    )
+
+
+def report(results: Mapping[str, SizeResult], key: str) -> str:
     """Each variant against the first: the median of the per-round ratios, their range, the
-    medians of the drains and of Orthanc's CPU."""
+    medians of the times and of Orthanc's CPU."""
     names = list(results)
-    base = results[names[0]].rounds["drain"]
-    lines = [f"against {names[0]}: median drain {statistics.median(r.seconds for r in base):.3f} s"]
+    base = results[names[0]].rounds[key]
+    lines = [f"against {names[0]}: median {key} {statistics.median(r.seconds for r in base):.3f} s"]
     for name in names[1:]:
-        rounds = results[name].rounds["drain"]
+        rounds = results[name].rounds[key]
         ratios = [b.seconds / r.seconds for b, r in zip(base, rounds, strict=True)]
         cpu = statistics.median(r.cpu.get("orthanc", 0.0) for r in rounds)
         lines.append(
             f"{name}: {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}),"
-            f" median drain {statistics.median(r.seconds for r in rounds):.3f} s,"
+            f" median {key} {statistics.median(r.seconds for r in rounds):.3f} s,"
             f" Orthanc CPU {cpu:.2f} s"
         )
     return "\n".join(lines)

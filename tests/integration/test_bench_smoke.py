@@ -82,3 +82,23 @@ def test_over_https_every_contender_reaches_the_sink_and_verifies_its_certificat
     ]
     for contender in ("backlog drain", "DICOMweb STOW client", "bare client"):
         assert sum(contender in row for row in rows) == 4, contender
+
+
+def test_the_ab_tool_times_the_ingest_of_each_variant_against_the_first(tmp_path: Path) -> None:
+    variants = '{"plain": {"plugin": null}, "live": {}, "again": {}}'
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.ab", "--ingest", "--count", "10", "--rounds", "2"]
+        + ["--rows", "16", "--columns", "16", "--workdir", str(tmp_path), variants],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert re.fullmatch(r"against plain: median ingest [\d.]+ s", lines[0])
+    for name in ("live", "again"):
+        assert sum(re.match(rf"{name}: [\d.]+x \(", line) is not None for line in lines) == 1
+    assert sum(line.startswith("round ") for line in result.stderr.splitlines()) == 2
