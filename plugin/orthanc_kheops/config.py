@@ -46,7 +46,6 @@ def _fields(given: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "enabled": given["Enabled"],
         "workers": given["Workers"],
-        "worker_niceness": given["WorkerNiceness"],
         "batch_max_instances": given["BatchMaxInstances"],
         "batch_max_bytes": int(given["BatchMaxMegabytes"] * _MEGABYTE),
         "batch_linger": given["BatchLingerMilliseconds"] / 1000,
@@ -76,7 +75,6 @@ class KheopsConfig:
     orthanc_url: str
     enabled: bool = _DEFAULT["enabled"]
     workers: int = _DEFAULT["workers"]
-    worker_niceness: int = _DEFAULT["worker_niceness"]
     batch_max_instances: int = _DEFAULT["batch_max_instances"]
     batch_max_bytes: int = _DEFAULT["batch_max_bytes"]
     batch_linger: float = _DEFAULT["batch_linger"]

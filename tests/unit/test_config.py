@@ -49,7 +49,6 @@ def test_a_minimal_section_gets_every_default() -> None:
         orthanc_url="http://127.0.0.1:8042",
         enabled=True,
         workers=4,
-        worker_niceness=10,
         batch_max_instances=100,
         batch_max_bytes=32 * 1024 * 1024,
         batch_linger=0.5,
@@ -73,7 +72,6 @@ def test_every_field_is_read() -> None:
             Enabled=False,
             StateDirectory="/var/lib/kheops",
             Workers=8,
-            WorkerNiceness=0,
             BatchMaxInstances=20,
             BatchMaxMegabytes=1.5,
             BatchLingerMilliseconds=0,
@@ -94,7 +92,6 @@ def test_every_field_is_read() -> None:
     assert config.enabled is False
     assert config.state_directory == Path("/var/lib/kheops")
     assert (config.workers, config.batch_max_instances) == (8, 20)
-    assert config.worker_niceness == 0
     assert config.batch_max_bytes == int(1.5 * 1024 * 1024)
     assert config.batch_linger == 0.0
     assert (config.connect_timeout, config.request_timeout) == (3.0, 60.5)
@@ -233,8 +230,6 @@ def test_an_unknown_key_unlike_any_other_gets_no_suggestion() -> None:
         ({"SwitchingAlbums": {"a": 1}}, "Kheops.SwitchingAlbums: must be an array, not an object"),
         ({"SwitchingAlbums": [[1]]}, "Kheops.SwitchingAlbums[0]: must be an object, not an array"),
         ({"Workers": 0}, "Kheops.Workers: 0 is less than the minimum of 1"),
-        ({"WorkerNiceness": 20}, "Kheops.WorkerNiceness: 20 is greater than the maximum of 19"),
-        ({"WorkerNiceness": -5}, "Kheops.WorkerNiceness: -5 is less than the minimum of 0"),
     ],
 )
 def test_a_wrong_value_is_named_with_its_field(fields: dict[str, Any], message: str) -> None:

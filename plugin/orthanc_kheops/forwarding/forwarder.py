@@ -40,7 +40,6 @@ from ..state.outbox import Outbox, QueuedInstance, Retry
 from ..state.store_health import StoreHealth
 from .files import PreparedFile, UnreadableFile, prepare
 from .health import Health, State, Turn
-from .priority import lower_this_thread
 
 log = logging.getLogger(__name__)
 
@@ -177,11 +176,7 @@ class Forwarder:
             self._wake.set()
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:
-        def run() -> None:
-            lower_this_thread(self._config.worker_niceness)
-            target()
-
-        thread = threading.Thread(target=run, name=name, daemon=True)
+        thread = threading.Thread(target=target, name=name, daemon=True)
         self._threads.append(thread)
         thread.start()
 
