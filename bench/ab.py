@@ -27,6 +27,7 @@ import statistics
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -87,24 +88,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             log=log,
         )
         try:
-            if args.ingest:
-                results = ingest(bench, variants, corpus, size, args.rounds)
-            else:
-                results = drain(bench, variants, corpus, size, args.rounds)
+            trial = Trial(bench, variants, corpus, size, args.rounds)
+            results = ingest(trial) if args.ingest else drain(trial)
         finally:
             bench.close()
     print(report(results, "ingest" if args.ingest else "drain"))
     return 0
 
 
-def drain(
-    bench: Bench,
-    variants: Mapping[str, Mapping[str, Any]],
-    corpus: corpora.Corpus,
-    size: Size,
-    rounds: int,
-) -> dict[str, SizeResult]:
+@dataclass(frozen=True)
+class Trial:
+    """What the variants are run on, and how many rounds."""
+
+    bench: Bench
+    variants: Mapping[str, Mapping[str, Any]]
+    corpus: corpora.Corpus
+    size: Size
+    rounds: int
+
+
+def drain(trial: Trial) -> dict[str, SizeResult]:
     """The same backlog in one Orthanc per variant, drained round by round."""
+    bench, variants, corpus, size = trial.bench, trial.variants, trial.corpus, trial.size
     bench.kheops.set_down(True)
     results = {}
     orthancs = {}
@@ -112,25 +117,20 @@ def drain(
         orthancs[name] = bench.orthanc(f"variant-{name}", **_arguments(bench, variant))
         orthancs[name].storescu(list(corpus.paths))
         results[name] = SizeResult(size=size, corpus=corpus, rounds={"drain": []})
-    for number, order in _rounds(list(variants), rounds):
+    for number, order in _rounds(list(variants), trial.rounds):
         for name in order:
             drain_backlog(bench, orthancs[name], corpus, results[name], None)
         _log_round(bench, number, results, "drain")
     return results
 
 
-def ingest(
-    bench: Bench,
-    variants: Mapping[str, Mapping[str, Any]],
-    corpus: corpora.Corpus,
-    size: Size,
-    rounds: int,
-) -> dict[str, SizeResult]:
+def ingest(trial: Trial) -> dict[str, SizeResult]:
     """storescu into a fresh Orthanc per variant and round, forwarding live."""
+    bench, variants, corpus, size = trial.bench, trial.variants, trial.corpus, trial.size
     results = {
         name: SizeResult(size=size, corpus=corpus, rounds={"ingest": []}) for name in variants
     }
-    for number, order in _rounds(list(variants), rounds):
+    for number, order in _rounds(list(variants), trial.rounds):
         for name in order:
             results[name].rounds["ingest"].append(_ingest_once(bench, name, variants[name], corpus))
         _log_round(bench, number, results, "ingest")

@@ -24,11 +24,10 @@ def table(report: str, heading: str) -> list[str]:
     return [line for line in section.splitlines() if line.startswith("| ")][1:]
 
 
-def bench(tmp_path: Path, *arguments: str) -> str:
-    """The report `python -m bench` prints, once it ended well and wrote the same to a file."""
-    report = tmp_path / "report.md"
+def run(module: str, *arguments: str) -> subprocess.CompletedProcess[str]:
+    """`python -m module arguments`, once it ended well."""
     result = subprocess.run(
-        [sys.executable, "-m", "bench", *arguments, "--output", str(report)],
+        [sys.executable, "-m", module, *arguments],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -36,6 +35,13 @@ def bench(tmp_path: Path, *arguments: str) -> str:
         check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def bench(tmp_path: Path, *arguments: str) -> str:
+    """The report `python -m bench` prints, once it ended well and wrote the same to a file."""
+    report = tmp_path / "report.md"
+    result = run("bench", *arguments, "--output", str(report))
     assert result.stdout == report.read_text()
     return result.stdout
 
@@ -86,17 +92,12 @@ def test_over_https_every_contender_reaches_the_sink_and_verifies_its_certificat
 
 def test_the_ab_tool_times_the_ingest_of_each_variant_against_the_first(tmp_path: Path) -> None:
     variants = '{"plain": {"plugin": null}, "live": {}, "again": {}}'
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.ab", "--ingest", "--count", "10", "--rounds", "2"]
-        + ["--rows", "16", "--columns", "16", "--workdir", str(tmp_path), variants],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
+    result = run(
+        "bench.ab",
+        *("--ingest", "--count", "10", "--rounds", "2", "--rows", "16", "--columns", "16"),
+        *("--workdir", str(tmp_path), variants),
     )
 
-    assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     assert re.fullmatch(r"against plain: median ingest [\d.]+ s", lines[0])
     for name in ("live", "again"):
