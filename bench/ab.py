@@ -25,7 +25,6 @@ import os
 import shutil
 import statistics
 import sys
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,15 +144,10 @@ def _ingest_once(
     orthanc = bench.orthanc(f"variant-{name}", **_arguments(bench, variant))
     try:
         baseline = bench.kheops.stores()
-        meter = bench.meter(orthanc.pid)
-        meter.start()
-        began = time.perf_counter()
-        orthanc.storescu(list(corpus.paths))
-        stored = time.perf_counter() - began
-        cpu = meter.stop()
+        stored, cpu = bench.timed_store(orthanc)
         if variant.get("plugin", {}) is not None:
             wait_until(
-                lambda: bench.kheops.stores() - baseline >= len(corpus),
+                bench.arrived(baseline, len(corpus)),
                 timeout=_TIMEOUT,
                 message="every instance in the sink",
             )

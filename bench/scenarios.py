@@ -258,7 +258,7 @@ class Bench:
             self._files = [path.read_bytes() for path in self.corpus.paths]
         return self._files
 
-    def _arrived(self, baseline: int, count: int) -> Callable[[], bool]:
+    def arrived(self, baseline: int, count: int) -> Callable[[], bool]:
         return lambda: self.kheops.stores() - baseline >= count
 
     @contextmanager
@@ -286,11 +286,15 @@ class Bench:
         return f"{len(parts)} requests of {per:.1f} parts on average"
 
     def _timed_store(self, orthanc: OrthancProcess, run: Run) -> None:
+        run.add(*self.timed_store(orthanc))
+
+    def timed_store(self, orthanc: OrthancProcess) -> tuple[float, dict[str, float]]:
+        """storescu of the corpus into an Orthanc: the seconds it took, and the CPU."""
         meter = self._meter(orthanc)
         meter.start()
         began = time.perf_counter()
         orthanc.storescu(list(self.corpus.paths))
-        run.add(time.perf_counter() - began, meter.stop())
+        return time.perf_counter() - began, meter.stop()
 
     def _sent(self, orthanc: OrthancProcess) -> int:
         return int(orthanc.get("/kheops/status").json()["Counts"]["Sent"])
@@ -409,7 +413,7 @@ class Bench:
             response.raise_for_status()
 
         meter.start()
-        seconds, _ = timed_until(post, self._arrived(baseline, len(self.corpus)), timeout=_TIMEOUT)
+        seconds, _ = timed_until(post, self.arrived(baseline, len(self.corpus)), timeout=_TIMEOUT)
         run.add(seconds, meter.stop())
         run.requests = self._stow_requests()
 
@@ -499,7 +503,7 @@ class Bench:
         baseline = self.kheops.stores()
         seconds, _ = timed_until(
             lambda: orthanc.post("/kheops/send", json={"Resources": studies}).raise_for_status(),
-            self._arrived(baseline, len(self.corpus)),
+            self.arrived(baseline, len(self.corpus)),
             timeout=_TIMEOUT,
         )
         return seconds
@@ -568,7 +572,7 @@ class Bench:
             orthanc.storescu(list(self.corpus.paths))
             stored = time.perf_counter() - began
             ingest_cpu = meter.stop()
-            wait_until(self._arrived(baseline, len(self.corpus)), timeout=_TIMEOUT, interval=POLL)
+            wait_until(self.arrived(baseline, len(self.corpus)), timeout=_TIMEOUT, interval=POLL)
             total = time.perf_counter() - began
             end_cpu = meter.stop()
             ingest.add(stored, ingest_cpu)
