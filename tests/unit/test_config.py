@@ -49,7 +49,7 @@ def test_a_minimal_section_gets_every_default() -> None:
         orthanc_url="http://127.0.0.1:8042",
         enabled=True,
         workers=4,
-        batch_max_instances=100,
+        batch_max_instances=500,
         batch_max_bytes=32 * 1024 * 1024,
         batch_linger=0.5,
         connect_timeout=10.0,
