@@ -38,8 +38,8 @@ SCENARIOS = (
 # others (512x512 only, 50 ms latency, the sweep, memory, linger) run when named.
 DEFAULT_SCENARIOS = ("sizes", "live")
 SIZES = (
-    Size("64 KiB", 128, 256, 2000),
-    Size("128 KiB", 256, 256, 2000),
+    Size("64 KiB", 128, 256, 6000),
+    Size("128 KiB", 256, 256, 6000),
     Size("512 KiB", 512, 512, 1000),
     Size("27 MB", 3328, 4096, 40),  # a mammogram
 )
@@ -67,7 +67,7 @@ FULL = Mode(
     backlog=20000,
     repeat=3,
     sweep_workers=(1, 2, 4, 8),
-    sweep_batches=(20, 50, 100),
+    sweep_batches=(50, 100, 500),
     sweep_latencies=(0.0, LATENCY),
     sweep_repeat=2,
     linger=(50, 200, 500, 1000),
