@@ -19,7 +19,7 @@ against 0.30 ms.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -104,14 +104,23 @@ class OrthancRest:
             options["cert_reqs"] = "CERT_NONE"
         self._pool = urllib3.connection_from_url(f"{parts.scheme}://{parts.netloc}", **options)
 
-    def read_file(self, orthanc_id: str, *, size: int = 0) -> bytes:
-        """The instance's file; `size` (0: unknown) chooses between in-process and loopback."""
-        if self._folder is not None and (data := self._folder.read(orthanc_id, size)) is not None:
+    def read_file(self, orthanc_id: str, *, size: int = 0, file_uuid: str | None = None) -> bytes:
+        """The instance's file; `size` (0: unknown) chooses between in-process and loopback,
+        `file_uuid` (where it was when queued) lets it be read from the storage folder."""
+        folder = self._folder
+        if folder is not None and (data := folder.read(orthanc_id, size, file_uuid)) is not None:
             return data
         limit = self._reader_max_bytes
         if self._reader is not None and size > 0 and (limit is None or size <= limit):
             return self._reader(orthanc_id)
         return self._get(f"/instances/{orthanc_id}/file").data
+
+    def locate(self, orthanc_ids: Iterable[str]) -> dict[str, str]:
+        """Where these instances' files are in the storage folder, for those it holds as stored."""
+        if self._folder is None:
+            return {}
+        found = {orthanc_id: self._folder.locate(orthanc_id) for orthanc_id in orthanc_ids}
+        return {orthanc_id: uuid for orthanc_id, uuid in found.items() if uuid is not None}
 
     def check_api(self) -> None:
         """Raise OrthancUnavailable unless Orthanc's REST API answers at the configured URL.

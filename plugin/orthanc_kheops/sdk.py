@@ -54,6 +54,9 @@ _REQUIRED_FUNCTIONS = (
     "SetMetricsValue",
 )
 _OWN_CONTENT_TYPE_SINCE = (1, 12, 2)
+# From Orthanc 1.12 a read through the SDK (GetDicomForInstance) of a small file costs hundreds
+# of microseconds, and more as the database grows, against 17-36 on 1.10 (bench/RESULTS.md).
+_COSTLY_READS_SINCE = (1, 12, 0)
 _PYTHON_PLUGIN_NAME = "python"  # what the python plugin's OrthancPluginGetName() answers
 
 
@@ -126,6 +129,7 @@ class Sdk:
     def __init__(self, sdk: Any) -> None:
         self._sdk = sdk
         self.core_sets_content_type = bool(sdk.CheckVersionAdvanced(*_OWN_CONTENT_TYPE_SINCE))
+        self.costly_reads = bool(sdk.CheckVersionAdvanced(*_COSTLY_READS_SINCE))
         self.integer_metrics = hasattr(sdk, "SetMetricsIntegerValue")
         self._send_status: Callable[[Any, int, bytes], None] | None = None
 

@@ -12,7 +12,7 @@ import logging
 import sqlite3
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -35,7 +35,7 @@ from .state.errors import StoreUnavailable
 from .state.node_lock import StateDirectoryInUse
 from .state.postgres.database import StateDatabaseError
 from .state.store_health import StoreHealth
-from .storage_folder import Attachment, StorageFolder
+from .storage_folder import Attachment, StorageFolder, stored_uuid
 from .switching.rules import Rule, config_rules
 from .switching.sharing import Sharer
 from .web.app_files import ENTRY_PAGE, app_file
@@ -135,7 +135,9 @@ class _Plugin:
             authorization=Secret(orthanc.GenerateRestApiAuthorizationToken()),
             pool_size=config.workers + 4,
             reader=_read_dicom,
-            folder=StorageFolder(config.storage_folder, lookup=_attachment)
+            folder=StorageFolder(
+                config.storage_folder, lookup=_attachment, small_files=sdk.costly_reads
+            )
             if config.storage_folder is not None
             else None,
             # Without a store callback no store waits for the GIL a read holds.
@@ -205,18 +207,32 @@ class _Plugin:
         self._enqueue([(instance_id, dicom.GetInstanceSize())])
 
     def _queue_stored(self, orthanc_ids: Sequence[str]) -> None:
-        """New instances from the change events, with their size (the intake's thread)."""
+        """New instances from the change events, with their size and where their file is
+        (the intake's thread): one lookup gives both."""
         # Rows already there stay as they are: the reconciler may have queued (or a worker
         # already sent) an instance before its event came; a deletion forgets sent rows, so
         # an instance stored again after one is new again.
+        attachments = {orthanc_id: _attachment(orthanc_id) for orthanc_id in orthanc_ids}
+        files = {
+            orthanc_id: uuid
+            for orthanc_id, attachment in attachments.items()
+            if (uuid := stored_uuid(attachment)) is not None
+        }
         self._enqueue(
-            [(orthanc_id, _instance_size(orthanc_id)) for orthanc_id in orthanc_ids],
+            [(i, a.size if a is not None else 0) for i, a in attachments.items()],
             requeue=False,
+            files=files,
         )
 
-    def _enqueue(self, items: Sequence[tuple[str, int]], *, requeue: bool = True) -> None:
+    def _enqueue(
+        self,
+        items: Sequence[tuple[str, int]],
+        *,
+        requeue: bool = True,
+        files: Mapping[str, str] | None = None,
+    ) -> None:
         try:
-            self.outbox.enqueue(items, now=self.clock(), requeue=requeue)
+            self.outbox.enqueue(items, now=self.clock(), requeue=requeue, files=files)
         except StoreUnavailable as exc:
             # The change log still has them: the reconciler queues them once writing works.
             if self.store_health.failed(
@@ -345,17 +361,9 @@ _GIL_READ_MAX_BYTES = 1 << 20
 _UNKNOWN_RESOURCE = 17  # OrthancPluginErrorCode_UnknownResource
 
 
-def _instance_size(orthanc_id: str) -> int:
-    """The size of an instance's file, in-process (a read: safe from a Python thread); 0 when
-    Orthanc cannot say (such an instance travels alone, read over loopback)."""
-    try:
-        return int(orthanc.RestApiGet(f"/instances/{orthanc_id}/attachments/dicom/size"))
-    except (orthanc.OrthancException, ValueError):
-        return 0
-
-
 def _attachment(orthanc_id: str) -> Attachment | None:
-    """Where an instance's file is, in-process (a read, like `_instance_size`)."""
+    """An instance's file: its size and where it is, in-process (a read: safe from a Python
+    thread); None when Orthanc cannot say (such an instance travels alone, read over loopback)."""
     try:
         info = json.loads(orthanc.RestApiGet(f"/instances/{orthanc_id}/attachments/dicom/info"))
         return Attachment(

@@ -41,6 +41,31 @@ def test_enqueued_instances_are_pending_and_due_at_once(outbox: Outbox) -> None:
     assert outbox.next_due() == T0
 
 
+def test_a_claimed_instance_carries_where_its_file_was_when_queued(outbox: Outbox) -> None:
+    outbox.enqueue([("a", 10), ("b", 20)], now=T0, requeue=False, files={"a": "uuid-of-a"})
+    outbox.enqueue([("c", 10), ("d", 10)], now=T0, requeue=True, files={"c": "uuid-of-c"})
+    outbox.enqueue([("e", 10)], now=T0, requeue=True, files={"e": "uuid-of-e"})
+
+    claimed = outbox.claim(lease=LEASE, now=T0, max_count=50, max_bytes=64 * MB)
+
+    assert {i.orthanc_id: i.file_uuid for i in claimed} == {
+        "a": "uuid-of-a",
+        "b": None,
+        "c": "uuid-of-c",
+        "d": None,
+        "e": "uuid-of-e",
+    }
+
+
+def test_a_file_queued_again_keeps_no_place_it_no_longer_has(outbox: Outbox) -> None:
+    outbox.enqueue([("a", 10), ("b", 10)], now=T0, requeue=True, files={"a": "old", "b": "old"})
+    outbox.enqueue([("a", 10)], now=T0 + 1, requeue=True)  # stored again: a new file
+    outbox.enqueue([("b", 10)], now=T0 + 1, requeue=True, files={"b": "new"})
+
+    assert outbox.lookup(["a"])["a"].file_uuid is None
+    assert outbox.lookup(["b"])["b"].file_uuid == "new"
+
+
 def test_claim_takes_at_most_the_maximum_count(outbox: Outbox) -> None:
     outbox.enqueue([(f"i{n}", 1) for n in range(7)], now=T0, requeue=True)
 

@@ -1,5 +1,5 @@
-"""Workers read instance files in-process: large ones from Orthanc's storage folder, where it
-keeps them as stored, the others through the SDK; a large one not in the folder goes over
+"""Workers read instance files in-process: from Orthanc's storage folder where it keeps them as
+stored (large ones, and those queued with their place in it), the others through the SDK; a large one not in the folder goes over
 loopback while a store callback would wait for the GIL a read holds (with OverwriteInstances)."""
 
 from __future__ import annotations
@@ -51,13 +51,37 @@ def test_a_large_file_goes_over_loopback_only_beside_a_store_callback_when_compr
     assert loopback_reads(orthanc) == expected
 
 
-def test_a_large_file_is_sent_as_it_is_in_orthancs_storage_folder(
-    orthanc_factory: OrthancFactory, album: Album
+def reads_small_files_from_the_folder(orthanc: OrthancProcess) -> bool:
+    """From Orthanc 1.12 on, where a read through the SDK costs more (sdk.py)."""
+    version = orthanc.get("/system").json()["Version"]
+    if version == "mainline":
+        return True
+    major, minor = version.split(".")[:2]
+    return (int(major), int(minor)) >= (1, 12)
+
+
+@pytest.mark.parametrize(
+    ("rows", "sent_again"),
+    [(512, False), (64, False), (64, True)],
+    ids=["large-looked-up", "small-queued-with-its-place", "small-sent-again"],
+)
+def test_a_file_is_sent_as_it_is_in_orthancs_storage_folder(
+    orthanc_factory: OrthancFactory, album: Album, rows: int, sent_again: bool
 ) -> None:
-    album.server.set_down(True)
+    """A large file's place is looked up as it is read; a small one's is queued with it, from
+    the change events or from a request to send it again, and used from Orthanc 1.12 on (on
+    1.10 a read through the SDK costs less)."""
     orthanc = orthanc_factory(kheops=album.section())
-    sop_uid, data = single_instance(rows=512, columns=512)  # 512 KiB: read from the folder
-    instance = orthanc.upload(data)
+    from_folder = rows >= 512 or reads_small_files_from_the_folder(orthanc)
+    sop_uid, data = single_instance(rows=rows, columns=512)
+    if sent_again:
+        instance = orthanc.upload(data)
+        wait_until(lambda: album.holds([sop_uid]), timeout=60, message="sent once")
+        album.server.set_down(True)
+        orthanc.post("/kheops/send", json={"Resources": [instance]}).raise_for_status()
+    else:
+        album.server.set_down(True)
+        instance = orthanc.upload(data)
     wait_until(lambda: status(orthanc)["Counts"]["Queued"] == 1)
     # The file in the folder now names another instance, of the same length: only a read
     # from the folder sends that one.
@@ -67,8 +91,12 @@ def test_a_large_file_is_sent_as_it_is_in_orthancs_storage_folder(
 
     album.server.set_down(False)
 
-    wait_until(lambda: album.holds([other]), timeout=60, message="the folder's file sent")
-    assert not album.holds([sop_uid])
+    if from_folder:
+        wait_until(lambda: album.holds([other]), timeout=60, message="the folder's file sent")
+        assert album.holds([sop_uid]) is sent_again
+    else:
+        wait_until(lambda: status(orthanc)["Counts"]["Queued"] == 0, timeout=60)
+        assert album.holds([sop_uid]) and not album.holds([other])
 
 
 def test_a_large_compressed_file_is_sent_as_orthanc_reads_it(

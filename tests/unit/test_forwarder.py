@@ -201,6 +201,7 @@ class FakeOrthanc(OrthancRest):
         self.files: dict[str, bytes] = {}
         self.read_errors: dict[str, deque[Exception]] = {}
         self.reads: list[str] = []
+        self.read_from: dict[str, str | None] = {}  # the file UUID each read was given
         self.change_log: list[Change] | None = []
         self.page_size = 1000
         self.last_change_error: Exception | None = None
@@ -213,9 +214,10 @@ class FakeOrthanc(OrthancRest):
         with self._lock:
             self.read_errors.setdefault(orthanc_id, deque()).extend(errors)
 
-    def read_file(self, orthanc_id: str, *, size: int = 0) -> bytes:
+    def read_file(self, orthanc_id: str, *, size: int = 0, file_uuid: str | None = None) -> bytes:
         with self._lock:
             self.reads.append(orthanc_id)
+            self.read_from[orthanc_id] = file_uuid
             errors = self.read_errors.get(orthanc_id)
             error = errors.popleft() if errors else None
             data = self.files.get(orthanc_id)
@@ -454,6 +456,20 @@ def test_every_instance_kheops_stores_ends_up_sent(make_rig: RigFactory) -> None
     assert rig.row(1).sop_uid == sop_uid(1)
     assert rig.row(1).done_at == T0
     assert rig.forwarder.health.snapshot().last_success_at == T0
+
+
+def test_each_file_is_read_where_the_queue_says_it_was_stored(make_rig: RigFactory) -> None:
+    rig = make_rig()
+    rig.kheops.then = store_all
+    rig.add(1, 2, queue=False)
+    files = {orthanc_id(1): "3554f9d0-ef03-44c1-9c73-997861bdc220"}
+    sizes = [(orthanc_id(n), len(rig.orthanc.files[orthanc_id(n)])) for n in (1, 2)]
+    rig.outbox.enqueue(sizes, now=rig.clock(), requeue=False, files=files)
+
+    started(rig)
+
+    rig.await_counts("all sent", sent=2, pending=0, inflight=0)
+    assert rig.orthanc.read_from == {**files, orthanc_id(2): None}
 
 
 def test_batches_hold_at_most_the_maximum_count_of_instances(make_rig: RigFactory) -> None:

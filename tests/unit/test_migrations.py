@@ -71,6 +71,17 @@ def test_a_migrated_outbox_works_as_a_new_one(v1_file: Path) -> None:
     assert counts == {"pending": 0, "inflight": 0, "sent": 5, "failed": 1, "deleted": 0}
 
 
+def test_rows_of_the_previous_release_do_not_know_where_their_file_is(v1_file: Path) -> None:
+    outbox = SqliteOutbox(v1_file)
+    try:
+        outbox.enqueue([("new", 10)], now=T0, requeue=False, files={"new": "uuid-of-new"})
+        rows = outbox.lookup(["pending-stored", "new"])
+    finally:
+        outbox.close()
+
+    assert (rows["pending-stored"].file_uuid, rows["new"].file_uuid) == (None, "uuid-of-new")
+
+
 def test_a_migrated_outbox_opens_again_without_migrating(v1_file: Path) -> None:
     SqliteOutbox(v1_file).close()
 

@@ -279,3 +279,13 @@ def test_the_root_uri_goes_through_the_call_orthanc_does_not_deprecate(
     Sdk(orthanc).set_root_uri("/kheops/app/")
 
     assert orthanc.calls == [expected]
+
+
+@pytest.mark.parametrize(
+    ("core", "costly"),
+    [((1, 10, 1), False), ((1, 11, 3), False), ((1, 12, 0), True), ((1, 13, 0), True)],
+)
+def test_reads_through_the_sdk_are_taken_as_costly_from_orthanc_1_12(
+    core: tuple[int, int, int], costly: bool
+) -> None:
+    assert Sdk(FakeOrthanc(core, _PLUGIN_5_0)).costly_reads is costly

@@ -110,7 +110,7 @@ class _Orthanc(OrthancRest):
         self.levels: dict[str, str] = {}
         self.reads: list[str] = []
 
-    def read_file(self, orthanc_id: str, *, size: int = 0) -> bytes:
+    def read_file(self, orthanc_id: str, *, size: int = 0, file_uuid: str | None = None) -> bytes:
         self.reads.append(orthanc_id)
         if orthanc_id not in self.files:
             raise OrthancNotFound(orthanc_id)

@@ -66,6 +66,61 @@ def test_a_file_orthanc_does_not_keep_there_as_stored_is_left_to_orthanc(
     assert files.read("a", SIZE) is None
 
 
+def test_a_small_file_whose_place_the_queue_knows_is_read_from_the_folder_without_a_lookup(
+    tmp_path: Path,
+) -> None:
+    data = stored(tmp_path, data=b"S" * 100)
+    files, asked = folder(tmp_path)
+
+    assert files.read("a", 100, UUID) == data
+    assert asked == []
+
+
+def test_small_files_are_left_to_orthanc_where_its_reads_cost_less(tmp_path: Path) -> None:
+    stored(tmp_path, data=b"S" * 100)
+    files = StorageFolder(tmp_path, lookup=lambda _: None, small_files=False)
+
+    assert files.read("a", 100, UUID) is None
+
+
+@pytest.mark.parametrize(
+    ("on_disk", "known"),
+    [
+        (None, UUID),  # Orthanc deleted or replaced the file since it was queued
+        (b"S" * 99, UUID),  # another file than the one queued
+        (b"S" * 100, "../../../etc/passwd"),  # not a UUID: never a path
+    ],
+    ids=["gone", "other-size", "not-a-uuid"],
+)
+def test_a_known_place_that_no_longer_holds_the_file_is_left_to_orthanc(
+    tmp_path: Path, on_disk: bytes | None, known: str
+) -> None:
+    if on_disk is not None:
+        stored(tmp_path, data=on_disk)
+    files, asked = folder(tmp_path)
+
+    assert files.read("a", 100, known) is None
+    assert asked == []
+
+
+@pytest.mark.parametrize(
+    ("attachment", "place"),
+    [
+        (Attachment(UUID, 100, 100), UUID),
+        (Attachment(UUID, 100, 80), None),  # compressed on disk
+        (Attachment("not/a-uuid", 100, 100), None),
+        (None, None),
+    ],
+    ids=["as-stored", "compressed", "not-a-uuid", "unknown"],
+)
+def test_the_place_of_a_file_is_given_only_where_the_folder_holds_it_as_stored(
+    tmp_path: Path, attachment: Attachment | None, place: str | None
+) -> None:
+    files, _ = folder(tmp_path, a=attachment)
+
+    assert files.locate("a") == place
+
+
 def test_a_file_of_another_size_on_disk_is_left_to_orthanc(tmp_path: Path) -> None:
     stored(tmp_path, data=b"D" * (SIZE - 1))
     files, _ = folder(tmp_path, a=Attachment(UUID, SIZE, SIZE))

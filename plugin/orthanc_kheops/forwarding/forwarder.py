@@ -368,7 +368,9 @@ class Forwarder:
                 left.append(item.orthanc_id)
                 continue
             try:
-                data = self._orthanc.read_file(item.orthanc_id, size=item.size)
+                data = self._orthanc.read_file(
+                    item.orthanc_id, size=item.size, file_uuid=item.file_uuid
+                )
             except OrthancNotFound:
                 missing.append(item)
                 continue

@@ -29,7 +29,7 @@ from .state_file import Migration, StateFile
 
 __all__ = ["STATES", "Outbox", "QueuedInstance", "Retry", "SqliteOutbox", "StoreUnavailable"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _R = TypeVar("_R", bound="Row")
 
 _TALLY = """
@@ -54,6 +54,7 @@ END;
 
 # size 0: not known (a file is never empty); such an instance travels alone.
 # lease_until: while inflight, when the claim ends if no worker finished it.
+# file_uuid: where Orthanc's storage folder held the file when it was queued; NULL: not known.
 _SCHEMA = (
     """
 CREATE TABLE IF NOT EXISTS instances (
@@ -68,7 +69,8 @@ CREATE TABLE IF NOT EXISTS instances (
     restored     INTEGER NOT NULL DEFAULT 0,
     last_error   TEXT,
     done_at      REAL,
-    lease_until  REAL
+    lease_until  REAL,
+    file_uuid    TEXT
 );
 CREATE INDEX IF NOT EXISTS instances_due ON instances (state, next_attempt);
 CREATE INDEX IF NOT EXISTS instances_done ON instances (state, done_at);
@@ -102,7 +104,12 @@ def _statements(script: str) -> list[str]:
     return parts
 
 
-_MIGRATIONS: dict[int, Migration] = {1: _v1_to_v2}
+def _v2_to_v3(db: sqlite3.Connection) -> None:
+    """Where each file is in Orthanc's storage folder (rows queued before: not known)."""
+    db.execute("ALTER TABLE instances ADD COLUMN file_uuid TEXT")
+
+
+_MIGRATIONS: dict[int, Migration] = {1: _v1_to_v2, 2: _v2_to_v3}
 
 # Rows make_due changes per transaction: the store callback waits for one step at most,
 # never for the whole queue.
@@ -125,6 +132,7 @@ class QueuedInstance:
     alone: bool
     last_error: str | None
     done_at: float | None
+    file_uuid: str | None = None  # the file's name in Orthanc's storage folder, if known
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -156,8 +164,18 @@ class Outbox(Protocol):
     `StoreUnavailable`; a call that raised changed nothing.
     """
 
-    def enqueue(self, items: Iterable[tuple[str, int]], *, now: float, requeue: bool) -> int:
+    def enqueue(
+        self,
+        items: Iterable[tuple[str, int]],
+        *,
+        now: float,
+        requeue: bool,
+        files: Mapping[str, str] | None = None,
+    ) -> int:
         """Queue (Orthanc id, size in bytes; 0 when not known) pairs; the count of rows changed.
+
+        `files` names, by Orthanc id, where some of these files are in Orthanc's storage
+        folder (the attachment's UUID), for a worker to read them there.
 
         `requeue` resets rows already sent or failed (a file stored again); without it rows
         already known are left alone (the reconciler). A row in flight stays with its worker
@@ -284,28 +302,36 @@ class SqliteOutbox:
     def __init__(self, path: Path) -> None:
         self._file = StateFile(path, schema=_SCHEMA, version=SCHEMA_VERSION, migrations=_MIGRATIONS)
 
-    def enqueue(self, items: Iterable[tuple[str, int]], *, now: float, requeue: bool) -> int:
+    def enqueue(
+        self,
+        items: Iterable[tuple[str, int]],
+        *,
+        now: float,
+        requeue: bool,
+        files: Mapping[str, str] | None = None,
+    ) -> int:
         """Queue instances; `requeue` also resets rows already sent or failed (a re-stored file).
 
         A row in flight is marked `restored` instead: the file being sent may be the old
         one, so whatever the verdict, the instance goes back to pending afterwards.
         """
-        rows = [(orthanc_id, size, now, now) for orthanc_id, size in items]
+        where = files or {}
+        rows = [(orthanc_id, size, where.get(orthanc_id), now, now) for orthanc_id, size in items]
         if requeue:
             sql = (
-                "INSERT INTO instances (orthanc_id, state, size, queued_at, next_attempt)"
-                " VALUES (?, 'pending', ?, ?, ?)"
+                "INSERT INTO instances (orthanc_id, state, size, file_uuid, queued_at,"
+                " next_attempt) VALUES (?, 'pending', ?, ?, ?, ?)"
                 " ON CONFLICT (orthanc_id) DO UPDATE SET"
                 " restored = CASE WHEN state = 'inflight' THEN 1 ELSE 0 END,"
                 " state = CASE WHEN state = 'inflight' THEN 'inflight' ELSE 'pending' END,"
-                " size = excluded.size, attempts = 0, queued_at = excluded.queued_at,"
-                " next_attempt = excluded.next_attempt, alone = 0, last_error = NULL,"
-                " done_at = NULL"
+                " size = excluded.size, file_uuid = excluded.file_uuid, attempts = 0,"
+                " queued_at = excluded.queued_at, next_attempt = excluded.next_attempt,"
+                " alone = 0, last_error = NULL, done_at = NULL"
             )
         else:
             sql = (
-                "INSERT OR IGNORE INTO instances (orthanc_id, state, size, queued_at, next_attempt)"
-                " VALUES (?, 'pending', ?, ?, ?)"
+                "INSERT OR IGNORE INTO instances (orthanc_id, state, size, file_uuid, queued_at,"
+                " next_attempt) VALUES (?, 'pending', ?, ?, ?, ?)"
             )
         if len(rows) == 1:
             return self._file.write_one(sql, rows[0])
@@ -596,4 +622,5 @@ def _instance(row: sqlite3.Row, *, state: str | None = None) -> QueuedInstance:
         alone=bool(row["alone"]),
         last_error=row["last_error"],
         done_at=row["done_at"],
+        file_uuid=row["file_uuid"],
     )

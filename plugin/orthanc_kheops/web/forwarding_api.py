@@ -153,7 +153,10 @@ class ForwardingApi:
                 raise HttpError(503, f"Orthanc did not answer: {exc}") from None
             instances.update({i.orthanc_id: i for i in found})
         self._outbox.enqueue(
-            [(i.orthanc_id, i.size) for i in instances.values()], now=self._clock(), requeue=True
+            [(i.orthanc_id, i.size) for i in instances.values()],
+            now=self._clock(),
+            requeue=True,
+            files=self._orthanc.locate(instances),
         )
         self._forwarder.wake()
         return Response(200, {"Queued": len(instances)})

@@ -93,4 +93,11 @@ ALTER TABLE shares ADD COLUMN destination text;
 ALTER TABLE shares ADD COLUMN instance_id text;
 """,
     ),
+    Migration(
+        3,
+        "where each queued file is in Orthanc's storage folder",
+        """
+ALTER TABLE instances ADD COLUMN file_uuid text;
+""",
+    ),
 )

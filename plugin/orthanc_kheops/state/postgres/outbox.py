@@ -31,23 +31,27 @@ from .database import Connection, PgDatabase
 
 _COLUMNS = (
     "orthanc_id, state, size, sop_uid, attempts, queued_at, next_attempt, alone, last_error,"
-    " done_at"
+    " done_at, file_uuid"
 )
 _REQUEUE = (
-    "INSERT INTO instances (orthanc_id, state, size, queued_at, next_attempt)"
+    "INSERT INTO instances (orthanc_id, state, size, file_uuid, queued_at, next_attempt)"
     " {values} ON CONFLICT (orthanc_id) DO UPDATE SET"
     " restored = (instances.state = 'inflight'),"
     " state = CASE WHEN instances.state = 'inflight' THEN 'inflight' ELSE 'pending' END,"
-    " size = excluded.size, attempts = 0, queued_at = excluded.queued_at,"
-    " next_attempt = excluded.next_attempt, alone = false, last_error = NULL, done_at = NULL"
+    " size = excluded.size, file_uuid = excluded.file_uuid, attempts = 0,"
+    " queued_at = excluded.queued_at, next_attempt = excluded.next_attempt, alone = false,"
+    " last_error = NULL, done_at = NULL"
 )
 _ADD = (
-    "INSERT INTO instances (orthanc_id, state, size, queued_at, next_attempt)"
+    "INSERT INTO instances (orthanc_id, state, size, file_uuid, queued_at, next_attempt)"
     " {values} ON CONFLICT (orthanc_id) DO NOTHING"
 )
 _CHUNK = 500  # rows one write touches when it goes through the whole queue
-_ONE = "VALUES (%s, 'pending', %s, %s, %s)"
-_MANY = "SELECT id, 'pending', size, %s, %s FROM unnest(%s::text[], %s::bigint[]) AS t (id, size)"
+_ONE = "VALUES (%s, 'pending', %s, %s, %s, %s)"
+_MANY = (
+    "SELECT id, 'pending', size, file, %s, %s"
+    " FROM unnest(%s::text[], %s::bigint[], %s::text[]) AS t (id, size, file)"
+)
 
 
 class PgOutbox:
@@ -56,17 +60,28 @@ class PgOutbox:
         self._node = node
         self._lease = lease_seconds
 
-    def enqueue(self, items: Iterable[tuple[str, int]], *, now: float, requeue: bool) -> int:
+    def enqueue(
+        self,
+        items: Iterable[tuple[str, int]],
+        *,
+        now: float,
+        requeue: bool,
+        files: Mapping[str, str] | None = None,
+    ) -> int:
         """Queue instances (see `SqliteOutbox.enqueue`); idempotent across nodes."""
         rows = dict(items)  # one statement cannot touch a row twice
+        where = files or {}
         statement = _REQUEUE if requeue else _ADD
         if len(rows) == 1:
             ((orthanc_id, size),) = rows.items()
-            return self._db.execute(statement.format(values=_ONE), (orthanc_id, size, now, now))
+            return self._db.execute(
+                statement.format(values=_ONE), (orthanc_id, size, where.get(orthanc_id), now, now)
+            )
         if not rows:
             return 0
         return self._db.execute(
-            statement.format(values=_MANY), (now, now, list(rows), list(rows.values()))
+            statement.format(values=_MANY),
+            (now, now, list(rows), list(rows.values()), [where.get(i) for i in rows]),
         )
 
     def claim(
@@ -338,6 +353,7 @@ def _instance(row: Mapping[str, Any], *, state: str | None = None) -> QueuedInst
         queued_at=row["queued_at"],
         next_attempt=row["next_attempt"],
         alone=bool(row["alone"]),
+        file_uuid=row["file_uuid"],
         last_error=row["last_error"],
         done_at=row["done_at"],
     )
