@@ -35,7 +35,7 @@ from .state.errors import StoreUnavailable
 from .state.node_lock import StateDirectoryInUse
 from .state.postgres.database import StateDatabaseError
 from .state.store_health import StoreHealth
-from .storage_folder import Attachment, StorageFolder, stored_uuid
+from .storage_folder import CHEAP_SDK_READS_BELOW, Attachment, StorageFolder, stored_uuid
 from .switching.rules import Rule, config_rules
 from .switching.sharing import Sharer
 from .web.app_files import ENTRY_PAGE, app_file
@@ -136,7 +136,9 @@ class _Plugin:
             pool_size=config.workers + 4,
             reader=_read_dicom,
             folder=StorageFolder(
-                config.storage_folder, lookup=_attachment, small_files=sdk.costly_reads
+                config.storage_folder,
+                lookup=_attachment,
+                known_min_bytes=0 if sdk.costly_reads else CHEAP_SDK_READS_BELOW,
             )
             if config.storage_folder is not None
             else None,

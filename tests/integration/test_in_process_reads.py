@@ -69,8 +69,8 @@ def test_a_file_is_sent_as_it_is_in_orthancs_storage_folder(
     orthanc_factory: OrthancFactory, album: Album, rows: int, sent_again: bool
 ) -> None:
     """A large file's place is looked up as it is read; a small one's is queued with it, from
-    the change events or from a request to send it again, and used from Orthanc 1.12 on (on
-    1.10 a read through the SDK costs less)."""
+    the change events or from a request to send it again, and used at 64 KiB from Orthanc 1.12
+    on (on 1.10 a read through the SDK costs less below 128 KiB)."""
     orthanc = orthanc_factory(kheops=album.section())
     from_folder = rows >= 512 or reads_small_files_from_the_folder(orthanc)
     sop_uid, data = single_instance(rows=rows, columns=512)

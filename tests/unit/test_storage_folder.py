@@ -76,11 +76,14 @@ def test_a_small_file_whose_place_the_queue_knows_is_read_from_the_folder_withou
     assert asked == []
 
 
-def test_small_files_are_left_to_orthanc_where_its_reads_cost_less(tmp_path: Path) -> None:
-    stored(tmp_path, data=b"S" * 100)
-    files = StorageFolder(tmp_path, lookup=lambda _: None, small_files=False)
+def test_files_below_the_size_where_orthancs_reads_cost_less_are_left_to_it(
+    tmp_path: Path,
+) -> None:
+    data = stored(tmp_path, data=b"S" * 100)
+    files = StorageFolder(tmp_path, lookup=lambda _: None, known_min_bytes=100)
 
-    assert files.read("a", 100, UUID) is None
+    assert files.read("a", 100, UUID) == data
+    assert files.read("a", 99, UUID) is None  # left to Orthanc before the file is even opened
 
 
 @pytest.mark.parametrize(
